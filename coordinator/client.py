@@ -1,0 +1,104 @@
+"""The Python client of a running runtime (a ZeroMQ DEALER speaking the messages of ``protocol.messages``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from protocol.codec import MAX_MESSAGE_NBYTES, decode, encode
+from protocol.messages import (
+    ErrorReported,
+    Generate,
+    GenerationDone,
+    GetHealth,
+    HealthReported,
+    Message,
+    TokenStreamed,
+)
+
+POLL_SLICE_S = 0.1
+
+
+class RequestFailed(RuntimeError):
+    """The server answered with an error (recoverable: the runtime goes on serving)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class PromoeClient:
+    """``with PromoeClient("tcp://127.0.0.1:5555") as c: c.generate(prompt="def f(", max_new_tokens=16)``."""
+
+    def __init__(self, address: str, timeout_s: float = 300.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._ctx = zmq.Context()
+        self.socket = self._ctx.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_NBYTES)
+        self.socket.connect(address)
+
+    def __enter__(self) -> PromoeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        self._ctx.term()
+
+    def send_raw(self, payload: bytes) -> None:
+        """Send any bytes as a request frame (for tests of hostile input)."""
+        self.socket.send(payload)
+
+    def receive(self, timeout_s: float | None = None, while_waiting: Callable[[], None] | None = None) -> Message:
+        """The next reply, within ``timeout_s``; ``while_waiting`` runs every 100 ms (it may raise to give up)."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no reply from {self.address} within {timeout_s or self.timeout_s:.1f} s")
+            if self.socket.poll(int(min(remaining, POLL_SLICE_S) * 1000)):
+                return decode(self.socket.recv())
+            if while_waiting is not None:
+                while_waiting()
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        prompt_ids: list[int] | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        on_token: Callable[[TokenStreamed], None] | None = None,
+        timeout_s: float | None = None,
+        while_waiting: Callable[[], None] | None = None,
+    ) -> GenerationDone:
+        request = Generate(max_new_tokens=max_new_tokens, prompt=prompt, prompt_ids=prompt_ids,
+                           temperature=temperature, top_p=top_p, seed=seed, stream=on_token is not None)
+        self.socket.send(encode(request))
+        while True:
+            reply = self.receive(timeout_s, while_waiting)
+            if isinstance(reply, TokenStreamed):
+                if on_token is not None:
+                    on_token(reply)
+                continue
+            return self._expect(reply, GenerationDone)
+
+    def health(self, timeout_s: float = 5.0) -> HealthReported:
+        self.socket.send(encode(GetHealth()))
+        return self._expect(self.receive(timeout_s), HealthReported)
+
+    @staticmethod
+    def _expect(reply: Message, kind: type[Any]) -> Any:
+        if isinstance(reply, ErrorReported):
+            raise RequestFailed(reply.code, reply.message)
+        if not isinstance(reply, kind):
+            raise RequestFailed("unexpected_reply", f"expected {kind.__name__}, got {type(reply).__name__}")
+        return reply

@@ -1,0 +1,178 @@
+"""promoe: serve a Mixture-of-Experts model with its experts offloaded to host memory.
+
+    python launch.py --model qwen-moe --prompt "def fib(n):" --max-new-tokens 32     # one shot
+    python launch.py --model qwen-moe                                                # serve on tcp://127.0.0.1:5555
+    python launch.py --connect tcp://127.0.0.1:5555 --prompt "hello"                 # ask a running server
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+log = logging.getLogger("promoe")
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+JSON_FIELDS = ("ttft_ms", "tpot_ms", "hit_rate", "stall_ms", "experts_loaded", "bytes_loaded",
+               "prefetch_precision", "prefetch_recall", "goodpred")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from protocol.config import POLICIES
+
+    p = argparse.ArgumentParser(prog="launch.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default="qwen-moe",
+                     help="model name: qwen-moe (without a real checkpoint, the embedded default is generated)")
+    src.add_argument("--model-path", type=Path, help="a local Hugging Face checkpoint directory")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where experts are computed (default: cuda if available; only cpu is implemented)")
+    p.add_argument("--policy", choices=POLICIES, default="lru", help="cache policy (default lru)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--cache-experts", type=int, help="cache slots, from one layer's top-k to all experts "
+                                                        "(default: a quarter of all experts)")
+    size.add_argument("--cache-gb", type=float, help="cache size in GB of slot memory")
+    p.add_argument("--chunks-per-expert", type=int, default=3, help="chunks per expert copy (default 3)")
+    p.add_argument("--link-gbps", type=float, default=None,
+                   help="emulated host-to-device bandwidth in GB/s on the CPU path (default: unpaced memcpy)")
+    p.add_argument("--lookahead", type=int, default=2, help="layers ahead the predictor targets (default 2)")
+    p.add_argument("--predictor", type=Path, default=None, help="trained predictor file")
+    p.add_argument("--bind", default=None,
+                   help=f"client socket address (default {DEFAULT_BIND} when serving; a private ipc:// "
+                        "socket in one-shot mode)")
+    p.add_argument("--connect", metavar="ADDR", default=None,
+                   help="send the one-shot request to a runtime already serving at ADDR")
+    p.add_argument("--profile", type=Path, metavar="DIR", default=None,
+                   help="run every process under py-spy; one speedscope profile per role lands in DIR")
+    p.add_argument("--prompt", help="one-shot mode: prompt text")
+    p.add_argument("--prompt-ids", help="one-shot mode: comma-separated token ids")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object with the result and its metrics")
+    p.add_argument("--ready-timeout-s", type=float, default=180.0, help="deadline for every process to start")
+    p.add_argument("--load-timeout-s", type=float, default=60.0,
+                   help="deadline for one layer's experts to arrive before the request fails")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def resolve_checkpoint(args: argparse.Namespace) -> Path:
+    from models.default_model import ensure_default_checkpoint
+
+    if args.model_path is not None:
+        return args.model_path
+    if args.model != "qwen-moe":
+        raise SystemExit(f"unknown model {args.model!r}: use qwen-moe or --model-path DIR")
+    return ensure_default_checkpoint()
+
+
+def cache_slots(args: argparse.Namespace, n_experts: int, top_k: int, slot_nbytes: int) -> int:
+    if args.cache_experts is not None:
+        n = args.cache_experts
+    elif args.cache_gb is not None:
+        n = math.floor(args.cache_gb * 1e9 / slot_nbytes)
+    else:
+        n = max(top_k, n_experts // 4)
+    if not top_k <= n <= n_experts:
+        raise SystemExit(f"--cache-experts {n} is outside {top_k} (one layer's top-k) .. {n_experts} (all experts)")
+    return n
+
+
+def make_config(args: argparse.Namespace, run_dir: Path, one_shot: bool):  # -> RuntimeConfig
+    import os
+
+    from models.checkpoint import CheckpointError, open_checkpoint
+    from protocol.config import RuntimeConfig
+
+    try:
+        ckpt = open_checkpoint(resolve_checkpoint(args))
+        probe = ckpt.layout(n_slots=ckpt.config["num_experts_per_tok"], n_chunks=args.chunks_per_expert,
+                            compute_dtype="float32")
+    except (CheckpointError, ValueError) as exc:
+        raise SystemExit(f"cannot serve this checkpoint: {exc}") from None
+    n_slots = cache_slots(args, probe.n_experts, probe.top_k, probe.slot_nbytes)
+    layout = ckpt.layout(n_slots=n_slots, n_chunks=args.chunks_per_expert, compute_dtype="float32")
+    bind = args.bind or (f"ipc://{run_dir / 'client.sock'}" if one_shot else DEFAULT_BIND)
+    return RuntimeConfig(
+        run_id=uuid.uuid4().hex[:10], run_dir=str(run_dir), checkpoint=str(ckpt.path), layout=layout,
+        policy=args.policy, device="cpu", bind=bind, link_gbps=args.link_gbps, lookahead=args.lookahead,
+        predictor_path=str(args.predictor) if args.predictor else None, load_timeout_s=args.load_timeout_s,
+        supervisor_pid=os.getpid())
+
+
+def one_shot(args: argparse.Namespace, address: str, while_waiting=None) -> int:
+    from coordinator.client import PromoeClient, RequestFailed
+
+    prompt_ids = None
+    if args.prompt_ids is not None:
+        try:
+            prompt_ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise SystemExit(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    with PromoeClient(address) as client:
+        try:
+            done = client.generate(prompt=args.prompt, prompt_ids=prompt_ids, max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                   while_waiting=while_waiting)
+        except RequestFailed as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if args.json:
+        out: dict[str, object] = {"token_ids": done.token_ids, "text": done.text}
+        out.update({k: done.metrics.get(k) for k in JSON_FIELDS})
+        out.update({k: v for k, v in done.metrics.items() if k not in out})
+        print(json.dumps(out))
+    else:
+        print(done.text if done.text is not None else ",".join(map(str, done.token_ids)))
+        m = done.metrics
+        hit = m.get("hit_rate")
+        print(f"[{len(done.token_ids)} tokens | TTFT {m['ttft_ms']:.1f} ms | TPOT {m['tpot_ms']:.1f} ms | "
+              f"hit rate {hit if hit is None else round(hit, 3)} | stall {m['stall_ms']:.1f} ms | "
+              f"{m['experts_loaded']} experts loaded ({(m['bytes_loaded'] or 0) / 1e6:.1f} MB)]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s launch[%(process)d] %(levelname)s %(name)s: %(message)s")
+    wants_one_shot = args.prompt is not None or args.prompt_ids is not None
+    if args.connect is not None:
+        if not wants_one_shot:
+            raise SystemExit("--connect needs --prompt or --prompt-ids")
+        return one_shot(args, args.connect)
+    if args.device == "cuda":
+        raise SystemExit("--device cuda is not implemented yet: use --device cpu")
+
+    from coordinator.supervisor import Supervisor
+    from workers.bootstrap import WorkerDead
+
+    run_dir = Path(tempfile.mkdtemp(prefix="promoe-run-"))
+    cfg = make_config(args, run_dir, wants_one_shot)
+    supervisor = Supervisor(cfg, profile_dir=args.profile)
+    try:
+        supervisor.start(args.ready_timeout_s)
+        if wants_one_shot:
+            return one_shot(args, cfg.bind, while_waiting=supervisor.check)
+        log.info("ready: serving on %s (Ctrl-C to stop)", cfg.bind)
+        while True:
+            supervisor.wait(3600)
+    except WorkerDead as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        supervisor.shutdown("runtime stopping")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

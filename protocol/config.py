@@ -1,0 +1,70 @@
+"""The runtime's configuration: decided once by the supervisor, written to the run directory, read by every process."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from shm.layout import ExpertLayout
+from shm.segment import segment_name
+
+ROLES = ("coordinator", "inference", "predictor", "loader")
+POLICIES = ("ondemand", "lru")
+CONFIG_FILE = "runtime.json"
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Everything a process of one runtime needs to start."""
+
+    run_id: str
+    """Unique per runtime; names its shared-memory segments."""
+    run_dir: str
+    """Directory of the ``ipc://`` endpoints and of this file."""
+    checkpoint: str
+    """Checkpoint directory (config.json + safetensors)."""
+    layout: ExpertLayout
+    """Expert store and cache geometry."""
+    policy: str
+    """Cache policy: ondemand | lru."""
+    device: str
+    """cpu | cuda."""
+    bind: str
+    """ZeroMQ address of the client ROUTER socket."""
+    link_gbps: float | None
+    """Emulated host-to-device bandwidth on the CPU path (None: copy as fast as memcpy goes)."""
+    lookahead: int
+    """Layers ahead the predictor targets."""
+    predictor_path: str | None
+    """Trained predictor file, if any."""
+    load_timeout_s: float
+    """Longest the inference worker waits for one layer's experts before failing the request."""
+    supervisor_pid: int
+    """The launcher; workers exit when it goes."""
+
+    def endpoint(self, role: str) -> str:
+        """The ``ipc://`` inbox of ``role`` (or of the supervisor)."""
+        return f"ipc://{Path(self.run_dir) / role}.sock"
+
+    def segment(self, what: str) -> str:
+        return segment_name(self.run_id, what)
+
+    def write(self) -> Path:
+        path = Path(self.run_dir) / CONFIG_FILE
+        data = asdict(self)
+        data["layout"] = self.layout.to_json()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.rename(path)
+        return path
+
+    @classmethod
+    def read(cls, run_dir: str | Path) -> RuntimeConfig:
+        data = json.loads((Path(run_dir) / CONFIG_FILE).read_text())
+        data["layout"] = ExpertLayout.from_json(data["layout"])
+        return cls(**data)
+
+
+SEGMENTS = ("store", "slots", "table")
+"""The segments of a runtime on the CPU path, all created and unlinked by the supervisor."""

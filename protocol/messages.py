@@ -1,0 +1,257 @@
+"""Every message that crosses a process boundary, defined once.
+
+On the wire a message is a msgpack map ``{"v": PROTOCOL_VERSION, "type": TAG, **fields}``; ``protocol.codec``
+encodes and decodes it. Commands are verb-noun (``LoadExpert``), events past tense (``ExpertLoaded``). Big
+tensors never ride these messages: they live in ``shm/`` and messages carry expert and slot numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from protocol.ids import ExpertId, LoadId, RequestId, SlotId
+
+PROTOCOL_VERSION = 1
+
+PRIORITY_PRECISE = 0
+"""Load priority of experts the gate has chosen (misses): served before any speculative load."""
+PRIORITY_SPECULATIVE = 1
+"""Load priority of predicted experts (prefetches)."""
+
+
+@dataclass(frozen=True)
+class Message:
+    TAG: ClassVar[str] = ""
+
+
+# ---------------------------------------------------------------- lifecycle (every worker)
+@dataclass(frozen=True)
+class WorkerStarted(Message):
+    """A process finished start-up and serves its inbox."""
+
+    TAG: ClassVar[str] = "worker_started"
+    role: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class Ping(Message):
+    """Asks a worker to answer; used for health and to measure a ZeroMQ round trip."""
+
+    TAG: ClassVar[str] = "ping"
+    nonce: int
+    sent_ns: int
+
+
+@dataclass(frozen=True)
+class PingAnswered(Message):
+    TAG: ClassVar[str] = "ping_answered"
+    role: str
+    nonce: int
+    sent_ns: int
+
+
+# ---------------------------------------------------------------- coordinator <-> loader
+@dataclass(frozen=True)
+class LoadExpert(Message):
+    """Copy ``expert`` from the host store into ``slot``, chunk by chunk, from ``first_chunk`` on."""
+
+    TAG: ClassVar[str] = "load_expert"
+    load_id: LoadId
+    expert: ExpertId
+    slot: SlotId
+    seq: int
+    priority: int = PRIORITY_PRECISE
+    first_chunk: int = 0
+
+
+@dataclass(frozen=True)
+class Preempt(Message):
+    """Drop every queued (not yet copied) chunk of the given loads."""
+
+    TAG: ClassVar[str] = "preempt"
+    load_ids: list[LoadId]
+
+
+@dataclass(frozen=True)
+class Reorder(Message):
+    """Move the given loads, in the given order, to the front of their priority class."""
+
+    TAG: ClassVar[str] = "reorder"
+    load_ids: list[LoadId]
+
+
+@dataclass(frozen=True)
+class ExpertLoaded(Message):
+    """Every chunk of a load is in its slot (the slot table already says so)."""
+
+    TAG: ClassVar[str] = "expert_loaded"
+    load_id: LoadId
+    expert: ExpertId
+    slot: SlotId
+    seq: int
+    nbytes: int
+    copy_ns: int
+
+
+@dataclass(frozen=True)
+class LoadsPreempted(Message):
+    """The loader dropped these loads; ``chunks_done[i]`` chunks of ``load_ids[i]`` had already landed."""
+
+    TAG: ClassVar[str] = "loads_preempted"
+    load_ids: list[LoadId]
+    chunks_done: list[int]
+
+
+# ---------------------------------------------------------------- coordinator <-> inference
+@dataclass(frozen=True)
+class StartGeneration(Message):
+    """Run one request on the inference worker (prompt as text or as token ids)."""
+
+    TAG: ClassVar[str] = "start_generation"
+    request_id: RequestId
+    max_new_tokens: int
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GateDecided(Message):
+    """The gate of ``layer`` chose ``experts`` for step ``step`` (0 = prefill); they are pinned until computed."""
+
+    TAG: ClassVar[str] = "gate_decided"
+    request_id: RequestId
+    step: int
+    layer: int
+    experts: list[ExpertId]
+    sent_ns: int
+
+
+@dataclass(frozen=True)
+class ExpertsReleased(Message):
+    """The inference worker finished with these experts; sent only while the coordinator waits for a slot."""
+
+    TAG: ClassVar[str] = "experts_released"
+    experts: list[ExpertId]
+
+
+@dataclass(frozen=True)
+class TokenGenerated(Message):
+    TAG: ClassVar[str] = "token_generated"
+    request_id: RequestId
+    index: int
+    token_id: int
+
+
+@dataclass(frozen=True)
+class GenerationFinished(Message):
+    """Inference-side result and metrics of one request."""
+
+    TAG: ClassVar[str] = "generation_finished"
+    request_id: RequestId
+    token_ids: list[int]
+    text: str | None
+    prompt_tokens: int
+    ttft_ms: float
+    tpot_ms: float
+    stall_ms: float
+    expert_uses: int
+    expert_hits: int
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class GenerationFailed(Message):
+    TAG: ClassVar[str] = "generation_failed"
+    request_id: RequestId
+    code: str
+    message: str
+
+
+# ---------------------------------------------------------------- client <-> coordinator
+@dataclass(frozen=True)
+class Generate(Message):
+    """Client request: generate up to ``max_new_tokens`` tokens after ``prompt`` or ``prompt_ids``."""
+
+    TAG: ClassVar[str] = "generate"
+    max_new_tokens: int = 32
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stream: bool = False
+
+
+@dataclass(frozen=True)
+class TokenStreamed(Message):
+    """Sent to a client that asked for ``stream``, once per generated token, before the final reply."""
+
+    TAG: ClassVar[str] = "token_streamed"
+    request_id: RequestId
+    index: int
+    token_id: int
+
+
+@dataclass(frozen=True)
+class GenerationDone(Message):
+    """Final reply to ``Generate``: the generated ids (prompt excluded), the text, and the metrics."""
+
+    TAG: ClassVar[str] = "generation_done"
+    request_id: RequestId
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
+    metrics: dict[str, float | int | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GetHealth(Message):
+    TAG: ClassVar[str] = "get_health"
+
+
+@dataclass(frozen=True)
+class HealthReported(Message):
+    TAG: ClassVar[str] = "health_reported"
+    workers: dict[str, bool]
+    queued: int
+    running: int | None
+    round_trip_us: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ErrorReported(Message):
+    """The request could not be served; ``code`` is machine-readable, ``message`` says why."""
+
+    TAG: ClassVar[str] = "error"
+    code: str
+    message: str
+    request_id: RequestId | None = None
+
+
+ALL_MESSAGES: tuple[type[Message], ...] = (
+    WorkerStarted,
+    Ping,
+    PingAnswered,
+    LoadExpert,
+    Preempt,
+    Reorder,
+    ExpertLoaded,
+    LoadsPreempted,
+    StartGeneration,
+    GateDecided,
+    ExpertsReleased,
+    TokenGenerated,
+    GenerationFinished,
+    GenerationFailed,
+    Generate,
+    TokenStreamed,
+    GenerationDone,
+    GetHealth,
+    HealthReported,
+    ErrorReported,
+)

@@ -1,0 +1,49 @@
+"""The host expert store: one contiguous shared region, one buffer per expert, in the checkpoint's dtype."""
+
+from __future__ import annotations
+
+import torch
+
+from protocol.ids import ExpertId
+from shm.layout import DTYPES, ExpertLayout
+from shm.segment import Segment
+
+
+class HostExpertStore:
+    """``[n_experts, expert_numel]`` of ``storage_dtype`` over a shared segment."""
+
+    def __init__(self, segment: Segment, layout: ExpertLayout) -> None:
+        if segment.nbytes < self.nbytes_for(layout):
+            raise ValueError(f"segment {segment.name} holds {segment.nbytes} bytes, store needs more")
+        self.segment = segment
+        self.layout = layout
+        flat = torch.frombuffer(
+            segment.buf, dtype=DTYPES[layout.storage_dtype], count=layout.n_experts * layout.expert_numel
+        )
+        self.experts = flat.view(layout.n_experts, layout.expert_numel)  # [n_experts, 3*I*H]
+
+    @staticmethod
+    def nbytes_for(layout: ExpertLayout) -> int:
+        return layout.n_experts * layout.expert_nbytes
+
+    def expert(self, expert: ExpertId) -> torch.Tensor:
+        return self.experts[expert]  # [3*I*H]
+
+    def chunk(self, expert: ExpertId, chunk: int) -> torch.Tensor:
+        lo, hi = self.layout.chunk_bounds(chunk)
+        return self.experts[expert, lo:hi]
+
+    def write_matrix(self, expert: ExpertId, which: str, tensor: torch.Tensor) -> None:
+        """Copy one of ``gate``/``up``/``down`` (as stored on disk, ``[out, in]``) into the expert's buffer."""
+        lay = self.layout
+        size = lay.intermediate_size * lay.hidden_size
+        offset = {"gate": 0, "up": size, "down": 2 * size}[which]
+        expected = (lay.hidden_size, lay.intermediate_size) if which == "down" else (
+            lay.intermediate_size, lay.hidden_size)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"expert {expert} {which}: shape {tuple(tensor.shape)}, expected {expected}")
+        self.experts[expert, offset : offset + size].copy_(tensor.reshape(-1))
+
+    def close(self) -> None:
+        del self.experts
+        self.segment.close()

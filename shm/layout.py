@@ -1,0 +1,95 @@
+"""Geometry of the expert store and the cache slots, shared by every process.
+
+An expert is one contiguous buffer ``[gate (I x H) | up (I x H) | down (H x I)]``: ``gate`` and ``up`` back to back
+are exactly transformers' fused ``gate_up_proj[e]`` of shape ``[2I, H]``. The expert is split into ``n_chunks``
+equal element ranges (the last one takes the remainder); the chunk is the loader's unit of work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from protocol.ids import ExpertId
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where every expert lives and how it is cut into chunks."""
+
+    moe_layers: tuple[int, ...]
+    """Decoder-layer index of each MoE layer, in order; ``ExpertId // experts_per_layer`` indexes this."""
+    experts_per_layer: int
+    """Routed experts per MoE layer (E)."""
+    top_k: int
+    """Experts the gate picks per token."""
+    hidden_size: int
+    """H."""
+    intermediate_size: int
+    """I, the FFN width of one routed expert."""
+    storage_dtype: str
+    """dtype of the host store (the checkpoint's)."""
+    compute_dtype: str
+    """dtype of the cache slots and of the computation."""
+    n_chunks: int
+    """Chunks per expert: the loader copies, and can be preempted, at this granularity."""
+    n_slots: int
+    """Cache slots, i.e. experts that fit on the device at once."""
+
+    def __post_init__(self) -> None:
+        if self.n_chunks < 1 or self.n_chunks > self.expert_numel:
+            raise ValueError(f"chunks per expert must be in 1..{self.expert_numel}, got {self.n_chunks}")
+        if self.storage_dtype not in DTYPES or self.compute_dtype not in DTYPES:
+            raise ValueError(f"dtypes must be among {sorted(DTYPES)}")
+        if not self.top_k <= self.n_slots <= self.n_experts:
+            raise ValueError(
+                f"cache of {self.n_slots} experts is outside {self.top_k} (one layer's top-k) .. "
+                f"{self.n_experts} (all experts)"
+            )
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.moe_layers) * self.experts_per_layer
+
+    @property
+    def expert_numel(self) -> int:
+        return 3 * self.intermediate_size * self.hidden_size
+
+    @property
+    def expert_nbytes(self) -> int:
+        """Bytes of one expert in the host store; this is what crosses the link."""
+        return self.expert_numel * DTYPES[self.storage_dtype].itemsize
+
+    @property
+    def slot_nbytes(self) -> int:
+        return self.expert_numel * DTYPES[self.compute_dtype].itemsize
+
+    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
+        """Element range ``[lo, hi)`` of ``chunk`` within an expert."""
+        if not 0 <= chunk < self.n_chunks:
+            raise IndexError(f"chunk {chunk} outside 0..{self.n_chunks - 1}")
+        step = self.expert_numel // self.n_chunks
+        lo = chunk * step
+        hi = self.expert_numel if chunk == self.n_chunks - 1 else lo + step
+        return lo, hi
+
+    def expert_id(self, moe_layer: int, expert: int) -> ExpertId:
+        return ExpertId(moe_layer * self.experts_per_layer + expert)
+
+    def split(self, expert: ExpertId) -> tuple[int, int]:
+        """``(moe_layer, expert within the layer)``."""
+        return divmod(int(expert), self.experts_per_layer)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> ExpertLayout:
+        return cls(**{**data, "moe_layers": tuple(data["moe_layers"])})

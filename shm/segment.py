@@ -1,0 +1,90 @@
+"""Create, attach and unlink POSIX shared-memory segments without the resource tracker's surprises.
+
+On Python < 3.13 ``SharedMemory(create=False)`` registers the segment with the process's resource tracker, which
+unlinks it when that process exits: a worker that merely attached would destroy the runtime's memory. Attachers
+therefore unregister at once. The creator keeps its registration, so that if it is killed the tracker still
+unlinks what it created.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
+
+from shm import SEGMENT_PREFIX
+
+log = logging.getLogger(__name__)
+
+SHM_DIR = Path("/dev/shm")
+
+
+def segment_name(run_id: str, what: str) -> str:
+    return f"{SEGMENT_PREFIX}{run_id}_{what}"
+
+
+class Segment:
+    """One named shared-memory segment; ``owner`` segments are unlinked by ``unlink``."""
+
+    def __init__(self, shm: shared_memory.SharedMemory, owner: bool) -> None:
+        self._shm = shm
+        self.owner = owner
+        self.name = shm.name
+        self.nbytes = shm.size
+
+    @classmethod
+    def create(cls, name: str, nbytes: int) -> Segment:
+        if not name.startswith(SEGMENT_PREFIX):
+            raise ValueError(f"segment name {name!r} must start with {SEGMENT_PREFIX!r}")
+        shm = shared_memory.SharedMemory(name=name, create=True, size=max(nbytes, 1))
+        log.debug("created segment %s (%d bytes)", name, nbytes)
+        return cls(shm, owner=True)
+
+    @classmethod
+    def attach(cls, name: str) -> Segment:
+        shm = shared_memory.SharedMemory(name=name, create=False)
+        # Python < 3.13 registered the attach: undo it, or this process's exit would unlink the segment.
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+        return cls(shm, owner=False)
+
+    @property
+    def buf(self) -> memoryview:
+        buf = self._shm.buf
+        assert buf is not None, f"segment {self.name} is closed"
+        return buf
+
+    def close(self) -> None:
+        """Drop this process's mapping. Views into it must be gone; if not, the OS unmaps at exit."""
+        try:
+            self._shm.close()
+        except BufferError:
+            log.debug("segment %s still has views; left mapped until exit", self.name)
+
+    def unlink(self) -> None:
+        if not self.owner:
+            raise RuntimeError(f"segment {self.name} is attached, not owned: only its creator unlinks it")
+        try:
+            self._shm.unlink()  # also unregisters it from the resource tracker
+        except FileNotFoundError:
+            log.warning("segment %s was already gone", self.name)
+
+
+def leftover_segments(run_id: str | None = None) -> list[str]:
+    """Names in /dev/shm that belong to the runtime (to one run if ``run_id`` is given)."""
+    prefix = SEGMENT_PREFIX if run_id is None else segment_name(run_id, "")
+    if not SHM_DIR.is_dir():
+        return []
+    return sorted(p.name for p in SHM_DIR.iterdir() if p.name.startswith(prefix))
+
+
+def unlink_leftovers(run_id: str) -> list[str]:
+    """Last-resort cleanup by name, for a run whose owner died without unlinking."""
+    removed = []
+    for name in leftover_segments(run_id):
+        try:
+            os.unlink(SHM_DIR / name)
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed

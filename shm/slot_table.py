@@ -1,0 +1,156 @@
+"""The slot table: which expert is in which cache slot and how many of its chunks have landed.
+
+It is how readiness reaches the inference worker with no round trip. Writers are disjoint:
+
+- the coordinator writes ``slot_expert``, ``slot_seq``, ``slot_state`` and ``expert_slot`` (it owns the cache
+  directory) and ``waiting_for_slot``;
+- the loader writes ``slot_ready`` after a chunk's copy has completed, and only while ``slot_seq`` still matches
+  the load it is serving;
+- the inference worker writes ``expert_pin`` (set when its gate chose the expert, cleared once computed).
+
+Reading an expert is optimistic (a seqlock): read ``slot_seq``, check the expert and that every chunk is ready,
+compute, then read ``slot_seq`` again; a slot is reassigned (and its sequence bumped) before any copy into it
+starts, so an unchanged sequence proves the computation read a whole, stable expert. All fields are 8-byte
+aligned int64, so single stores are atomic; x86-64 keeps stores ordered (other CPUs would need fences here).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from protocol.ids import ExpertId, SlotId
+from shm.segment import Segment
+
+_MAGIC = 0x70726F6D6F65  # "promoe"
+_HEADER = 8
+
+FREE = 0
+"""Slot holds nothing."""
+LOADING = 1
+"""Slot is assigned; chunks are queued or being copied."""
+RESIDENT = 2
+"""Every chunk landed (the coordinator has seen ``ExpertLoaded``)."""
+
+
+class SlotView(NamedTuple):
+    slot: SlotId
+    seq: int
+    chunks_ready: int
+
+
+class SlotTable:
+    def __init__(self, segment: Segment, n_slots: int, n_experts: int, n_chunks: int, *, init: bool) -> None:
+        need = self.nbytes_for(n_slots, n_experts)
+        if segment.nbytes < need:
+            raise ValueError(f"segment {segment.name} holds {segment.nbytes} bytes, table needs {need}")
+        self.segment = segment
+        self.n_slots = n_slots
+        self.n_experts = n_experts
+        self.n_chunks = n_chunks
+        words = np.frombuffer(segment.buf, dtype=np.int64, count=need // 8)
+        self._header = words[:_HEADER]
+        cursor = _HEADER
+        self.slot_expert = words[cursor : cursor + n_slots]
+        cursor += n_slots
+        self.slot_seq = words[cursor : cursor + n_slots]
+        cursor += n_slots
+        self.slot_ready = words[cursor : cursor + n_slots]
+        cursor += n_slots
+        self.slot_state = words[cursor : cursor + n_slots]
+        cursor += n_slots
+        self.expert_slot = words[cursor : cursor + n_experts]
+        cursor += n_experts
+        self.expert_pin = words[cursor : cursor + n_experts]
+        if init:
+            words[:] = 0
+            self.slot_expert[:] = -1
+            self.expert_slot[:] = -1
+            self._header[1] = n_slots
+            self._header[2] = n_experts
+            self._header[0] = _MAGIC
+        elif self._header[0] != _MAGIC or self._header[1] != n_slots or self._header[2] != n_experts:
+            raise ValueError(f"segment {segment.name} is not a slot table of {n_slots} slots / {n_experts} experts")
+
+    @staticmethod
+    def nbytes_for(n_slots: int, n_experts: int) -> int:
+        return 8 * (_HEADER + 4 * n_slots + 2 * n_experts)
+
+    # ------------------------------------------------------------ coordinator side
+    def assign(self, slot: SlotId, expert: ExpertId) -> int:
+        """Give ``slot`` to ``expert`` (state LOADING, no chunk ready); returns the new sequence number."""
+        old = int(self.slot_expert[slot])
+        if old >= 0 and self.expert_slot[old] == slot:
+            self.expert_slot[old] = -1
+        self.slot_seq[slot] += 1  # before anything else changes: readers of the old expert now fail validation
+        self.slot_ready[slot] = 0
+        self.slot_state[slot] = LOADING
+        self.slot_expert[slot] = expert
+        self.expert_slot[expert] = slot
+        return int(self.slot_seq[slot])
+
+    def release(self, slot: SlotId) -> None:
+        """Empty ``slot`` (its expert is no longer cached)."""
+        old = int(self.slot_expert[slot])
+        if old >= 0 and self.expert_slot[old] == slot:
+            self.expert_slot[old] = -1
+        self.slot_seq[slot] += 1
+        self.slot_ready[slot] = 0
+        self.slot_state[slot] = FREE
+        self.slot_expert[slot] = -1
+
+    def mark_resident(self, slot: SlotId, seq: int) -> bool:
+        if self.slot_seq[slot] != seq:
+            return False
+        self.slot_state[slot] = RESIDENT
+        return True
+
+    def is_pinned(self, expert: ExpertId) -> bool:
+        return bool(self.expert_pin[expert])
+
+    @property
+    def waiting_for_slot(self) -> bool:
+        """Set by the coordinator while a load waits for a slot that only a release can free."""
+        return bool(self._header[3])
+
+    @waiting_for_slot.setter
+    def waiting_for_slot(self, value: bool) -> None:
+        self._header[3] = int(value)
+
+    # ------------------------------------------------------------ loader side
+    def publish_ready(self, slot: SlotId, seq: int, chunks_ready: int) -> bool:
+        """Record that ``chunks_ready`` chunks of the load with ``seq`` are in ``slot``; False if reassigned."""
+        if self.slot_seq[slot] != seq:
+            return False
+        self.slot_ready[slot] = chunks_ready
+        return True
+
+    # ------------------------------------------------------------ inference side
+    def lookup(self, expert: ExpertId) -> SlotView | None:
+        """Where ``expert`` is and how many chunks are ready, or None if it has no slot."""
+        slot = int(self.expert_slot[expert])
+        if slot < 0:
+            return None
+        seq = int(self.slot_seq[slot])
+        if self.slot_expert[slot] != expert:
+            return None
+        return SlotView(SlotId(slot), seq, int(self.slot_ready[slot]))
+
+    def is_ready(self, view: SlotView | None) -> bool:
+        return view is not None and view.chunks_ready >= self.n_chunks
+
+    def still_valid(self, view: SlotView) -> bool:
+        """True if the slot was not reassigned since ``view`` was read."""
+        return int(self.slot_seq[view.slot]) == view.seq
+
+    def pin(self, experts: list[ExpertId] | np.ndarray) -> None:
+        self.expert_pin[experts] = 1
+
+    def unpin(self, expert: ExpertId) -> None:
+        self.expert_pin[expert] = 0
+
+    def close(self) -> None:
+        del self._header, self.slot_expert, self.slot_seq, self.slot_ready, self.slot_state
+        del self.expert_slot, self.expert_pin
+        self.segment.close()

@@ -1,0 +1,1 @@
+"""The worker processes: one file per role (``inference``, ``predictor``, ``loader``)."""

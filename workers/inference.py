@@ -1,0 +1,220 @@
+"""The inference worker process (``promoe::inference``): the transformers model without its experts, plus the
+experts backend that computes them from the cache slots. Runs one request at a time with ``generate()``.
+
+Per layer it sends one one-way ``GateDecided``; per token one ``TokenGenerated``. It never waits for a reply:
+readiness comes from the slot table.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+import zmq
+
+from models.checkpoint import open_checkpoint
+from models.skeleton import build_skeleton, experts_modules
+from protocol.codec import dispatch
+from protocol.config import RuntimeConfig
+from protocol.ids import ExpertId, RequestId
+from protocol.messages import (
+    ExpertsReleased,
+    GateDecided,
+    GenerationFailed,
+    GenerationFinished,
+    Message,
+    Ping,
+    PingAnswered,
+    StartGeneration,
+    TokenGenerated,
+    WorkerStarted,
+)
+from shm.cache_slots import CacheSlots
+from shm.layout import DTYPES
+from shm.segment import Segment
+from shm.slot_table import SlotTable
+from workers.bootstrap import Inbox, WorkerStopping, become, now_ns, parse_run_dir, push_socket, send
+from workers.offloaded_experts import IMPLEMENTATION_NAME, LoadTimedOut, OffloadedExperts
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_S = 0.2
+
+
+class BadRequest(ValueError):
+    """The request cannot be run as given (recoverable: the client gets the message)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TokenStreamer:
+    """transformers streamer: forwards each new token one-way and timestamps the first and the last."""
+
+    def __init__(self, request_id: RequestId, send_to_coordinator: zmq.Socket) -> None:
+        self.request_id = request_id
+        self.send_to_coordinator = send_to_coordinator
+        self.prompt_seen = False
+        self.count = 0
+        self.first_ns: int | None = None
+        self.last_ns: int | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() passes the prompt first
+            self.prompt_seen = True
+            return
+        stamp = time.perf_counter_ns()
+        if self.first_ns is None:
+            self.first_ns = stamp
+        self.last_ns = stamp
+        for token in value.reshape(-1).tolist():
+            send(self.send_to_coordinator, TokenGenerated(request_id=self.request_id, index=self.count,
+                                                          token_id=int(token)))
+            self.count += 1
+
+    def end(self) -> None:
+        pass
+
+
+class InferenceWorker:
+    def __init__(self, cfg: RuntimeConfig, model: Any, tokenizer: Any, backend: OffloadedExperts, inbox: Inbox,
+                 send_to_coordinator: zmq.Socket) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.inbox = inbox
+        self.send_to_coordinator = send_to_coordinator
+        self.vocab_size = int(model.config.vocab_size)
+        self.handlers: dict[type[Message], Any] = {StartGeneration: self.on_start_generation, Ping: self.on_ping}
+
+    def on_ping(self, msg: Ping) -> None:
+        send(self.send_to_coordinator, PingAnswered(role="inference", nonce=msg.nonce, sent_ns=msg.sent_ns))
+
+    def on_start_generation(self, msg: StartGeneration) -> None:
+        try:
+            result = self.generate(msg)
+        except BadRequest as exc:
+            send(self.send_to_coordinator, GenerationFailed(request_id=msg.request_id, code=exc.code,
+                                                            message=str(exc)))
+        except LoadTimedOut as exc:
+            log.error("request %d: %s", msg.request_id, exc)
+            send(self.send_to_coordinator, GenerationFailed(request_id=msg.request_id, code="load_timeout",
+                                                            message=str(exc)))
+        except Exception as exc:  # the worker survives a failing request; the client hears why
+            log.exception("request %d failed", msg.request_id)
+            send(self.send_to_coordinator, GenerationFailed(request_id=msg.request_id, code="internal",
+                                                            message=f"{type(exc).__name__}: {exc}"))
+        else:
+            send(self.send_to_coordinator, result)
+        finally:
+            self.backend.table.expert_pin[:] = 0
+
+    def prompt_ids(self, msg: StartGeneration) -> list[int]:
+        if msg.prompt_ids is not None:
+            ids = list(msg.prompt_ids)
+            bad = [i for i in ids if not 0 <= i < self.vocab_size]
+            if bad:
+                raise BadRequest("bad_token_ids",
+                                 f"token ids {bad[:5]} outside the vocabulary 0..{self.vocab_size - 1}")
+        elif msg.prompt is not None:
+            if self.tokenizer is None:
+                raise BadRequest("no_tokenizer", "this checkpoint has no tokenizer: send prompt_ids")
+            ids = self.tokenizer(msg.prompt, add_special_tokens=False)["input_ids"]
+        else:
+            raise BadRequest("bad_request", "give prompt or prompt_ids")
+        if not ids:
+            raise BadRequest("bad_request", "the prompt is empty")
+        return ids
+
+    def generate(self, msg: StartGeneration) -> GenerationFinished:
+        ids = self.prompt_ids(msg)
+        input_ids = torch.tensor([ids], dtype=torch.long)  # [1, prompt_tokens]
+        kwargs: dict[str, Any] = {"max_new_tokens": msg.max_new_tokens}
+        if msg.temperature > 0:
+            kwargs.update(do_sample=True, temperature=msg.temperature, top_p=msg.top_p)
+            torch.manual_seed(msg.seed if msg.seed is not None else int.from_bytes(os.urandom(4), "little"))
+        else:
+            kwargs.update(do_sample=False)
+        if self.model.generation_config.pad_token_id is None:
+            kwargs["pad_token_id"] = self.model.generation_config.eos_token_id or 0
+        streamer = TokenStreamer(msg.request_id, self.send_to_coordinator)
+        self.backend.begin_request(msg.request_id)
+        started = time.perf_counter_ns()
+        with torch.inference_mode():
+            output = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                                         **kwargs)
+        new_ids = output[0, len(ids):].tolist()
+        first = streamer.first_ns or time.perf_counter_ns()
+        last = streamer.last_ns or first
+        stats = self.backend.stats
+        return GenerationFinished(
+            request_id=msg.request_id,
+            token_ids=new_ids,
+            text=self.tokenizer.decode(new_ids) if self.tokenizer is not None else None,
+            prompt_tokens=len(ids),
+            ttft_ms=(first - started) / 1e6,
+            tpot_ms=(last - first) / 1e6 / max(len(new_ids) - 1, 1),
+            stall_ms=stats.stall_ns / 1e6,
+            expert_uses=stats.uses,
+            expert_hits=stats.hits,
+            finish_reason="length" if len(new_ids) >= msg.max_new_tokens else "stop",
+        )
+
+    def serve(self) -> None:
+        while True:
+            msg = self.inbox.poll(IDLE_POLL_S)
+            if msg is not None:
+                dispatch(self.handlers, msg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_run_dir("inference", argv)
+    become("inference", cfg.supervisor_pid)
+    ctx = zmq.Context()
+    inbox = Inbox(ctx, cfg.endpoint("inference"))
+    send_to_coordinator = push_socket(ctx, cfg.endpoint("coordinator"))
+    send_to_supervisor = push_socket(ctx, cfg.endpoint("supervisor"))
+    lay = cfg.layout
+    slots = CacheSlots(Segment.attach(cfg.segment("slots")), lay)
+    table = SlotTable(Segment.attach(cfg.segment("table")), lay.n_slots, lay.n_experts, lay.n_chunks, init=False)
+    try:
+        ckpt = open_checkpoint(cfg.checkpoint)
+        model = build_skeleton(ckpt, DTYPES[lay.compute_dtype], lay.moe_layers)
+        tokenizer = None
+        if ckpt.has_tokenizer:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
+
+        def on_gate(request_id: int, moe_layer: int, step: int, experts: list[ExpertId]) -> None:
+            send(send_to_coordinator, GateDecided(request_id=RequestId(request_id), step=step, layer=moe_layer,
+                                                  experts=experts, sent_ns=now_ns()))
+
+        def on_released(experts: list[ExpertId]) -> None:
+            send(send_to_coordinator, ExpertsReleased(experts=experts))
+
+        backend = OffloadedExperts(lay, table, slots, experts_modules(model, lay.moe_layers), on_gate, on_released,
+                                   cfg.load_timeout_s)
+        backend.register()
+        model.set_experts_implementation(IMPLEMENTATION_NAME)  # type: ignore[operator]
+        worker = InferenceWorker(cfg, model, tokenizer, backend, inbox, send_to_coordinator)
+        send(send_to_supervisor, WorkerStarted(role="inference", pid=os.getpid()))
+        worker.serve()
+    except WorkerStopping as stop:
+        log.info("inference stopping (%s)", stop)
+    finally:
+        inbox.close()
+        send_to_coordinator.close(linger=0)
+        send_to_supervisor.close(linger=0)
+        ctx.term()
+        slots.close()
+        table.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The experts backend of the inference worker: transformers' experts-implementation extension point, computing
+every routed expert from the cache slots.
+
+Per MoE layer and step: pin the experts the gate chose, report them to the coordinator (one-way), then compute each
+as soon as the slot table says all its chunks have landed, in whatever order they become ready. Outputs are kept
+per expert and summed in ascending expert order at the end, exactly as transformers' eager implementation adds
+them, so that the order of computation never changes a single bit of the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from protocol.ids import ExpertId, SlotId
+from shm.cache_slots import CacheSlots
+from shm.layout import ExpertLayout
+from shm.slot_table import SlotTable
+
+log = logging.getLogger(__name__)
+
+IMPLEMENTATION_NAME = "promoe_offload"
+
+
+class LoadTimedOut(RuntimeError):
+    """The experts of a layer did not become ready within the load deadline (recoverable: the request fails)."""
+
+
+@dataclass
+class LayerStats:
+    """Counters of the current request, reset by ``OffloadedExperts.begin_request``."""
+
+    uses: int = 0
+    hits: int = 0
+    stall_ns: int = 0
+    retries: int = 0
+
+
+class OffloadedExperts:
+    """Computes the routed experts of every MoE layer from the cache slots."""
+
+    def __init__(
+        self,
+        layout: ExpertLayout,
+        table: SlotTable,
+        slots: CacheSlots,
+        experts_modules: list[nn.Module],
+        on_gate: Callable[[int, int, int, list[ExpertId]], None],
+        on_released: Callable[[list[ExpertId]], None],
+        load_timeout_s: float,
+    ) -> None:
+        self.layout = layout
+        self.table = table
+        self.slots = slots
+        self.on_gate = on_gate
+        self.on_released = on_released
+        self.load_timeout_s = load_timeout_s
+        self._moe_layer_of = {id(m): i for i, m in enumerate(experts_modules)}
+        self.request_id = 0
+        self.step = -1
+        self.stats = LayerStats()
+
+    def begin_request(self, request_id: int) -> None:
+        self.request_id = request_id
+        self.step = -1
+        self.stats = LayerStats()
+
+    def register(self) -> None:
+        """Make this object the ``promoe_offload`` experts implementation of transformers."""
+        from transformers.integrations.moe import ExpertsInterface
+
+        ExpertsInterface.register(IMPLEMENTATION_NAME, self.forward)
+
+    def forward(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,  # [T, H]
+        top_k_index: torch.Tensor,  # [T, k]
+        top_k_weights: torch.Tensor,  # [T, k]
+    ) -> torch.Tensor:
+        moe_layer = self._moe_layer_of[id(module)]
+        if moe_layer == 0:
+            self.step += 1
+        lay = self.layout
+        chosen = torch.unique(top_k_index).tolist()  # ascending local expert indices
+        expert_ids = [lay.expert_id(moe_layer, e) for e in chosen]
+        self.table.pin(expert_ids)
+        ready_at_gate = sum(self.table.is_ready(self.table.lookup(eid)) for eid in expert_ids)
+        self.stats.uses += len(expert_ids)
+        self.stats.hits += ready_at_gate
+        self.on_gate(self.request_id, moe_layer, self.step, expert_ids)
+
+        # [E+1, k, T] exactly as the eager implementation builds it, so row selection matches bit for bit
+        expert_mask = F.one_hot(top_k_index, num_classes=lay.experts_per_layer + 1).permute(2, 1, 0)
+        outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        pending = dict(zip(chosen, expert_ids, strict=True))
+        wait_started: int | None = None
+        deadline = time.monotonic() + self.load_timeout_s
+        backoff_s = 0.0
+        while pending:
+            progressed = False
+            for local, eid in list(pending.items()):
+                view = self.table.lookup(eid)
+                if view is None or not self.table.is_ready(view):
+                    continue
+                result = self._compute(module, local, view.slot, hidden_states, expert_mask, top_k_weights)
+                if not self.table.still_valid(view):  # the slot was reassigned while we read it
+                    self.stats.retries += 1
+                    continue
+                outputs[local] = result
+                del pending[local]
+                self.table.unpin(eid)
+                progressed = True
+                if self.table.waiting_for_slot:
+                    self.on_released([eid])
+            if pending and not progressed:
+                now = time.monotonic()
+                if wait_started is None:
+                    wait_started = time.perf_counter_ns()
+                if now > deadline:
+                    self.table.expert_pin[list(pending.values())] = 0
+                    raise LoadTimedOut(
+                        f"layer {lay.moe_layers[moe_layer]} step {self.step}: experts {sorted(pending)} not ready "
+                        f"after {self.load_timeout_s:.1f} s"
+                    )
+                time.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2 or 10e-6, 100e-6)
+            elif wait_started is not None:
+                self.stats.stall_ns += time.perf_counter_ns() - wait_started
+                wait_started = None
+                backoff_s = 0.0
+        if wait_started is not None:
+            self.stats.stall_ns += time.perf_counter_ns() - wait_started
+
+        final = torch.zeros_like(hidden_states)  # [T, H]
+        for local in chosen:  # ascending, as the eager loop adds
+            token_idx, contribution = outputs[local]
+            final.index_add_(0, token_idx, contribution.to(final.dtype))
+        return final
+
+    def _compute(
+        self,
+        module: nn.Module,
+        local: int,
+        slot: SlotId,
+        hidden_states: torch.Tensor,  # [T, H]
+        expert_mask: torch.Tensor,  # [E+1, k, T]
+        top_k_weights: torch.Tensor,  # [T, k]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        top_k_pos, token_idx = torch.where(expert_mask[local])
+        current_state = hidden_states[token_idx]  # [n, H]
+        gate, up = F.linear(current_state, self.slots.gate_up(slot)).chunk(2, dim=-1)  # [n, I] each
+        current = module.act_fn(gate) * up  # type: ignore[operator]
+        current = F.linear(current, self.slots.down(slot))  # [n, H]
+        current = current * top_k_weights[token_idx, top_k_pos, None]
+        return token_idx, current
