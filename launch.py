@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-timeout-s", type=float, default=180.0, help="deadline for every process to start")
     p.add_argument("--load-timeout-s", type=float, default=60.0,
                    help="deadline for one layer's experts to arrive before the request fails")
+    p.add_argument("--run-root", type=Path, default=None,
+                   help="where the run directory (ipc:// sockets, runtime.json) is made (default: $TMPDIR)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from coordinator.supervisor import Supervisor
     from workers.bootstrap import WorkerDead
 
-    run_dir = Path(tempfile.mkdtemp(prefix="promoe-run-"))
+    run_dir = Path(tempfile.mkdtemp(prefix="promoe-run-", dir=args.run_root))
     cfg = make_config(args, run_dir, wants_one_shot)
     supervisor = Supervisor(cfg, profile_dir=args.profile)
     try:

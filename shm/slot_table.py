@@ -80,25 +80,24 @@ class SlotTable:
     # ------------------------------------------------------------ coordinator side
     def assign(self, slot: SlotId, expert: ExpertId) -> int:
         """Give ``slot`` to ``expert`` (state LOADING, no chunk ready); returns the new sequence number."""
-        old = int(self.slot_expert[slot])
-        if old >= 0 and self.expert_slot[old] == slot:
-            self.expert_slot[old] = -1
-        self.slot_seq[slot] += 1  # before anything else changes: readers of the old expert now fail validation
-        self.slot_ready[slot] = 0
-        self.slot_state[slot] = LOADING
-        self.slot_expert[slot] = expert
+        self._invalidate(slot, LOADING, expert)
         self.expert_slot[expert] = slot
         return int(self.slot_seq[slot])
 
-    def release(self, slot: SlotId) -> None:
-        """Empty ``slot`` (its expert is no longer cached)."""
+    def _invalidate(self, slot: SlotId, state: int, expert: int) -> None:
+        """Clear readiness and change the owner, then bump the sequence number, in that order: a reader that saw
+        the old number fails validation; one that sees the new number also sees the new owner and no ready chunk."""
         old = int(self.slot_expert[slot])
         if old >= 0 and self.expert_slot[old] == slot:
             self.expert_slot[old] = -1
-        self.slot_seq[slot] += 1
         self.slot_ready[slot] = 0
-        self.slot_state[slot] = FREE
-        self.slot_expert[slot] = -1
+        self.slot_state[slot] = state
+        self.slot_expert[slot] = expert
+        self.slot_seq[slot] += 1
+
+    def release(self, slot: SlotId) -> None:
+        """Empty ``slot`` (its expert is no longer cached)."""
+        self._invalidate(slot, FREE, -1)
 
     def mark_resident(self, slot: SlotId, seq: int) -> bool:
         if self.slot_seq[slot] != seq:

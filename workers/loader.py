@@ -122,12 +122,15 @@ class Loader:
         if item is None:
             return False
         load, chunk = item
-        nbytes = self.engine.copy_chunk(load.expert, load.slot, chunk)
-        self._load_nbytes[load.load_id] = self._load_nbytes.get(load.load_id, 0) + nbytes
-        if not self.table.publish_ready(load.slot, load.seq, chunk + 1):
+        if self.table.slot_seq[load.slot] != load.seq:  # checked before copying: never write a reassigned slot
             log.warning("slot %d was reassigned under load %d; dropping it", load.slot, load.load_id)
             self.queue.preempt([load.load_id])
+            self._load_started_ns.pop(load.load_id, None)
+            self._load_nbytes.pop(load.load_id, None)
             return True
+        nbytes = self.engine.copy_chunk(load.expert, load.slot, chunk)
+        self._load_nbytes[load.load_id] = self._load_nbytes.get(load.load_id, 0) + nbytes
+        self.table.publish_ready(load.slot, load.seq, chunk + 1)
         if chunk + 1 == load.n_chunks:
             started = self._load_started_ns.pop(load.load_id, now_ns())
             send(self.send_to_coordinator, ExpertLoaded(

@@ -1,0 +1,80 @@
+"""Per-token time of the runtime on CPU against plain transformers, and what crosses ZeroMQ per token.
+
+    python bench/cpu_tokens.py [--new-tokens 64] [--link-gbps G]
+
+For each (policy, cache size) it starts the runtime, runs one warm-up request and one measured request on the same
+prompt, and prints TTFT, TPOT, hit rate, stall, ZeroMQ messages per token, the median one-way latency of the
+per-layer GateDecided message, and the median Ping round trip. The last row is transformers' own generate() in
+this process (eager experts, all weights in memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.default_model import ensure_default_checkpoint
+from tests.runtime import RuntimeProcess
+
+PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return"
+
+
+def plain_transformers(checkpoint: Path, new_tokens: int) -> tuple[float, float]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, experts_implementation="eager")
+    ids = torch.tensor([AutoTokenizer.from_pretrained(checkpoint)(PROMPT, add_special_tokens=False)["input_ids"]])
+    model.generate(ids, max_new_tokens=4, do_sample=False)
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, do_sample=False)
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+    total = time.perf_counter() - start
+    return ttft * 1e3, (total - ttft) / (new_tokens - 1) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--link-gbps", type=float, default=None)
+    args = p.parse_args()
+    checkpoint = ensure_default_checkpoint()
+    n_experts = 192
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for policy, cache in (("lru", n_experts), ("lru", n_experts // 4), ("ondemand", n_experts // 4)):
+            flags = ["--policy", policy, "--cache-experts", str(cache)]
+            if args.link_gbps:
+                flags += ["--link-gbps", str(args.link_gbps)]
+            rt = RuntimeProcess(Path(tmp) / f"{policy}{cache}", checkpoint, *flags)
+            try:
+                with rt.client() as client:
+                    client.generate(prompt=PROMPT, max_new_tokens=args.new_tokens)  # warm-up
+                    done = client.generate(prompt=PROMPT, max_new_tokens=args.new_tokens)
+                    rtt = client.health().round_trip_us
+            finally:
+                rt.stop()
+            m = done.metrics
+            rows.append((f"{policy} cache={cache}", m["ttft_ms"], m["tpot_ms"], m["hit_rate"], m["stall_ms"],
+                         m["zmq_messages_per_token"], m["gate_message_latency_us_p50"],
+                         statistics.median(rtt.values())))
+    ttft, tpot = plain_transformers(checkpoint, args.new_tokens)
+    rows.append(("transformers eager (1 process)", ttft, tpot, None, None, None, None, None))
+    print(f"{'config':32} {'TTFT ms':>8} {'TPOT ms':>8} {'hit':>6} {'stall ms':>9} {'msgs/tok':>9} "
+          f"{'gate msg us p50':>16} {'ping rtt us p50':>16}")
+    for name, *vals in rows:
+        cells = [f"{v:.3g}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in vals]
+        print(f"{name:32} {cells[0]:>8} {cells[1]:>8} {cells[2]:>6} {cells[3]:>9} {cells[4]:>9} {cells[5]:>16} "
+              f"{cells[6]:>16}")
+
+
+if __name__ == "__main__":
+    main()

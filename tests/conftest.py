@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.default_model import DefaultModelSpec, ensure_default_checkpoint
+from tests.runtime import RuntimeProcess
+
+PROMPT_TEXT = "def fibonacci(n):\n    return"
+PROMPT_IDS = [35, 80, 111, 109, 111, 69, 32, 40]
+NEW_TOKENS = 12
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded default checkpoint, generated once per test session into a private cache."""
+    return ensure_default_checkpoint(DefaultModelSpec(), root=tmp_path_factory.mktemp("model-cache"))
+
+
+@pytest.fixture(scope="session")
+def reference(checkpoint: Path) -> dict[str, list[int]]:
+    """Greedy tokens of the plain transformers model (eager experts) on the same checkpoint: the oracle."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, experts_implementation="eager")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    out = {}
+    for name, ids in (("text", tokenizer(PROMPT_TEXT, add_special_tokens=False)["input_ids"]), ("ids", PROMPT_IDS)):
+        prompt = torch.tensor([ids])
+        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
+                                   do_sample=False)
+        out[name] = generated[0, len(ids):].tolist()
+    assert len(set(out["ids"])) > 3, "the oracle needs a model whose greedy output varies"
+    return out
+
+
+@pytest.fixture
+def runtime_factory(tmp_path: Path, checkpoint: Path) -> Iterator:
+    """Start runtimes with given flags; each is stopped afterwards and checked to leave nothing behind."""
+    started: list[RuntimeProcess] = []
+
+    def start(*flags: str, name: str = "rt") -> RuntimeProcess:
+        rt = RuntimeProcess(tmp_path / f"{name}{len(started)}", checkpoint, *flags)
+        started.append(rt)
+        return rt
+
+    yield start
+    for rt in started:
+        rt.stop()
+        rt.assert_nothing_left()
+
+
+@pytest.fixture
+def runtime(runtime_factory) -> RuntimeProcess:
+    """All four processes on ipc:// paths under tmp_path, LRU with a quarter of the experts cached."""
+    return runtime_factory("--policy", "lru", "--cache-experts", "48")
+
+
+@pytest.fixture(scope="module")
+def shared_runtime(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterator[RuntimeProcess]:
+    """One runtime for a whole test module (tests that must leave it serving); checked clean at the end."""
+    rt = RuntimeProcess(tmp_path_factory.mktemp("shared"), checkpoint, "--policy", "lru", "--cache-experts", "48")
+    yield rt
+    rt.stop()
+    rt.assert_nothing_left()

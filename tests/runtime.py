@@ -1,0 +1,105 @@
+"""Test harness: a whole runtime (``launch.py`` and its four processes) started as a user would start it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from coordinator.client import PromoeClient
+from shm.segment import leftover_segments
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+ROLES = ("coordinator", "inference", "predictor", "loader")
+
+
+class RuntimeProcess:
+    """``python launch.py`` serving on an ``ipc://`` socket under ``root``."""
+
+    def __init__(self, root: Path, checkpoint: Path, *extra: str, ready_timeout_s: float = 120.0) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.address = f"ipc://{root / 'client.sock'}"
+        self.log_path = root / "runtime.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(PROJECT_ROOT / "launch.py"), "--model-path", str(checkpoint), "--bind", self.address,
+             "--run-root", str(root), "--ready-timeout-s", str(ready_timeout_s), *extra],
+            cwd=PROJECT_ROOT, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.children: dict[str, psutil.Process] = {}
+        self.run_id: str | None = None
+        try:
+            self._wait_ready(ready_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        """Ready = every worker answers the coordinator's pings (each answers only once it serves)."""
+        deadline = time.monotonic() + timeout_s
+        with PromoeClient(self.address) as client:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"launch.py exited with {self.proc.returncode}:\n{self.log()}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"runtime not ready within {timeout_s} s:\n{self.log()}")
+                try:
+                    health = client.health(timeout_s=1.0)
+                except TimeoutError:
+                    continue
+                if all(health.workers.values()):
+                    break
+                time.sleep(0.2)
+        for child in psutil.Process(self.proc.pid).children(recursive=False):
+            title = " ".join(child.cmdline())
+            for role in ROLES:
+                if title.startswith(f"promoe::{role}"):
+                    self.children[role] = child
+        assert sorted(self.children) == sorted(ROLES), f"children found: {self.children}"
+        (config,) = self.root.glob("promoe-run-*/runtime.json")
+        self.run_id = json.loads(config.read_text())["run_id"]
+
+    def client(self, timeout_s: float = 120.0) -> PromoeClient:
+        return PromoeClient(self.address, timeout_s=timeout_s)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def kill_worker(self, role: str) -> None:
+        os.kill(self.children[role].pid, signal.SIGKILL)
+
+    def wait_exit(self, timeout_s: float) -> int:
+        return self.proc.wait(timeout=timeout_s)
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(timeout=10)
+        self._log.close()
+        return code
+
+    def assert_nothing_left(self) -> None:
+        """No child process and no shared-memory segment of this runtime survives it."""
+        deadline = time.monotonic() + 5
+        alive = []
+        while time.monotonic() < deadline:
+            alive = [role for role, p in self.children.items()
+                     if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            if not alive:
+                break
+            time.sleep(0.1)
+        assert not alive, f"processes left behind: {alive}\n{self.log()}"
+        if self.run_id is not None:
+            assert leftover_segments(self.run_id) == [], f"segments left in /dev/shm:\n{self.log()}"
+        assert not list(self.root.glob("promoe-run-*")), "run directory left behind"

@@ -1,0 +1,389 @@
+"""The experts backend against transformers' eager experts: bitwise equal, whatever the order experts become ready."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from protocol.ids import ExpertId, SlotId
+from shm.cache_slots import CacheSlots
+from shm.expert_store import HostExpertStore
+from shm.layout import ExpertLayout
+from shm.segment import SHM_DIR, Segment, leftover_segments, segment_name
+from shm.slot_table import SlotTable
+from workers.loader import CpuCopyEngine
+from workers.offloaded_experts import LoadTimedOut, OffloadedExperts
+
+HIDDEN, INTER, N_EXPERTS, TOP_K = 32, 16, 8, 4  # top-4: with 3+ terms per token, summation order shows
+MOE_LAYERS = (1, 2)  # decoder layer 0 is dense, so a MoE layer's index differs from its decoder layer's
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = Qwen2MoeConfig(
+        vocab_size=64, hidden_size=HIDDEN, intermediate_size=32, moe_intermediate_size=INTER,
+        shared_expert_intermediate_size=16, num_experts=N_EXPERTS, num_experts_per_tok=TOP_K, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1, mlp_only_layers=[0],
+    )
+    torch.manual_seed(1234)
+    model = Qwen2MoeForCausalLM(config).eval().requires_grad_(False)
+    model.set_experts_implementation("eager")
+    return model
+
+
+def experts_modules(model: Any) -> list[torch.nn.Module]:
+    return [model.model.layers[layer].mlp.experts for layer in MOE_LAYERS]
+
+
+def eager(module: torch.nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    assert module.config._experts_implementation == "eager"
+    with torch.no_grad():
+        return module(hidden, index, weights)
+
+
+def routing(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, HIDDEN, generator=generator)
+    scores = torch.randn(tokens, N_EXPERTS, generator=generator).softmax(dim=-1)
+    weights, index = torch.topk(scores, TOP_K, dim=-1)
+    return hidden, index, weights / weights.sum(dim=-1, keepdim=True)
+
+
+class Rig:
+    """Store, slots and table filled from the model's experts; expert ``e`` lives in slot ``e``."""
+
+    def __init__(self, model: Any, load_timeout_s: float = 5.0) -> None:
+        self.layout = ExpertLayout(moe_layers=MOE_LAYERS, experts_per_layer=N_EXPERTS, top_k=TOP_K,
+                                   hidden_size=HIDDEN, intermediate_size=INTER, storage_dtype="float32",
+                                   compute_dtype="float32", n_chunks=3, n_slots=len(MOE_LAYERS) * N_EXPERTS)
+        lay = self.layout
+        self.run_id = f"test_{uuid.uuid4().hex[:12]}"
+        self.segments: list[Segment] = []
+        self.store = HostExpertStore(self._segment("store", HostExpertStore.nbytes_for(lay)), lay)
+        self.slots = CacheSlots(self._segment("slots", CacheSlots.nbytes_for(lay)), lay)
+        self.table = SlotTable(self._segment("table", SlotTable.nbytes_for(lay.n_slots, lay.n_experts)),
+                               lay.n_slots, lay.n_experts, lay.n_chunks, init=True)
+        self.engine = CpuCopyEngine(self.store, self.slots, link_gbps=None)
+        self.modules = experts_modules(model)
+        for moe_layer, module in enumerate(self.modules):
+            for e in range(N_EXPERTS):
+                eid = lay.expert_id(moe_layer, e)
+                gate_up, down = module.gate_up_proj[e], module.down_proj[e]  # [2I, H] gate rows first, [H, I]
+                self.store.write_matrix(eid, "gate", gate_up[:INTER])
+                self.store.write_matrix(eid, "up", gate_up[INTER:])
+                self.store.write_matrix(eid, "down", down)
+        self.slots.slots.fill_(float("nan"))
+        self.seq: dict[int, int] = {}
+        self.gates: list[tuple[int, int, int, list[int]]] = []
+        self.released: list[list[int]] = []
+        self.backend = OffloadedExperts(
+            lay, self.table, self.slots, self.modules,
+            on_gate=lambda request, layer, step, experts: self.gates.append((request, layer, step, list(experts))),
+            on_released=lambda experts: self.released.append(list(experts)),
+            load_timeout_s=load_timeout_s,
+        )
+        self.backend.begin_request(1)
+
+    def _segment(self, what: str, nbytes: int) -> Segment:
+        segment = Segment.create(segment_name(self.run_id, what), nbytes)
+        self.segments.append(segment)
+        return segment
+
+    def place(self, eid: int, slot: int | None = None, ready: bool = True) -> int:
+        """Do what coordinator and loader do: assign, copy every chunk, publish readiness (if ``ready``)."""
+        slot = eid if slot is None else slot
+        seq = self.table.assign(SlotId(slot), ExpertId(eid))
+        for chunk in range(self.layout.n_chunks):
+            self.engine.copy_chunk(ExpertId(eid), SlotId(slot), chunk)
+        self.seq[eid] = seq
+        if ready:
+            self.publish(eid)
+        return seq
+
+    def publish(self, eid: int, chunks: int | None = None) -> None:
+        slot = int(self.table.expert_slot[eid])
+        chunks = self.layout.n_chunks if chunks is None else chunks
+        assert self.table.publish_ready(SlotId(slot), self.seq[eid], chunks)
+
+    def place_all(self) -> None:
+        for eid in range(self.layout.n_experts):
+            self.place(eid)
+
+    def forward(self, moe_layer: int, hidden: torch.Tensor, index: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.backend.forward(self.modules[moe_layer], hidden, index, weights)
+
+    def record_computes(self) -> list[int]:
+        """Record the local expert index of every computation, in order."""
+        order: list[int] = []
+        original = self.backend._compute
+
+        def compute(module: Any, local: int, *rest: Any) -> Any:
+            order.append(local)
+            return original(module, local, *rest)
+
+        self.backend._compute = compute  # type: ignore[method-assign]
+        return order
+
+    def close(self) -> None:
+        self.store.close()
+        self.slots.close()
+        self.table.close()
+        for segment in self.segments:
+            segment.unlink()
+            assert not (SHM_DIR / segment.name).exists()
+        assert leftover_segments(self.run_id) == []
+
+
+@pytest.fixture
+def make_rig(model: Any) -> Iterator:
+    rigs: list[Rig] = []
+
+    def make(**kwargs: Any) -> Rig:
+        rig = Rig(model, **kwargs)
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        rig.close()
+
+
+def chosen(index: torch.Tensor) -> list[int]:
+    return sorted(set(index.flatten().tolist()))
+
+
+# ---------------------------------------------------------------- equal to eager
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("tokens", [1, 7, 32])
+@pytest.mark.parametrize("moe_layer", [0, 1])
+def test_bitwise_equal_to_eager(make_rig, tokens: int, moe_layer: int) -> None:
+    rig = make_rig()
+    rig.place_all()
+    hidden, index, weights = routing(tokens, seed=tokens + 10 * moe_layer)
+    out = rig.forward(moe_layer, hidden, index, weights)
+    reference = eager(rig.modules[moe_layer], hidden, index, weights)
+    assert out.shape == reference.shape == (tokens, HIDDEN)
+    assert torch.count_nonzero(reference) > 0
+    assert torch.equal(out, reference)
+    experts = chosen(index)
+    assert rig.backend.stats.uses == len(experts)
+    assert rig.backend.stats.hits == len(experts)
+    assert rig.backend.stats.stall_ns == 0 and rig.backend.stats.retries == 0
+    ((request, layer, _step, gated),) = rig.gates
+    assert (request, layer, gated) == (1, moe_layer, [moe_layer * N_EXPERTS + e for e in experts])
+    assert int(rig.table.expert_pin.sum()) == 0, "every computed expert is unpinned"
+
+
+@pytest.mark.timeout(60)
+def test_the_slot_not_the_model_is_what_is_computed(make_rig) -> None:
+    """The backend must read the cache slots: a slot holding another expert changes the result."""
+    rig = make_rig()
+    rig.place_all()
+    hidden, index, weights = routing(5, seed=3)
+    target = chosen(index)[0]
+    impostor = N_EXPERTS + target  # the same expert index in the other layer
+    rig.place(target, slot=target)  # reload the target slot ...
+    for chunk in range(rig.layout.n_chunks):  # ... with the bytes of another expert
+        rig.engine.copy_chunk(ExpertId(impostor), SlotId(target), chunk)
+    out = rig.forward(0, hidden, index, weights)
+    assert not torch.equal(out, eager(rig.modules[0], hidden, index, weights))
+
+
+@pytest.mark.timeout(60)
+def test_step_counts_from_the_first_moe_layer(make_rig) -> None:
+    rig = make_rig()
+    rig.place_all()
+    hidden, index, weights = routing(2, seed=4)
+    for _ in range(2):
+        for moe_layer in (0, 1):
+            rig.forward(moe_layer, hidden, index, weights)
+    assert [(g[1], g[2]) for g in rig.gates] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert all(g[3] == [moe_layer * N_EXPERTS + e for e in chosen(index)]
+               for g, moe_layer in zip(rig.gates, (0, 1, 0, 1), strict=True))
+    rig.backend.begin_request(2)
+    rig.forward(0, hidden, index, weights)
+    assert rig.gates[-1][:3] == (2, 0, 0)
+    assert rig.backend.stats.uses == len(chosen(index))  # counters reset per request
+
+
+# ---------------------------------------------------------------- experts that become ready later
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("moe_layer", [0, 1])
+def test_late_experts_in_reverse_order_give_the_same_bits(make_rig, moe_layer: int) -> None:
+    rig = make_rig()
+    hidden, index, weights = routing(7, seed=21)
+    experts = chosen(index)
+    assert len(experts) >= 4, "the routing should choose several experts"
+    ids = [moe_layer * N_EXPERTS + e for e in experts]
+    ready_now, late = ids[:1], ids[1:]
+    for eid in ids:
+        rig.place(eid, ready=eid in ready_now)
+    rig.publish(late[0], chunks=rig.layout.n_chunks - 1)  # all but one chunk: not ready either
+    order = rig.record_computes()
+
+    def loader() -> None:
+        for eid in reversed(late):  # the highest expert first
+            time.sleep(0.02)
+            rig.publish(eid)
+
+    thread = threading.Thread(target=loader, daemon=True)
+    thread.start()
+    out = rig.forward(moe_layer, hidden, index, weights)
+    thread.join(10)
+    assert torch.equal(out, eager(rig.modules[moe_layer], hidden, index, weights))
+    assert order == [experts[0], *reversed(experts[1:])], "experts were not computed as they became ready"
+    stats = rig.backend.stats
+    assert stats.stall_ns > 0
+    assert stats.hits == len(ready_now)
+    assert stats.uses == len(ids)
+    ((request, layer, _step, gated),) = rig.gates
+    assert (request, layer, gated) == (1, moe_layer, ids)
+    assert int(rig.table.expert_pin.sum()) == 0
+
+
+@pytest.mark.timeout(60)
+def test_chosen_experts_are_pinned_until_computed(make_rig) -> None:
+    rig = make_rig()
+    hidden, index, weights = routing(7, seed=22)
+    ids = chosen(index)
+    for eid in ids:
+        rig.place(eid, ready=eid != ids[-1])
+    pins_seen: list[list[int]] = []
+
+    def loader() -> None:
+        time.sleep(0.05)
+        pins_seen.append([int(p) for p in rig.table.expert_pin[ids]])
+        rig.publish(ids[-1])
+
+    thread = threading.Thread(target=loader, daemon=True)
+    thread.start()
+    rig.forward(0, hidden, index, weights)
+    thread.join(10)
+    assert pins_seen == [[0] * (len(ids) - 1) + [1]]  # computed ones unpinned, the waited-for one still pinned
+    assert int(rig.table.expert_pin.sum()) == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("waiting", [False, True])
+def test_released_experts_are_reported_only_while_the_coordinator_waits(make_rig, waiting: bool) -> None:
+    rig = make_rig()
+    rig.place_all()
+    rig.table.waiting_for_slot = waiting
+    hidden, index, weights = routing(7, seed=23)
+    rig.forward(1, hidden, index, weights)
+    if waiting:
+        assert sorted(e for call in rig.released for e in call) == [N_EXPERTS + e for e in chosen(index)]
+        assert all(len(call) == 1 for call in rig.released)
+    else:
+        assert rig.released == []
+
+
+# ---------------------------------------------------------------- seqlock
+@pytest.mark.timeout(60)
+def test_a_slot_reassigned_during_the_computation_is_not_used(make_rig) -> None:
+    rig = make_rig()
+    rig.place_all()
+    moe_layer = 1
+    hidden, index, weights = routing(7, seed=31)
+    experts = chosen(index)
+    target_local = experts[len(experts) // 2]
+    target = moe_layer * N_EXPERTS + target_local
+    intruder = 0  # an expert of the other layer, not used by this call
+    computes: list[int] = []
+    threads: list[threading.Thread] = []
+    original = rig.backend._compute
+
+    def compute(module: Any, local: int, slot: SlotId, *rest: Any) -> Any:
+        computes.append(local)
+        if local == target_local and computes.count(local) == 1:
+            # between the lookup and the validity check, the coordinator gives the slot to another expert and the
+            # loader starts filling it: what this computation reads is not the target expert any more
+            rig.place(intruder, slot=int(slot), ready=False)
+
+            def back() -> None:  # later the right expert is loaded again (in the same slot)
+                time.sleep(0.03)
+                rig.place(target, slot=int(slot))
+
+            threads.append(threading.Thread(target=back, daemon=True))
+            threads[-1].start()
+        return original(module, local, slot, *rest)
+
+    rig.backend._compute = compute  # type: ignore[method-assign]
+    out = rig.forward(moe_layer, hidden, index, weights)
+    for thread in threads:
+        thread.join(10)
+    assert threads, "the target expert was never computed"
+    assert computes.count(target_local) == 2, "the torn computation was not retried"
+    assert rig.backend.stats.retries == 1
+    assert rig.backend.stats.stall_ns > 0
+    assert torch.equal(out, eager(rig.modules[moe_layer], hidden, index, weights))
+    assert int(rig.table.expert_pin.sum()) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_slot_reassigned_before_the_lookup_is_waited_for(make_rig) -> None:
+    """Reassigned after the gate (in ``on_gate``, before any lookup): the backend waits for the expert to return."""
+    rig = make_rig()
+    rig.place_all()
+    hidden, index, weights = routing(7, seed=32)
+    target = chosen(index)[0]
+    spare = N_EXPERTS + chosen(index)[0]  # layer-1 twin; its slot is reused for the target later
+    threads: list[threading.Thread] = []
+    record = rig.backend.on_gate
+
+    def on_gate(*args: Any) -> None:
+        record(*args)
+        rig.place(spare, slot=target, ready=True)  # the target's slot now holds another expert
+
+        def back() -> None:
+            time.sleep(0.03)
+            rig.place(target, slot=spare)
+
+        threads.append(threading.Thread(target=back, daemon=True))
+        threads[-1].start()
+
+    rig.backend.on_gate = on_gate
+    out = rig.forward(0, hidden, index, weights)
+    for thread in threads:
+        thread.join(10)
+    assert torch.equal(out, eager(rig.modules[0], hidden, index, weights))
+    assert rig.backend.stats.hits == len(chosen(index))  # all were ready when the gate decided
+    assert rig.backend.stats.stall_ns > 0
+
+
+# ---------------------------------------------------------------- timeout
+@pytest.mark.timeout(60)
+def test_load_timeout_names_the_layer_and_clears_the_pins(make_rig) -> None:
+    rig = make_rig(load_timeout_s=0.2)
+    rig.place_all()
+    hidden, index, weights = routing(7, seed=41)
+    experts = chosen(index)
+    never, partial = experts[1], experts[-1]
+    rig.table.release(SlotId(never))  # no slot at all
+    rig.place(partial, ready=False)
+    rig.publish(partial, chunks=rig.layout.n_chunks - 1)  # one chunk short, forever
+    started = time.monotonic()
+    with pytest.raises(LoadTimedOut) as info:
+        rig.forward(0, hidden, index, weights)
+    elapsed = time.monotonic() - started
+    message = str(info.value)
+    assert f"layer {MOE_LAYERS[0]} " in message  # the decoder layer, not the MoE layer index
+    assert str(sorted([never, partial])) in message
+    assert elapsed >= 0.2
+    assert int(rig.table.expert_pin.sum()) == 0
+    assert rig.gates and rig.gates[0][3] == experts
+    # the backend is usable again once the experts are there
+    rig.place(never)
+    rig.publish(partial)
+    out = rig.forward(0, hidden, index, weights)
+    assert torch.equal(out, eager(rig.modules[0], hidden, index, weights))

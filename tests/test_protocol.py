@@ -1,0 +1,249 @@
+"""The wire protocol: every message survives a round trip, and decoding rejects every malformed frame with a code."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Union
+
+import msgpack
+import pytest
+
+from protocol import messages
+from protocol.codec import ProtocolError, decode, dispatch, encode
+from protocol.messages import ALL_MESSAGES, PROTOCOL_VERSION, Message
+
+
+# ---------------------------------------------------------------- sample instances from the type hints
+def _sample(hint: Any, seed: int, *, prefer_none: bool) -> Any:
+    """A value of ``hint`` that depends on ``seed`` (so two fields of one message differ)."""
+    supertype = getattr(hint, "__supertype__", None)  # NewType ids
+    if supertype is not None:
+        return _sample(supertype, seed, prefer_none=prefer_none)
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if prefer_none and type(None) in args:
+            return None
+        return _sample(next(a for a in args if a is not type(None)), seed, prefer_none=prefer_none)
+    if hint is bool:
+        return seed % 2 == 0
+    if hint is int:
+        return 1000 + seed
+    if hint is float:
+        return seed + 0.25
+    if hint is str:
+        return f"text-{seed}-\u00e9"
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return [_sample(item, seed + i, prefer_none=False) for i in range(3)]
+    if origin is dict:
+        key, item = typing.get_args(hint)
+        assert key is str, f"sample builder knows only str keys, not {key!r}"
+        return {f"k{i}": _sample(item, seed + i, prefer_none=False) for i in range(2)}
+    raise AssertionError(f"sample builder does not know {hint!r}: extend it for the new message field")
+
+
+def sample_message(cls: type[Message], *, prefer_none: bool = False) -> Message:
+    hints = typing.get_type_hints(cls)
+    kwargs = {f.name: _sample(hints[f.name], 10 * i + 1, prefer_none=prefer_none)
+              for i, f in enumerate(dataclasses.fields(cls))}
+    return cls(**kwargs)
+
+
+def frame(body: Any) -> bytes:
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def body_of(message: Message) -> dict[str, Any]:
+    return msgpack.unpackb(encode(message), raw=False)
+
+
+# ---------------------------------------------------------------- round trips
+def test_tags_are_unique_and_nonempty() -> None:
+    tags = [cls.TAG for cls in ALL_MESSAGES]
+    assert all(tags), "every message needs a TAG"
+    assert len(set(tags)) == len(tags)
+
+
+def test_all_messages_lists_every_message_class() -> None:
+    defined = {obj for obj in vars(messages).values()
+               if isinstance(obj, type) and issubclass(obj, Message) and obj is not Message}
+    assert defined == set(ALL_MESSAGES)
+
+
+@pytest.mark.parametrize("cls", ALL_MESSAGES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("prefer_none", [False, True], ids=["values", "nones"])
+def test_round_trip(cls: type[Message], prefer_none: bool) -> None:
+    message = sample_message(cls, prefer_none=prefer_none)
+    wire = encode(message)
+    assert isinstance(wire, bytes)
+    body = msgpack.unpackb(wire, raw=False)
+    assert body["v"] == PROTOCOL_VERSION
+    assert body["type"] == cls.TAG
+    decoded = decode(wire)
+    assert type(decoded) is cls
+    assert decoded == message
+
+
+@pytest.mark.parametrize("cls", ALL_MESSAGES, ids=lambda c: c.__name__)
+def test_round_trip_with_defaults(cls: type[Message]) -> None:
+    """Only the required fields given: the defaults survive too."""
+    hints = typing.get_type_hints(cls)
+    required = {f.name: _sample(hints[f.name], 3, prefer_none=False) for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    message = cls(**required)
+    assert decode(encode(message)) == message
+
+
+def test_optional_fields_may_be_left_out_on_the_wire() -> None:
+    decoded = decode(frame({"v": PROTOCOL_VERSION, "type": "load_expert", "load_id": 1, "expert": 2, "slot": 3,
+                            "seq": 4}))
+    assert decoded == messages.LoadExpert(load_id=1, expert=2, slot=3, seq=4)
+    assert decoded.priority == messages.PRIORITY_PRECISE and decoded.first_chunk == 0
+
+
+def test_int_is_accepted_where_a_float_is_expected() -> None:
+    msg = sample_message(messages.GenerationFinished)
+    body = body_of(msg)
+    body["ttft_ms"] = 3
+    assert decode(frame(body)).ttft_ms == 3
+
+
+# ---------------------------------------------------------------- decode errors
+def _ping_body(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": "ping", "nonce": 1, "sent_ns": 2}
+    body.update(overrides)
+    return body
+
+
+def _expect(code: str, wire: bytes) -> ProtocolError:
+    with pytest.raises(ProtocolError) as info:
+        decode(wire)
+    assert info.value.code == code, f"{info.value.code}: {info.value}"
+    assert isinstance(info.value, ValueError)
+    return info.value
+
+
+@pytest.mark.parametrize("wire", [b"\xc1", b"\x92\x01", b"\x81\xa1v", b"not msgpack at all", b""],
+                         ids=["reserved-byte", "truncated-array", "truncated-map", "text", "empty"])
+def test_garbage_is_malformed(wire: bytes) -> None:
+    _expect("malformed", wire)
+
+
+@pytest.mark.parametrize("body", [[PROTOCOL_VERSION, "ping", 1, 2], "ping", 7, None],
+                         ids=["list", "str", "int", "nil"])
+def test_non_map_is_malformed(body: Any) -> None:
+    _expect("malformed", frame(body))
+
+
+def test_map_with_non_string_keys_is_malformed() -> None:
+    _expect("malformed", frame({1: 2}))
+
+
+@pytest.mark.parametrize("version", [PROTOCOL_VERSION + 1, 0, "1", None], ids=["next", "zero", "str", "nil"])
+def test_wrong_version(version: Any) -> None:
+    _expect("bad_version", frame(_ping_body(v=version)))
+
+
+def test_missing_version() -> None:
+    body = _ping_body()
+    del body["v"]
+    _expect("bad_version", frame(body))
+
+
+@pytest.mark.parametrize("tag", ["no_such_message", "", 5, None], ids=["unknown", "empty", "int", "nil"])
+def test_unknown_type(tag: Any) -> None:
+    _expect("unknown_type", frame(_ping_body(type=tag)))
+
+
+def test_missing_type() -> None:
+    body = _ping_body()
+    del body["type"]
+    _expect("unknown_type", frame(body))
+
+
+def test_missing_required_field() -> None:
+    body = _ping_body()
+    del body["sent_ns"]
+    error = _expect("missing_field", frame(body))
+    assert "sent_ns" in str(error)
+
+
+def test_unknown_extra_field() -> None:
+    error = _expect("unknown_field", frame(_ping_body(extra=1)))
+    assert "extra" in str(error)
+
+
+def test_version_and_type_are_the_whole_envelope() -> None:
+    """A message without fields is exactly ``{"v", "type"}`` on the wire, and decodes from just that."""
+    assert set(body_of(messages.GetHealth())) == {"v", "type"}
+    assert decode(frame({"v": PROTOCOL_VERSION, "type": "get_health"})) == messages.GetHealth()
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (_ping_body(nonce="1"), "nonce"),
+        (_ping_body(nonce=1.5), "nonce"),
+        (_ping_body(nonce=None), "nonce"),
+        (_ping_body(nonce=True), "nonce"),  # bool is an int in Python, not on this protocol
+        (_ping_body(nonce=[1]), "nonce"),
+        ({"v": PROTOCOL_VERSION, "type": "preempt", "load_ids": [1, "2", 3]}, "load_ids"),
+        ({"v": PROTOCOL_VERSION, "type": "preempt", "load_ids": [1, True]}, "load_ids"),
+        ({"v": PROTOCOL_VERSION, "type": "preempt", "load_ids": 1}, "load_ids"),
+        ({"v": PROTOCOL_VERSION, "type": "preempt", "load_ids": {"a": 1}}, "load_ids"),
+        ({"v": PROTOCOL_VERSION, "type": "worker_started", "role": b"bytes", "pid": 1}, "role"),
+        ({"v": PROTOCOL_VERSION, "type": "error", "code": "c", "message": "m", "request_id": "x"}, "request_id"),
+        ({"v": PROTOCOL_VERSION, "type": "generate", "stream": 1}, "stream"),
+        ({"v": PROTOCOL_VERSION, "type": "generate", "temperature": "hot"}, "temperature"),
+        ({"v": PROTOCOL_VERSION, "type": "generate", "temperature": False}, "temperature"),
+        ({"v": PROTOCOL_VERSION, "type": "health_reported", "workers": {"loader": 1}, "queued": 0,
+          "running": None, "round_trip_us": {}}, "workers"),
+        ({"v": PROTOCOL_VERSION, "type": "generation_done", "request_id": 1, "token_ids": [], "text": None,
+          "finish_reason": "length", "metrics": {"x": "not a number"}}, "metrics"),
+    ],
+    ids=["str-for-int", "float-for-int", "nil-for-int", "bool-for-int", "list-for-int", "str-in-list-int",
+         "bool-in-list-int", "int-for-list", "map-for-list", "bytes-for-str", "str-for-optional-int",
+         "int-for-bool", "str-for-float", "bool-for-float", "int-value-in-dict-bool", "str-value-in-dict-number"],
+)
+def test_wrong_field_type(body: dict[str, Any], field: str) -> None:
+    error = _expect("bad_field", frame(body))
+    assert field in str(error)
+
+
+def test_bad_field_message_is_bounded() -> None:
+    """A huge wrong value is not echoed back whole in the error message."""
+    error = _expect("bad_field", frame(_ping_body(nonce="x" * 10_000)))
+    assert len(str(error)) < 300
+
+
+# ---------------------------------------------------------------- dispatch
+def test_dispatch_calls_the_handler_of_the_type() -> None:
+    calls: list[tuple[str, Message]] = []
+    table = {
+        messages.Ping: lambda m: calls.append(("ping", m)) or "ping-result",
+        messages.Preempt: lambda m: calls.append(("preempt", m)) or "preempt-result",
+    }
+    preempt = messages.Preempt(load_ids=[1, 2])
+    assert dispatch(table, preempt) == "preempt-result"
+    ping = messages.Ping(nonce=1, sent_ns=2)
+    assert dispatch(table, ping) == "ping-result"
+    assert calls == [("preempt", preempt), ("ping", ping)]
+
+
+def test_dispatch_of_a_decoded_frame() -> None:
+    seen: list[Message] = []
+    message = messages.Reorder(load_ids=[3, 1])
+    dispatch({messages.Reorder: seen.append}, decode(encode(message)))
+    assert seen == [message]
+
+
+def test_dispatch_rejects_an_unhandled_type() -> None:
+    calls: list[Message] = []
+    with pytest.raises(ProtocolError) as info:
+        dispatch({messages.Ping: calls.append}, messages.Reorder(load_ids=[1]))
+    assert info.value.code == "unexpected_type"
+    assert "Reorder" in str(info.value)
+    assert calls == []
