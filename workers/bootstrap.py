@@ -14,17 +14,21 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 import zmq
 
-from protocol.codec import MAX_MESSAGE_NBYTES, ProtocolError, decode, encode
+from protocol.codec import MAX_MESSAGE_NBYTES, ProtocolError, decode, dispatch, encode
 from protocol.config import RuntimeConfig
-from protocol.messages import Message
+from protocol.messages import Message, Ping, PingAnswered, WorkerStarted
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+IDLE_POLL_S = 0.2
+"""How long a worker blocks on its inbox before checking again (signals interrupt the wait anyway)."""
 
 
 class WorkerStopping(BaseException):
@@ -111,6 +115,53 @@ def send(sock: zmq.Socket, message: Message) -> None:
         sock.send(encode(message), zmq.NOBLOCK)
     except zmq.Again:
         log.error("dropped %s: peer queue full", type(message).__name__)
+
+
+class WorkerSockets:
+    """The sockets of a worker: its inbox, and one-way PUSH sockets to the coordinator and to the supervisor."""
+
+    def __init__(self, cfg: RuntimeConfig, role: str) -> None:
+        self.role = role
+        self.ctx = zmq.Context()
+        self.inbox = Inbox(self.ctx, cfg.endpoint(role))
+        self.send_to_coordinator = push_socket(self.ctx, cfg.endpoint("coordinator"))
+        self.send_to_supervisor = push_socket(self.ctx, cfg.endpoint("supervisor"))
+
+    def announce_ready(self) -> None:
+        send(self.send_to_supervisor, WorkerStarted(role=self.role, pid=os.getpid()))
+
+    def answer_ping(self, msg: Ping) -> None:
+        send(self.send_to_coordinator, PingAnswered(role=self.role, nonce=msg.nonce, sent_ns=msg.sent_ns))
+
+    def serve(self, handlers: dict[type[Message], Any]) -> None:
+        """Handle inbox messages one at a time, forever (until ``WorkerStopping``)."""
+        while True:
+            msg = self.inbox.poll(IDLE_POLL_S)
+            if msg is None:
+                continue
+            try:
+                dispatch(handlers, msg)
+            except ProtocolError as exc:
+                log.error("rejected %s: %s", type(msg).__name__, exc)
+
+    def close(self) -> None:
+        self.inbox.close()
+        self.send_to_coordinator.close(linger=0)
+        self.send_to_supervisor.close(linger=0)
+        self.ctx.term()
+
+
+def run_worker(role: str, argv: list[str] | None, body: Callable[[RuntimeConfig, WorkerSockets], None]) -> None:
+    """The ``main`` of every worker: become ``promoe::<role>``, run ``body`` until SIGTERM, release the sockets."""
+    cfg = parse_run_dir(role, argv)
+    become(role, cfg.supervisor_pid)
+    sockets = WorkerSockets(cfg, role)
+    try:
+        body(cfg, sockets)
+    except WorkerStopping as stop:
+        log.info("%s stopping (%s)", role, stop)
+    finally:
+        sockets.close()
 
 
 def now_ns() -> int:

@@ -17,7 +17,6 @@ import zmq
 
 from models.checkpoint import open_checkpoint
 from models.skeleton import build_skeleton, experts_modules
-from protocol.codec import dispatch
 from protocol.config import RuntimeConfig
 from protocol.ids import ExpertId, RequestId
 from protocol.messages import (
@@ -25,23 +24,18 @@ from protocol.messages import (
     GateDecided,
     GenerationFailed,
     GenerationFinished,
-    Message,
     Ping,
-    PingAnswered,
     StartGeneration,
     TokenGenerated,
-    WorkerStarted,
 )
 from shm.cache_slots import CacheSlots
 from shm.layout import DTYPES
 from shm.segment import Segment
 from shm.slot_table import SlotTable
-from workers.bootstrap import Inbox, WorkerStopping, become, now_ns, parse_run_dir, push_socket, send
+from workers.bootstrap import WorkerSockets, now_ns, run_worker, send
 from workers.offloaded_experts import IMPLEMENTATION_NAME, LoadTimedOut, OffloadedExperts
 
 log = logging.getLogger(__name__)
-
-IDLE_POLL_S = 0.2
 
 
 class BadRequest(ValueError):
@@ -81,19 +75,12 @@ class TokenStreamer:
 
 
 class InferenceWorker:
-    def __init__(self, cfg: RuntimeConfig, model: Any, tokenizer: Any, backend: OffloadedExperts, inbox: Inbox,
-                 send_to_coordinator: zmq.Socket) -> None:
-        self.cfg = cfg
+    def __init__(self, model: Any, tokenizer: Any, backend: OffloadedExperts, send_to_coordinator: zmq.Socket) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.backend = backend
-        self.inbox = inbox
         self.send_to_coordinator = send_to_coordinator
         self.vocab_size = int(model.config.vocab_size)
-        self.handlers: dict[type[Message], Any] = {StartGeneration: self.on_start_generation, Ping: self.on_ping}
-
-    def on_ping(self, msg: Ping) -> None:
-        send(self.send_to_coordinator, PingAnswered(role="inference", nonce=msg.nonce, sent_ns=msg.sent_ns))
 
     def on_start_generation(self, msg: StartGeneration) -> None:
         try:
@@ -165,23 +152,12 @@ class InferenceWorker:
             finish_reason="length" if len(new_ids) >= msg.max_new_tokens else "stop",
         )
 
-    def serve(self) -> None:
-        while True:
-            msg = self.inbox.poll(IDLE_POLL_S)
-            if msg is not None:
-                dispatch(self.handlers, msg)
 
-
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse_run_dir("inference", argv)
-    become("inference", cfg.supervisor_pid)
-    ctx = zmq.Context()
-    inbox = Inbox(ctx, cfg.endpoint("inference"))
-    send_to_coordinator = push_socket(ctx, cfg.endpoint("coordinator"))
-    send_to_supervisor = push_socket(ctx, cfg.endpoint("supervisor"))
+def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
     lay = cfg.layout
     slots = CacheSlots(Segment.attach(cfg.segment("slots")), lay)
     table = SlotTable(Segment.attach(cfg.segment("table")), lay.n_slots, lay.n_experts, lay.n_chunks, init=False)
+    send_to_coordinator = sockets.send_to_coordinator
     try:
         ckpt = open_checkpoint(cfg.checkpoint)
         model = build_skeleton(ckpt, DTYPES[lay.compute_dtype], lay.moe_layers)
@@ -202,18 +178,16 @@ def main(argv: list[str] | None = None) -> None:
                                    cfg.load_timeout_s)
         backend.register()
         model.set_experts_implementation(IMPLEMENTATION_NAME)  # type: ignore[operator]
-        worker = InferenceWorker(cfg, model, tokenizer, backend, inbox, send_to_coordinator)
-        send(send_to_supervisor, WorkerStarted(role="inference", pid=os.getpid()))
-        worker.serve()
-    except WorkerStopping as stop:
-        log.info("inference stopping (%s)", stop)
+        worker = InferenceWorker(model, tokenizer, backend, send_to_coordinator)
+        sockets.announce_ready()
+        sockets.serve({StartGeneration: worker.on_start_generation, Ping: sockets.answer_ping})
     finally:
-        inbox.close()
-        send_to_coordinator.close(linger=0)
-        send_to_supervisor.close(linger=0)
-        ctx.term()
         slots.close()
         table.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_worker("inference", argv, serve)
 
 
 if __name__ == "__main__":

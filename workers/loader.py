@@ -8,7 +8,6 @@ is emulated. Readiness is published in the slot table after each chunk's copy ha
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import torch
@@ -27,20 +26,16 @@ from protocol.messages import (
     PingAnswered,
     Preempt,
     Reorder,
-    WorkerStarted,
 )
 from shm.cache_slots import CacheSlots
 from shm.expert_store import HostExpertStore
 from shm.layout import DTYPES
 from shm.segment import Segment
 from shm.slot_table import SlotTable
-from workers.bootstrap import Inbox, WorkerStopping, become, now_ns, parse_run_dir, push_socket, send
+from workers.bootstrap import IDLE_POLL_S, Inbox, WorkerSockets, now_ns, run_worker, send
 from workers.chunk_queue import ChunkQueue, QueuedLoad
 
 log = logging.getLogger(__name__)
-
-IDLE_POLL_S = 0.2
-"""How long the loader blocks on its inbox when no chunk is queued."""
 
 
 class CpuCopyEngine:
@@ -156,33 +151,26 @@ def fill_store(cfg: RuntimeConfig, store: HostExpertStore) -> None:
     log.info("host store filled: %d experts, %.1f MB in %.2f s", cfg.layout.n_experts, nbytes / 1e6, elapsed)
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse_run_dir("loader", argv)
-    become("loader", cfg.supervisor_pid)
+def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
     torch.set_num_threads(1)
-    ctx = zmq.Context()
-    inbox = Inbox(ctx, cfg.endpoint("loader"))
-    send_to_coordinator = push_socket(ctx, cfg.endpoint("coordinator"))
-    send_to_supervisor = push_socket(ctx, cfg.endpoint("supervisor"))
     lay = cfg.layout
     store = HostExpertStore(Segment.attach(cfg.segment("store")), lay)
     slots = CacheSlots(Segment.attach(cfg.segment("slots")), lay)
     table = SlotTable(Segment.attach(cfg.segment("table")), lay.n_slots, lay.n_experts, lay.n_chunks, init=False)
     try:
         fill_store(cfg, store)
-        loader = Loader(cfg, table, CpuCopyEngine(store, slots, cfg.link_gbps), inbox, send_to_coordinator)
-        send(send_to_supervisor, WorkerStarted(role="loader", pid=os.getpid()))
+        loader = Loader(cfg, table, CpuCopyEngine(store, slots, cfg.link_gbps), sockets.inbox,
+                        sockets.send_to_coordinator)
+        sockets.announce_ready()
         loader.serve()
-    except WorkerStopping as stop:
-        log.info("loader stopping (%s)", stop)
     finally:
-        inbox.close()
-        send_to_coordinator.close(linger=0)
-        send_to_supervisor.close(linger=0)
-        ctx.term()
         store.close()
         slots.close()
         table.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_worker("loader", argv, serve)
 
 
 if __name__ == "__main__":
