@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import time
+
+import psutil
 import pytest
 
+from shm.segment import leftover_segments
 from tests.runtime import ROLES
 
 
@@ -22,3 +29,22 @@ def test_sigterm_stops_the_runtime_cleanly(runtime):
         assert client.generate(prompt_ids=[1, 2, 3], max_new_tokens=2).token_ids
     assert runtime.stop() == 0
     runtime.assert_nothing_left()
+
+
+def test_kill_9_of_the_launcher_leaves_no_process_and_no_segment(runtime_factory):
+    """Workers die with the supervisor (PDEATHSIG); the segments' creator is gone, its resource tracker unlinks."""
+    rt = runtime_factory("--policy", "lru", "--cache-experts", "24")
+    assert len(leftover_segments(rt.run_id)) == 3
+    os.kill(rt.proc.pid, signal.SIGKILL)
+    rt.proc.wait(timeout=10)
+    deadline = time.monotonic() + 20
+    while leftover_segments(rt.run_id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftover_segments(rt.run_id) == []
+    for role, child in rt.children.items():
+        try:
+            child.wait(timeout=10)
+        except psutil.TimeoutExpired as exc:
+            raise AssertionError(f"{role} outlived its supervisor") from exc
+    for run_dir in rt.root.glob("promoe-run-*"):  # the supervisor could not remove it; the test does
+        shutil.rmtree(run_dir)
