@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model-path", type=Path, help="a local Hugging Face checkpoint directory")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="where experts are computed (default: cuda if available; only cpu is implemented)")
-    p.add_argument("--policy", choices=POLICIES, default="lru", help="cache policy (default lru)")
+    p.add_argument("--policy", choices=POLICIES, default="promoe", help="cache policy (default promoe)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--cache-experts", type=int, help="cache slots, from one layer's top-k to all experts "
                                                         "(default: a quarter of all experts)")

@@ -1,9 +1,20 @@
 """The cache directory: which expert is in which slot, which loads are in flight, what waits for a slot.
 
 The coordinator is its only owner. It writes assignments into the shared slot table (so the inference worker reads
-readiness without asking) and turns gate reports into ``LoadExpert`` commands for the loader. An expert is never
-evicted while its slot is being loaded or while the inference worker has it pinned (chosen by the current gate and
-not yet computed).
+readiness without asking) and turns gate reports and predictions into loader commands.
+
+Rules:
+- an expert is never evicted while its slot is being loaded or while the inference worker has it pinned (chosen by
+  the current gate and not yet computed);
+- an expert predicted for a layer in the window (not yet reached) is evicted only by a precise load that finds
+  nothing else, never by a speculative one;
+- early preemption: when the gate of a layer reports, the speculative loads of that layer's experts it did not
+  choose (and of layers already past) are preempted, and the chosen ones still in flight are made precise and put
+  first, those with most chunks already landed first;
+- a precise load that finds no slot preempts in-flight speculative loads (farthest target first) to free theirs.
+
+Every event method only updates the directory and appends loader commands to ``outbox``; the coordinator sends
+them, in order, with ``drain``.
 """
 
 from __future__ import annotations
@@ -14,11 +25,14 @@ from dataclasses import dataclass
 
 from coordinator.policies import CachePolicy
 from protocol.ids import ExpertId, LoadId, RequestId, SlotId
-from protocol.messages import PRIORITY_PRECISE, LoadExpert
+from protocol.messages import PRIORITY_PRECISE, PRIORITY_SPECULATIVE, LoadExpert, Message, Preempt, Reorder
 from shm.layout import ExpertLayout
 from shm.slot_table import FREE, LOADING, RESIDENT, SlotTable
 
 log = logging.getLogger(__name__)
+
+Position = tuple[int, int]
+"""(step, MoE layer): steps count tokens of a request (0 = prefill)."""
 
 
 @dataclass
@@ -28,6 +42,8 @@ class InFlightLoad:
     slot: SlotId
     seq: int
     request_id: RequestId | None
+    target: Position | None = None
+    """For a speculative load, the position it was predicted for; None once precise."""
 
 
 @dataclass
@@ -39,6 +55,15 @@ class CacheCounters:
     bytes_loaded: int = 0
     wasted_bytes: int = 0
     evictions: int = 0
+    preempted: int = 0
+    predicted: int = 0
+    """Experts predicted for gates that then reported."""
+    predicted_chosen: int = 0
+    """... of which the gate chose."""
+    predicted_ready: int = 0
+    """... of which were in the cache, every chunk landed, when the gate reported."""
+    chosen: int = 0
+    """Experts chosen by gates (while prefetching)."""
 
 
 class CacheDirectory:
@@ -47,12 +72,22 @@ class CacheDirectory:
         self.layout = layout
         self.policy = policy
         self.counters = CacheCounters()
+        self.request_id: RequestId | None = None
+        self.position: Position = (-1, -1)
         self._next_load_id = 1
         self._in_flight: dict[LoadId, InFlightLoad] = {}
         self._loading: dict[ExpertId, LoadId] = {}
         self._waiting: deque[ExpertId] = deque()
         self._unused_since_load: set[ExpertId] = set()
-        self.request_id: RequestId | None = None
+        self._protected: dict[ExpertId, Position] = {}
+        self._predictions: dict[Position, set[ExpertId]] = {}
+        self._preempting: set[LoadId] = set()
+        self.outbox: list[Message] = []
+
+    def drain(self) -> list[Message]:
+        """The loader commands produced since the last call, in the order they must be sent."""
+        out, self.outbox = self.outbox, []
+        return out
 
     # ------------------------------------------------------------ queries
     def slot_of(self, expert: ExpertId) -> SlotId | None:
@@ -67,13 +102,44 @@ class CacheDirectory:
     def waiting(self) -> list[ExpertId]:
         return list(self._waiting)
 
+    def is_protected(self, expert: ExpertId) -> bool:
+        target = self._protected.get(expert)
+        return target is not None and target >= self.position
+
+    def begin_request(self, request_id: RequestId) -> None:
+        self.request_id = request_id
+        self.position = (-1, -1)
+        self._protected.clear()
+        self._predictions.clear()
+
     # ------------------------------------------------------------ events
-    def on_gate(self, experts: list[ExpertId]) -> list[LoadExpert]:
-        """The gate chose ``experts`` (now pinned by the inference worker): load whichever is missing."""
+    def on_predicted(self, step: int, layer: int, experts: list[ExpertId]) -> None:
+        """The predictor expects ``experts`` at (step, layer): load what is missing, speculatively."""
+        target = (step, layer)
+        if not self.policy.prefetches or target <= self.position:
+            return  # too late to help
+        self._predictions[target] = set(experts)
+        for expert in experts:
+            if self._protected.get(expert, (-1, -1)) < target:
+                self._protected[expert] = target
+        for expert in experts:
+            if self.slot_of(expert) is not None or expert in self._waiting:
+                continue
+            slot = self._take_slot(PRIORITY_SPECULATIVE)
+            if slot is None:
+                break
+            self._start_load(expert, slot, PRIORITY_SPECULATIVE, target)
+
+    def on_gate(self, step: int, layer: int, experts: list[ExpertId]) -> None:
+        """The gate chose ``experts`` (now pinned by the inference worker): preempt, reorder, load what is missing."""
+        self.position = (step, layer)
+        chosen = set(experts)
         self.policy.record_use(experts)
         self._unused_since_load.difference_update(experts)
+        self._score_prediction(chosen)
+        if self.policy.prefetches:
+            self._preempt_speculation(chosen)
         if not self.policy.keeps_experts:
-            chosen = set(experts)
             for slot in range(self.layout.n_slots):
                 expert = ExpertId(int(self.table.slot_expert[slot]))
                 if (self.table.slot_state[slot] == RESIDENT and expert not in chosen
@@ -82,53 +148,116 @@ class CacheDirectory:
         for expert in experts:
             if self.slot_of(expert) is None and expert not in self._waiting:
                 self._waiting.append(expert)
-        return self._assign_waiting()
+        self._assign_waiting()
 
-    def on_loaded(self, load_id: LoadId, seq: int) -> list[LoadExpert]:
+    def on_loaded(self, load_id: LoadId, seq: int) -> None:
         load = self._in_flight.pop(load_id, None)
+        self._preempting.discard(load_id)
         if load is None:
             log.warning("ExpertLoaded for unknown load %d", load_id)
-            return []
+            return
         del self._loading[load.expert]
         if self.table.mark_resident(load.slot, seq):
             self.counters.experts_loaded += 1
             self.counters.bytes_loaded += self.layout.expert_nbytes
             self.policy.record_load(load.expert)
-        return self._assign_waiting()
+        self._assign_waiting()
 
-    def on_released(self) -> list[LoadExpert]:
+    def on_preempted(self, load_ids: list[LoadId], chunks_done: list[int]) -> None:
+        """The loader dropped these loads: their slots are free again; what they had copied was wasted."""
+        chunk_nbytes = self.layout.expert_nbytes // self.layout.n_chunks
+        for load_id, done in zip(load_ids, chunks_done, strict=True):
+            self._preempting.discard(load_id)
+            load = self._in_flight.pop(load_id, None)
+            if load is None:
+                continue
+            del self._loading[load.expert]
+            self._unused_since_load.discard(load.expert)
+            self.counters.wasted_bytes += done * chunk_nbytes
+            self.counters.preempted += 1
+            self.table.release(load.slot)
+        self._assign_waiting()
+
+    def on_released(self) -> None:
         """The inference worker unpinned experts: slots may have become evictable."""
-        return self._assign_waiting()
+        self._assign_waiting()
 
     def forget_pins(self) -> None:
         """After a failed request nothing is in use any more."""
         self.table.expert_pin[:] = 0
 
     # ------------------------------------------------------------ internals
-    def _assign_waiting(self) -> list[LoadExpert]:
-        loads = []
+    def _score_prediction(self, chosen: set[ExpertId]) -> None:
+        if not self.policy.prefetches:
+            return
+        self.counters.chosen += len(chosen)
+        predicted = self._predictions.pop(self.position, None)
+        for position in [p for p in self._predictions if p < self.position]:
+            del self._predictions[position]
+        if not predicted:
+            return
+        self.counters.predicted += len(predicted)
+        self.counters.predicted_chosen += len(predicted & chosen)
+        self.counters.predicted_ready += sum(self.table.is_ready(self.table.lookup(e)) for e in predicted)
+
+    def _preempt_speculation(self, chosen: set[ExpertId]) -> None:
+        confirmed: list[InFlightLoad] = []
+        dropped: list[InFlightLoad] = []
+        for load in self._in_flight.values():
+            if load.target is None or load.load_id in self._preempting:
+                continue
+            if load.expert in chosen:
+                load.target = None
+                confirmed.append(load)
+            elif load.target <= self.position:
+                dropped.append(load)  # the gate of its layer has spoken, or its layer is past
+        self._preempt(dropped)
+        if confirmed:
+            confirmed.sort(key=lambda load: -int(self.table.slot_ready[load.slot]))
+            self.outbox.append(Reorder(load_ids=[load.load_id for load in confirmed]))
+
+    def _preempt(self, loads: list[InFlightLoad]) -> None:
+        """Ask the loader to drop these loads; their slots stay LOADING until it answers ``LoadsPreempted``."""
+        if not loads:
+            return
+        for load in loads:
+            self._preempting.add(load.load_id)
+            self._protected.pop(load.expert, None)
+        self.outbox.append(Preempt(load_ids=[load.load_id for load in loads]))
+
+    def _assign_waiting(self) -> None:
         while self._waiting:
-            slot = self._take_slot()
+            slot = self._take_slot(PRIORITY_PRECISE)
             if slot is None:
                 break
             expert = self._waiting.popleft()
-            loads.append(self._start_load(expert, slot))
+            self._start_load(expert, slot, PRIORITY_PRECISE, None)
         self.table.waiting_for_slot = bool(self._waiting)
-        return loads
+        if self._waiting:  # free slots held by speculation, farthest prediction first
+            speculative = sorted((load for load in self._in_flight.values()
+                                  if load.target is not None and load.load_id not in self._preempting),
+                                 key=lambda load: load.target or (0, 0), reverse=True)
+            self._preempt(speculative[: len(self._waiting)])
 
-    def _take_slot(self) -> SlotId | None:
+    def _take_slot(self, priority: int) -> SlotId | None:
         candidates: dict[ExpertId, SlotId] = {}
+        protected: dict[ExpertId, SlotId] = {}
         for slot in range(self.layout.n_slots):
             state = self.table.slot_state[slot]
             if state == FREE:
                 return SlotId(slot)
             expert = ExpertId(int(self.table.slot_expert[slot]))
-            if state == RESIDENT and not self.table.is_pinned(expert):
-                candidates[expert] = SlotId(slot)
-        if not candidates:
+            if state != RESIDENT or self.table.is_pinned(expert):
+                continue
+            (protected if self.is_protected(expert) else candidates)[expert] = SlotId(slot)
+        if candidates:
+            victim = self.policy.choose_victim(list(candidates))
+            slot = candidates[victim]
+        elif protected and priority == PRIORITY_PRECISE:  # the current layer beats a prediction
+            victim = max(protected, key=lambda e: self._protected[e])
+            slot = protected[victim]
+        else:
             return None
-        victim = self.policy.choose_victim(list(candidates))
-        slot = candidates[victim]
         self._evict(slot)
         return slot
 
@@ -141,11 +270,13 @@ class CacheDirectory:
         self.table.release(slot)
         self.counters.evictions += 1
 
-    def _start_load(self, expert: ExpertId, slot: SlotId) -> LoadExpert:
+    def _start_load(self, expert: ExpertId, slot: SlotId, priority: int, target: Position | None) -> None:
         seq = self.table.assign(slot, expert)
         load_id = LoadId(self._next_load_id)
         self._next_load_id += 1
-        self._in_flight[load_id] = InFlightLoad(load_id, expert, slot, seq, self.request_id)
+        self._in_flight[load_id] = InFlightLoad(load_id, expert, slot, seq, self.request_id, target)
         self._loading[expert] = load_id
         self.counters.loads_issued += 1
-        return LoadExpert(load_id=load_id, expert=expert, slot=slot, seq=seq, priority=PRIORITY_PRECISE)
+        if priority == PRIORITY_SPECULATIVE:
+            self._unused_since_load.add(expert)
+        self.outbox.append(LoadExpert(load_id=load_id, expert=expert, slot=slot, seq=seq, priority=priority))

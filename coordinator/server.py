@@ -28,6 +28,7 @@ from protocol.ids import RequestId
 from protocol.messages import (
     ErrorReported,
     ExpertLoaded,
+    ExpertsPredicted,
     ExpertsReleased,
     GateDecided,
     Generate,
@@ -36,7 +37,6 @@ from protocol.messages import (
     GenerationFinished,
     GetHealth,
     HealthReported,
-    LoadExpert,
     LoadsPreempted,
     Message,
     Ping,
@@ -100,6 +100,7 @@ class Coordinator:
         self.round_trip_ns: dict[str, deque[int]] = {role: deque(maxlen=64) for role in WORKER_ROLES}
         self.worker_handlers: dict[type[Message], Any] = {
             GateDecided: self.on_gate_decided,
+            ExpertsPredicted: self.on_experts_predicted,
             ExpertsReleased: self.on_experts_released,
             ExpertLoaded: self.on_expert_loaded,
             LoadsPreempted: self.on_loads_preempted,
@@ -115,24 +116,34 @@ class Coordinator:
         if self.running is not None:
             self.running.messages += 1
 
-    def _send_loads(self, loads: list[LoadExpert]) -> None:
-        for load in loads:
-            send(self.send_to["loader"], load)
+    def _send_to_loader(self) -> None:
+        """Send what the cache directory decided, in order."""
+        for command in self.cache.drain():
+            send(self.send_to["loader"], command)
             self._count()
 
     def on_gate_decided(self, msg: GateDecided) -> None:
         if self.running is not None:
             self.running.gate_latency_ns.append(now_ns() - msg.sent_ns)
-        self._send_loads(self.cache.on_gate(msg.experts))
+        self.cache.on_gate(msg.step, msg.layer, msg.experts)
+        self._send_to_loader()
+
+    def on_experts_predicted(self, msg: ExpertsPredicted) -> None:
+        if self.running is not None and self.running.pending.request_id == msg.request_id:
+            self.cache.on_predicted(msg.step, msg.layer, msg.experts)
+            self._send_to_loader()
 
     def on_experts_released(self, msg: ExpertsReleased) -> None:
-        self._send_loads(self.cache.on_released())
+        self.cache.on_released()
+        self._send_to_loader()
 
     def on_expert_loaded(self, msg: ExpertLoaded) -> None:
-        self._send_loads(self.cache.on_loaded(msg.load_id, msg.seq))
+        self.cache.on_loaded(msg.load_id, msg.seq)
+        self._send_to_loader()
 
     def on_loads_preempted(self, msg: LoadsPreempted) -> None:
-        log.warning("loader preempted loads %s, but this coordinator never asks it to", msg.load_ids)
+        self.cache.on_preempted(msg.load_ids, msg.chunks_done)
+        self._send_to_loader()
 
     def on_token_generated(self, msg: TokenGenerated) -> None:
         running = self.running
@@ -157,9 +168,7 @@ class Coordinator:
             "experts_loaded": counters.experts_loaded - start.experts_loaded,
             "bytes_loaded": counters.bytes_loaded - start.bytes_loaded,
             "wasted_bytes": counters.wasted_bytes - start.wasted_bytes,
-            "prefetch_precision": None,  # no prefetching yet: undefined, not zero
-            "prefetch_recall": None,
-            "goodpred": None,
+            **prefetch_metrics(counters, start, enabled=self.cache.policy.prefetches),
             "zmq_messages": running.messages,
             "zmq_messages_per_token": running.messages / max(len(msg.token_ids), 1),
             "gate_message_latency_us_p50": statistics.median(latencies) / 1e3 if latencies else None,
@@ -218,7 +227,7 @@ class Coordinator:
         pending = self.queue.popleft()
         req = pending.request
         self.running = RunningRequest(pending, CacheCounters(**vars(self.cache.counters)))
-        self.cache.request_id = pending.request_id
+        self.cache.begin_request(pending.request_id)
         send(self.send_to["inference"], StartGeneration(
             request_id=pending.request_id, max_new_tokens=req.max_new_tokens, prompt=req.prompt,
             prompt_ids=req.prompt_ids, temperature=req.temperature, top_p=req.top_p, seed=req.seed))
@@ -287,6 +296,27 @@ class Coordinator:
             sock.close(linger=0)
         self.actx.term()
         self.ctx.term()
+
+
+def prefetch_metrics(now: CacheCounters, start: CacheCounters, enabled: bool) -> dict[str, float | None]:
+    """Precision (= the paper's accuracy), recall, FetchRate and GoodPred = accuracy x FetchRate over one request.
+
+    Without prefetching they are undefined (None), not zero.
+    """
+    if not enabled:
+        return {"prefetch_precision": None, "prefetch_recall": None, "fetch_rate": None, "goodpred": None}
+    predicted = now.predicted - start.predicted
+    correct = now.predicted_chosen - start.predicted_chosen
+    ready = now.predicted_ready - start.predicted_ready
+    chosen = now.chosen - start.chosen
+    precision = correct / predicted if predicted else None
+    fetch_rate = ready / predicted if predicted else None
+    return {
+        "prefetch_precision": precision,
+        "prefetch_recall": correct / chosen if chosen else None,
+        "fetch_rate": fetch_rate,
+        "goodpred": precision * fetch_rate if precision is not None and fetch_rate is not None else None,
+    }
 
 
 def validate_generate(msg: Generate) -> str | None:

@@ -26,6 +26,7 @@ from protocol.config import ROLES, RuntimeConfig
 from protocol.messages import WorkerStarted
 from shm.cache_slots import CacheSlots
 from shm.expert_store import HostExpertStore
+from shm.hidden_exchange import HiddenExchange
 from shm.segment import Segment, unlink_leftovers
 from shm.slot_table import SlotTable
 from workers.bootstrap import WorkerDead
@@ -85,6 +86,8 @@ class Supervisor:
         table = Segment.create(self.cfg.segment("table"), SlotTable.nbytes_for(lay.n_slots, lay.n_experts))
         self.segments.append(table)
         SlotTable(table, lay.n_slots, lay.n_experts, lay.n_chunks, init=True).close()
+        self.segments.append(Segment.create(self.cfg.segment("hidden"), HiddenExchange.nbytes_for(
+            len(lay.moe_layers), lay.hidden_size, self.cfg.hidden_max_tokens)))
         log.info("shared memory: store %.1f MB, slots %.1f MB (%d experts of %d)", store.nbytes / 1e6,
                  slots.nbytes / 1e6, lay.n_slots, lay.n_experts)
 

@@ -148,6 +148,23 @@ def iter_expert_tensors(ckpt: Checkpoint, layout: ExpertLayout) -> Iterator[tupl
                     raise CheckpointError(f"{ckpt.path}: missing tensor {expert_key(layer, expert, matrix)}")
 
 
+def load_router_weights(ckpt: Checkpoint, layout: ExpertLayout) -> torch.Tensor:
+    """The gate (router) weight of every MoE layer, float32: ``[n_moe_layers, E, H]``."""
+    keys = {f"model.layers.{layer}.mlp.gate.weight": i for i, layer in enumerate(layout.moe_layers)}
+    routers = torch.empty(len(keys), layout.experts_per_layer, layout.hidden_size)
+    found = set()
+    for file in ckpt.files:
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118
+                if key in keys:
+                    routers[keys[key]].copy_(fh.get_tensor(key))
+                    found.add(key)
+    missing = sorted(set(keys) - found)
+    if missing:
+        raise CheckpointError(f"{ckpt.path}: missing router tensor {missing[0]}")
+    return routers
+
+
 def load_non_expert_state(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every tensor that is not a routed expert, cast to ``dtype`` (the compute dtype)."""
     state = {}

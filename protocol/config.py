@@ -10,7 +10,7 @@ from shm.layout import ExpertLayout
 from shm.segment import segment_name
 
 ROLES = ("coordinator", "inference", "predictor", "loader")
-POLICIES = ("ondemand", "lru")
+POLICIES = ("ondemand", "lru", "lfu", "promoe")
 CONFIG_FILE = "runtime.json"
 
 
@@ -42,6 +42,13 @@ class RuntimeConfig:
     """Longest the inference worker waits for one layer's experts before failing the request."""
     supervisor_pid: int
     """The launcher; workers exit when it goes."""
+    hidden_max_tokens: int = 64
+    """Rows of each MoE layer's input shared with the predictor (the last ones of a long prefill)."""
+
+    @property
+    def prefetch(self) -> bool:
+        """Whether predictions drive speculative loads (the ``promoe`` policy)."""
+        return self.policy == "promoe"
 
     def endpoint(self, role: str) -> str:
         """The ``ipc://`` inbox of ``role`` (or of the supervisor)."""
@@ -66,5 +73,5 @@ class RuntimeConfig:
         return cls(**data)
 
 
-SEGMENTS = ("store", "slots", "table")
+SEGMENTS = ("store", "slots", "table", "hidden")
 """The segments of a runtime on the CPU path, all created and unlinked by the supervisor."""

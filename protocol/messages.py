@@ -76,7 +76,7 @@ class Preempt(Message):
 
 @dataclass(frozen=True)
 class Reorder(Message):
-    """Move the given loads, in the given order, to the front of their priority class."""
+    """Make the given loads precise and move them, in the given order, to the front of the queue."""
 
     TAG: ClassVar[str] = "reorder"
     load_ids: list[LoadId]
@@ -172,6 +172,29 @@ class GenerationFailed(Message):
     message: str
 
 
+# ---------------------------------------------------------------- inference -> predictor -> coordinator
+@dataclass(frozen=True)
+class HiddenStateWritten(Message):
+    """The input of MoE layer ``layer`` at step ``step`` is in the hidden-state exchange (``n_tokens`` rows)."""
+
+    TAG: ClassVar[str] = "hidden_state_written"
+    request_id: RequestId
+    step: int
+    layer: int
+    n_tokens: int
+
+
+@dataclass(frozen=True)
+class ExpertsPredicted(Message):
+    """The predictor expects the gate of MoE layer ``layer`` at step ``step`` to choose ``experts``."""
+
+    TAG: ClassVar[str] = "experts_predicted"
+    request_id: RequestId
+    step: int
+    layer: int
+    experts: list[ExpertId]
+
+
 # ---------------------------------------------------------------- client <-> coordinator
 @dataclass(frozen=True)
 class Generate(Message):
@@ -248,6 +271,8 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     TokenGenerated,
     GenerationFinished,
     GenerationFailed,
+    HiddenStateWritten,
+    ExpertsPredicted,
     Generate,
     TokenStreamed,
     GenerationDone,

@@ -158,14 +158,14 @@ def test_preempt_of_a_fully_handed_out_load_is_not_reported() -> None:
     assert queue.pop_chunk() is None
 
 
-def test_reorder_moves_loads_to_the_front_of_their_class() -> None:
+def test_reorder_moves_loads_to_the_front_and_makes_them_precise() -> None:
     queue = ChunkQueue()
     for load_id, priority in ((1, P), (2, P), (3, P), (4, S), (5, S), (6, S)):
         queue.push(load(load_id, priority))
     queue.reorder([LoadId(6), LoadId(3), LoadId(99), LoadId(2)])
-    # 3 then 2 at the front of the precise class; 6 at the front of the speculative one, never before precise
-    assert queue.queued_load_ids() == [3, 2, 1, 6, 4, 5]
-    assert [c[0] for c in drain(queue)][::3] == [3, 2, 1, 6, 4, 5]
+    # 6 (promoted from speculative), 3, 2 at the very front in the given order; unknown 99 ignored
+    assert queue.queued_load_ids() == [6, 3, 2, 1, 4, 5]
+    assert [c[0] for c in drain(queue)][::3] == [6, 3, 2, 1, 4, 5]
 
 
 def test_reorder_of_a_started_load_keeps_its_progress() -> None:
@@ -341,9 +341,9 @@ def test_loaded_order_follows_priority_and_reorder(rig: Rig) -> None:
     rig.load(4, slot=3, expert=7)
     send(rig.to_loader, Reorder(load_ids=[LoadId(4), LoadId(2), LoadId(3)]))
     rig.deliver()
-    assert rig.loader.queue.queued_load_ids() == [4, 3, 1, 2]
+    assert rig.loader.queue.queued_load_ids() == [4, 2, 3, 1]
     rig.run_until_idle()
-    assert [m.load_id for m in rig.events(ExpertLoaded)] == [4, 3, 1, 2]
+    assert [m.load_id for m in rig.events(ExpertLoaded)] == [4, 2, 3, 1]
     for slot, expert in ((0, 0), (1, 1), (2, 2), (3, 7)):
         rig.assert_slot_holds(slot, expert)
     assert rig.events(LoadsPreempted) == []

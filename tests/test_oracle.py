@@ -10,14 +10,19 @@ from shm.layout import ExpertLayout
 from shm.segment import Segment
 from tests.conftest import NEW_TOKENS, PROMPT_IDS, PROMPT_TEXT
 
-# top_k (4) .. all experts (6 layers x 32 = 192)
-CACHE_SIZES = (4, 24, 192)
+# cache sizes from top_k (4) to all experts (6 layers x 32 = 192); promoe also at other lookaheads
+CASES = [
+    ("ondemand", 4, 2), ("ondemand", 192, 2),
+    ("lru", 4, 2), ("lru", 24, 2), ("lru", 192, 2),
+    ("lfu", 4, 2), ("lfu", 24, 2),
+    ("promoe", 4, 2), ("promoe", 24, 2), ("promoe", 192, 2), ("promoe", 24, 1), ("promoe", 8, 3),
+]
 
 
-@pytest.mark.parametrize("policy", ["ondemand", "lru"])
-@pytest.mark.parametrize("cache_experts", CACHE_SIZES)
-def test_runtime_matches_transformers(runtime_factory, reference, policy, cache_experts):
-    rt = runtime_factory("--policy", policy, "--cache-experts", str(cache_experts), "--link-gbps", "20")
+@pytest.mark.parametrize(("policy", "cache_experts", "lookahead"), CASES)
+def test_runtime_matches_transformers(runtime_factory, reference, policy, cache_experts, lookahead):
+    rt = runtime_factory("--policy", policy, "--cache-experts", str(cache_experts), "--lookahead", str(lookahead),
+                         "--link-gbps", "20")
     with rt.client() as client:
         by_ids = client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=NEW_TOKENS)
         by_text = client.generate(prompt=PROMPT_TEXT, max_new_tokens=NEW_TOKENS)
@@ -26,6 +31,10 @@ def test_runtime_matches_transformers(runtime_factory, reference, policy, cache_
     assert by_ids.metrics["experts_loaded"] > 0
     if cache_experts == 4 or policy == "ondemand":
         assert by_text.metrics["experts_loaded"] > 0  # nothing survives between requests at this size
+    if policy == "promoe":
+        assert by_ids.metrics["prefetch_precision"] is not None, "the predictor made no prediction"
+    else:
+        assert by_ids.metrics["prefetch_precision"] is None
 
 
 def test_oracle_fails_when_experts_are_swapped(runtime_factory, reference):

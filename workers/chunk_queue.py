@@ -2,7 +2,7 @@
 
 The chunk is the unit of work: between two chunks the loader reads its inbox, so an urgent load waits at most one
 chunk, ``Preempt`` drops the chunks of a load that have not been copied yet, and ``Reorder`` moves loads to the
-front of their class.
+front of the queue (making them precise).
 """
 
 from __future__ import annotations
@@ -73,13 +73,16 @@ class ChunkQueue:
         return dropped
 
     def reorder(self, load_ids: list[LoadId]) -> None:
-        """Move the queued ``load_ids`` to the front of their class, keeping the given order."""
+        """Make the queued ``load_ids`` precise and move them to the very front, keeping the given order.
+
+        This is how a speculative load that the gate has just confirmed becomes urgent (early preemption).
+        """
         for load_id in reversed(load_ids):
             load = self._queued.get(load_id)
             if load is not None:
-                loads = self._classes[load.priority]
-                loads.remove(load)
-                loads.appendleft(load)
+                self._classes[load.priority].remove(load)
+                load.priority = PRIORITY_PRECISE
+                self._classes[PRIORITY_PRECISE].appendleft(load)
 
     def queued_load_ids(self) -> list[LoadId]:
         """Queued loads in service order (for tests and stats)."""

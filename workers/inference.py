@@ -24,15 +24,17 @@ from protocol.messages import (
     GateDecided,
     GenerationFailed,
     GenerationFinished,
+    HiddenStateWritten,
     Ping,
     StartGeneration,
     TokenGenerated,
 )
 from shm.cache_slots import CacheSlots
+from shm.hidden_exchange import HiddenExchange
 from shm.layout import DTYPES
 from shm.segment import Segment
 from shm.slot_table import SlotTable
-from workers.bootstrap import WorkerSockets, now_ns, run_worker, send
+from workers.bootstrap import WorkerSockets, now_ns, push_socket, run_worker, send
 from workers.offloaded_experts import IMPLEMENTATION_NAME, LoadTimedOut, OffloadedExperts
 
 log = logging.getLogger(__name__)
@@ -157,7 +159,10 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
     lay = cfg.layout
     slots = CacheSlots(Segment.attach(cfg.segment("slots")), lay)
     table = SlotTable(Segment.attach(cfg.segment("table")), lay.n_slots, lay.n_experts, lay.n_chunks, init=False)
+    hidden_exchange = HiddenExchange(Segment.attach(cfg.segment("hidden")), len(lay.moe_layers), lay.hidden_size,
+                                     cfg.hidden_max_tokens)
     send_to_coordinator = sockets.send_to_coordinator
+    send_to_predictor = push_socket(sockets.ctx, cfg.endpoint("predictor"))
     try:
         ckpt = open_checkpoint(cfg.checkpoint)
         model = build_skeleton(ckpt, DTYPES[lay.compute_dtype], lay.moe_layers)
@@ -174,16 +179,23 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
         def on_released(experts: list[ExpertId]) -> None:
             send(send_to_coordinator, ExpertsReleased(experts=experts))
 
+        def on_hidden(request_id: int, moe_layer: int, step: int, hidden: torch.Tensor) -> None:
+            n_tokens = hidden_exchange.write(moe_layer, request_id, step, hidden)
+            send(send_to_predictor, HiddenStateWritten(request_id=RequestId(request_id), step=step, layer=moe_layer,
+                                                       n_tokens=n_tokens))
+
         backend = OffloadedExperts(lay, table, slots, experts_modules(model, lay.moe_layers), on_gate, on_released,
-                                   cfg.load_timeout_s)
+                                   cfg.load_timeout_s, on_hidden if cfg.prefetch else None)
         backend.register()
         model.set_experts_implementation(IMPLEMENTATION_NAME)  # type: ignore[operator]
         worker = InferenceWorker(model, tokenizer, backend, send_to_coordinator)
         sockets.announce_ready()
         sockets.serve({StartGeneration: worker.on_start_generation, Ping: sockets.answer_ping})
     finally:
+        send_to_predictor.close(linger=0)
         slots.close()
         table.close()
+        hidden_exchange.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -54,12 +54,14 @@ class OffloadedExperts:
         on_gate: Callable[[int, int, int, list[ExpertId]], None],
         on_released: Callable[[list[ExpertId]], None],
         load_timeout_s: float,
+        on_hidden: Callable[[int, int, int, torch.Tensor], None] | None = None,
     ) -> None:
         self.layout = layout
         self.table = table
         self.slots = slots
         self.on_gate = on_gate
         self.on_released = on_released
+        self.on_hidden = on_hidden
         self.load_timeout_s = load_timeout_s
         self._moe_layer_of = {id(m): i for i, m in enumerate(experts_modules)}
         self.request_id = 0
@@ -88,6 +90,8 @@ class OffloadedExperts:
         if moe_layer == 0:
             self.step += 1
         lay = self.layout
+        if self.on_hidden is not None:  # first, so that the predictor gets the most lead time
+            self.on_hidden(self.request_id, moe_layer, self.step, hidden_states)
         chosen = torch.unique(top_k_index).tolist()  # ascending local expert indices
         expert_ids = [lay.expert_id(moe_layer, e) for e in chosen]
         self.table.pin(expert_ids)

@@ -1,7 +1,9 @@
-"""The predictor worker process (``promoe::predictor``).
+"""The predictor worker process (``promoe::predictor``): at each MoE layer boundary it reads the layer's input from
+the hidden-state exchange (shared memory), predicts the experts of the layer ``lookahead`` MoE layers further on
+(wrapping into the first layers of the next token), and sends the prediction one-way to the coordinator.
 
-For now it starts, answers pings and stops: prediction (hidden states in from shared memory, expert scores out as
-hints to the coordinator) lands here with the proactive-caching issue.
+Only skip-layer gate reuse is implemented so far: the source layer's input fed to the target layer's own gate, the
+union of each token's top-k. Learned predictors (``--predictor``) are not trained or loaded yet.
 """
 
 from __future__ import annotations
@@ -9,19 +11,78 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
+from models.checkpoint import load_router_weights, open_checkpoint
 from protocol.config import RuntimeConfig
-from protocol.messages import Message, Ping
-from workers.bootstrap import WorkerSockets, run_worker
+from protocol.ids import ExpertId, RequestId
+from protocol.messages import ExpertsPredicted, HiddenStateWritten, Message, Ping
+from shm.hidden_exchange import HiddenExchange
+from shm.layout import ExpertLayout
+from shm.segment import Segment
+from workers.bootstrap import WorkerSockets, run_worker, send
 
 log = logging.getLogger(__name__)
 
 
+class GateReusePredictor:
+    """Skip-layer gate reuse: ``top_k(hidden @ router[target].T)`` per token, unioned over tokens."""
+
+    def __init__(self, routers: torch.Tensor, top_k: int) -> None:
+        self.routers = routers  # [n_moe_layers, E, H]
+        self.top_k = top_k
+
+    def predict(self, hidden: torch.Tensor, target_layer: int) -> list[int]:
+        logits = hidden.float() @ self.routers[target_layer].T  # [n, E]
+        top = torch.topk(logits, self.top_k, dim=-1).indices  # [n, k]
+        return sorted(set(top.flatten().tolist()))
+
+
+def target_of(step: int, layer: int, lookahead: int, n_layers: int) -> tuple[int, int]:
+    """The (step, MoE layer) ``lookahead`` layers after (step, layer); past the last layer, the next token's."""
+    ahead = layer + lookahead
+    return (step + ahead // n_layers, ahead % n_layers)
+
+
+class Predictor:
+    def __init__(self, layout: ExpertLayout, exchange: HiddenExchange, model: GateReusePredictor, lookahead: int,
+                 send_to_coordinator: Any) -> None:
+        self.layout = layout
+        self.exchange = exchange
+        self.model = model
+        self.lookahead = lookahead
+        self.send_to_coordinator = send_to_coordinator
+        self.stale = 0
+
+    def on_hidden_state_written(self, msg: HiddenStateWritten) -> None:
+        rows = self.exchange.read(msg.layer, msg.request_id, msg.step)  # [n, H]
+        if rows is None:
+            self.stale += 1  # overwritten already: that layer is past
+            return
+        step, layer = target_of(msg.step, msg.layer, self.lookahead, len(self.layout.moe_layers))
+        experts = [ExpertId(self.layout.expert_id(layer, e)) for e in self.model.predict(rows, layer)]
+        send(self.send_to_coordinator, ExpertsPredicted(request_id=RequestId(msg.request_id), step=step,
+                                                        layer=layer, experts=experts))
+
+
 def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
-    if cfg.predictor_path is None:
-        log.info("no trained predictor given; prediction is not implemented yet, nothing is prefetched")
-    handlers: dict[type[Message], Any] = {Ping: sockets.answer_ping}
-    sockets.announce_ready()
-    sockets.serve(handlers)
+    torch.set_num_threads(1)
+    lay = cfg.layout
+    if cfg.predictor_path is not None:
+        log.warning("learned predictors are not implemented yet: %s is ignored", cfg.predictor_path)
+    log.info("predicting by skip-layer gate reuse, %d layer(s) ahead", cfg.lookahead)
+    routers = load_router_weights(open_checkpoint(cfg.checkpoint), lay)
+    exchange = HiddenExchange(Segment.attach(cfg.segment("hidden")), len(lay.moe_layers), lay.hidden_size,
+                              cfg.hidden_max_tokens)
+    try:
+        predictor = Predictor(lay, exchange, GateReusePredictor(routers, lay.top_k), cfg.lookahead,
+                              sockets.send_to_coordinator)
+        handlers: dict[type[Message], Any] = {Ping: sockets.answer_ping,
+                                              HiddenStateWritten: predictor.on_hidden_state_written}
+        sockets.announce_ready()
+        sockets.serve(handlers)
+    finally:
+        exchange.close()
 
 
 def main(argv: list[str] | None = None) -> None:
