@@ -4,8 +4,8 @@
 
 For each (policy, cache size) it starts the runtime, runs one warm-up request and one measured request on the same
 prompt, and prints TTFT, TPOT, hit rate, stall, ZeroMQ messages per token, the median one-way latency of the
-per-layer GateDecided message, and the median Ping round trip. The last row is transformers' own generate() in
-this process (eager experts, all weights in memory).
+per-layer GateDecided message, and the median Ping round trip to the (idle) predictor. The last row is
+transformers' own generate() in this process (eager experts, all weights in memory), timed by a streamer.
 """
 
 from __future__ import annotations
@@ -26,19 +26,32 @@ PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return"
 
 
 def plain_transformers(checkpoint: Path, new_tokens: int) -> tuple[float, float]:
+    """Median TTFT and TPOT over three runs, from per-token timestamps."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, experts_implementation="eager")
     ids = torch.tensor([AutoTokenizer.from_pretrained(checkpoint)(PROMPT, add_special_tokens=False)["input_ids"]])
-    model.generate(ids, max_new_tokens=4, do_sample=False)
-    start = time.perf_counter()
-    model.generate(ids, max_new_tokens=1, do_sample=False)
-    ttft = time.perf_counter() - start
-    start = time.perf_counter()
-    model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
-    total = time.perf_counter() - start
-    return ttft * 1e3, (total - ttft) / (new_tokens - 1) * 1e3
+
+    class Stamps:
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: torch.Tensor) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    ttfts, tpots = [], []
+    for _ in range(3):
+        stamps = Stamps()
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=new_tokens, do_sample=False, streamer=stamps)
+        first, last = stamps.times[1], stamps.times[-1]  # times[0] is the prompt
+        ttfts.append((first - start) * 1e3)
+        tpots.append((last - first) / (len(stamps.times) - 2) * 1e3)
+    return statistics.median(ttfts), statistics.median(tpots)
 
 
 def main() -> None:
@@ -50,7 +63,9 @@ def main() -> None:
     n_experts = 192
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for policy, cache in (("lru", n_experts), ("lru", n_experts // 4), ("ondemand", n_experts // 4)):
+        quarter = n_experts // 4
+        cases = [("lru", n_experts), ("ondemand", quarter), ("lru", quarter), ("lfu", quarter), ("promoe", quarter)]
+        for policy, cache in cases:
             flags = ["--policy", policy, "--cache-experts", str(cache)]
             if args.link_gbps:
                 flags += ["--link-gbps", str(args.link_gbps)]
@@ -64,16 +79,16 @@ def main() -> None:
                 rt.stop()
             m = done.metrics
             rows.append((f"{policy} cache={cache}", m["ttft_ms"], m["tpot_ms"], m["hit_rate"], m["stall_ms"],
-                         m["zmq_messages_per_token"], m["gate_message_latency_us_p50"],
-                         statistics.median(rtt.values())))
+                         m["goodpred"], m["zmq_messages_per_token"], m["gate_message_latency_us_p50"],
+                         rtt.get("predictor")))
     ttft, tpot = plain_transformers(checkpoint, args.new_tokens)
-    rows.append(("transformers eager (1 process)", ttft, tpot, None, None, None, None, None))
-    print(f"{'config':32} {'TTFT ms':>8} {'TPOT ms':>8} {'hit':>6} {'stall ms':>9} {'msgs/tok':>9} "
-          f"{'gate msg us p50':>16} {'ping rtt us p50':>16}")
+    rows.append(("transformers eager (1 process)", ttft, tpot, None, None, None, None, None, None))
+    header = ("config", "TTFT ms", "TPOT ms", "hit", "stall ms", "GoodPred", "msgs/tok", "gate msg us p50",
+              "predictor rtt us")
+    print(f"{header[0]:32}" + "".join(f" {h:>10}" for h in header[1:]))
     for name, *vals in rows:
         cells = [f"{v:.3g}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in vals]
-        print(f"{name:32} {cells[0]:>8} {cells[1]:>8} {cells[2]:>6} {cells[3]:>9} {cells[4]:>9} {cells[5]:>16} "
-              f"{cells[6]:>16}")
+        print(f"{name:32}" + "".join(f" {c:>10}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -123,6 +123,10 @@ class CacheDirectory:
             if self._protected.get(expert, (-1, -1)) < target:
                 self._protected[expert] = target
         for expert in experts:
+            if expert in self._loading:  # already on its way: it now serves the farther prediction too
+                load = self._in_flight[self._loading[expert]]
+                if load.target is not None and load.target < target:
+                    load.target = target
             if self.slot_of(expert) is not None or expert in self._waiting:
                 continue
             slot = self._take_slot(PRIORITY_SPECULATIVE)
@@ -176,6 +180,8 @@ class CacheDirectory:
             self.counters.wasted_bytes += done * chunk_nbytes
             self.counters.preempted += 1
             self.table.release(load.slot)
+            if self.table.is_pinned(load.expert) and load.expert not in self._waiting:
+                self._waiting.append(load.expert)  # the gate chose it while its preemption was under way
         self._assign_waiting()
 
     def on_released(self) -> None:
@@ -233,11 +239,12 @@ class CacheDirectory:
             expert = self._waiting.popleft()
             self._start_load(expert, slot, PRIORITY_PRECISE, None)
         self.table.waiting_for_slot = bool(self._waiting)
-        if self._waiting:  # free slots held by speculation, farthest prediction first
+        missing = len(self._waiting) - len(self._preempting)  # a pending preemption frees a slot either way
+        if missing > 0:  # free slots held by speculation, farthest prediction first
             speculative = sorted((load for load in self._in_flight.values()
                                   if load.target is not None and load.load_id not in self._preempting),
                                  key=lambda load: load.target or (0, 0), reverse=True)
-            self._preempt(speculative[: len(self._waiting)])
+            self._preempt(speculative[:missing])
 
     def _take_slot(self, priority: int) -> SlotId | None:
         candidates: dict[ExpertId, SlotId] = {}

@@ -1,4 +1,9 @@
-"""The coordinator's cache directory over a real slot table: LRU, pins, loading slots, waiting, ondemand, counters."""
+"""The coordinator's cache directory over a real slot table.
+
+LRU, LFU, pins, loading slots, waiting for a slot, ondemand, counters; and, for the prefetching policy (promoe):
+speculative loads, protection of predicted experts, early preemption and reordering at a gate, preemption of
+speculation by precise loads that find no slot, wasted bytes and prediction scoring.
+"""
 
 from __future__ import annotations
 
@@ -8,70 +13,110 @@ from collections.abc import Iterator
 import pytest
 
 from coordinator.cache import CacheDirectory
-from coordinator.policies import LruPolicy, OnDemandPolicy, make_policy
-from protocol.ids import ExpertId, LoadId
-from protocol.messages import PRIORITY_PRECISE, LoadExpert
+from coordinator.policies import LfuPolicy, LruPolicy, OnDemandPolicy, PromoePolicy, make_policy
+from protocol.ids import ExpertId, LoadId, RequestId
+from protocol.messages import PRIORITY_PRECISE, PRIORITY_SPECULATIVE, LoadExpert, Message, Preempt, Reorder
 from shm.layout import ExpertLayout
 from shm.segment import SHM_DIR, Segment, leftover_segments, segment_name
 from shm.slot_table import FREE, LOADING, RESIDENT, SlotTable
 
+E = 8
+"""Experts per MoE layer: expert ``l * E + e`` is expert ``e`` of MoE layer ``l``."""
+N_CHUNKS = 3
+
 
 def layout(n_slots: int) -> ExpertLayout:
-    return ExpertLayout(moe_layers=(0, 1), experts_per_layer=4, top_k=2, hidden_size=8, intermediate_size=4,
-                        storage_dtype="bfloat16", compute_dtype="float32", n_chunks=3, n_slots=n_slots)
+    return ExpertLayout(moe_layers=(0, 1, 2, 3), experts_per_layer=E, top_k=2, hidden_size=8, intermediate_size=4,
+                        storage_dtype="bfloat16", compute_dtype="float32", n_chunks=N_CHUNKS, n_slots=n_slots)
 
 
 class Rig:
+    """A cache directory over a slot table in a real shared-memory segment, driven as the workers would."""
+
     def __init__(self, n_slots: int, policy: str) -> None:
-        self.layout = layout(n_slots)
+        self.layout = lay = layout(n_slots)
         self.run_id = f"test_{uuid.uuid4().hex[:12]}"
-        lay = self.layout
         self.segment = Segment.create(segment_name(self.run_id, "table"),
                                       SlotTable.nbytes_for(lay.n_slots, lay.n_experts))
-        self.table = SlotTable(self.segment, lay.n_slots, lay.n_experts, lay.n_chunks, init=True)
+        try:
+            self.table = SlotTable(self.segment, lay.n_slots, lay.n_experts, lay.n_chunks, init=True)
+        except BaseException:
+            self.segment.unlink()
+            raise
         self.cache = CacheDirectory(self.table, lay, make_policy(policy))
-        self.issued: list[LoadExpert] = []
+        self.issued: dict[int, LoadExpert] = {}
+        self.chunk_nbytes = lay.expert_nbytes // lay.n_chunks
 
-    # -------------------------------------------------------- what the inference worker and the loader do
-    def gate(self, *experts: int, pin: bool = True) -> list[LoadExpert]:
+    # -------------------------------------------------------- what the inference worker, predictor and loader do
+    def gate(self, *experts: int, at: tuple[int, int] = (0, 0), pin: bool = True) -> list[Message]:
+        """The gate of MoE layer ``at[1]`` at step ``at[0]`` chose ``experts`` (pinned by the inference worker)."""
         ids = [ExpertId(e) for e in experts]
         if pin:
             self.table.pin(ids)
-        loads = self.cache.on_gate(ids)
-        self.check_loads(loads)
-        return loads
+        assert self.cache.on_gate(at[0], at[1], ids) is None
+        assert self.cache.position == at
+        return self.drain()
+
+    def predict(self, step: int, layer: int, *experts: int) -> list[Message]:
+        assert self.cache.on_predicted(step, layer, [ExpertId(e) for e in experts]) is None
+        commands = self.drain(PRIORITY_SPECULATIVE)
+        assert all(isinstance(c, LoadExpert) for c in commands), "a prediction only issues speculative loads"
+        return commands
+
+    def ready(self, load: LoadExpert, chunks: int) -> None:
+        """The loader copied ``chunks`` chunks of ``load`` and published them."""
+        assert self.table.publish_ready(load.slot, load.seq, chunks)
+
+    def loaded(self, load: LoadExpert) -> list[Message]:
+        """The loader copied every chunk and published readiness; the coordinator gets ExpertLoaded."""
+        self.ready(load, N_CHUNKS)
+        assert self.cache.on_loaded(load.load_id, load.seq) is None
+        return self.drain()
+
+    def preempted(self, loads: list[LoadExpert], chunks_done: list[int]) -> list[Message]:
+        """The loader dropped ``loads`` (LoadsPreempted)."""
+        assert self.cache.on_preempted([load.load_id for load in loads], chunks_done) is None
+        return self.drain()
+
+    def released(self) -> list[Message]:
+        assert self.cache.on_released() is None
+        return self.drain()
 
     def unpin(self, *experts: int) -> None:
         for e in experts:
             self.table.unpin(ExpertId(e))
 
-    def loaded(self, load: LoadExpert) -> list[LoadExpert]:
-        """The loader copied every chunk and published readiness; the coordinator gets ExpertLoaded."""
-        assert self.table.publish_ready(load.slot, load.seq, self.layout.n_chunks)
-        loads = self.cache.on_loaded(load.load_id, load.seq)
-        self.check_loads(loads)
-        return loads
-
-    def use(self, *experts: int) -> None:
+    def use(self, *experts: int, at: tuple[int, int] = (0, 0)) -> None:
         """A whole layer step: the gate chooses, every missing expert is loaded, everything is computed."""
-        pending = self.gate(*experts)
+        pending = loads_in(self.gate(*experts, at=at))
         while pending:
-            pending = [*pending[1:], *self.loaded(pending[0])]
+            pending = [*pending[1:], *loads_in(self.loaded(pending[0]))]
         self.unpin(*experts)
         for e in experts:
             assert int(self.table.slot_state[self.table.expert_slot[e]]) == RESIDENT
 
-    def check_loads(self, loads: list[LoadExpert]) -> None:
-        for load in loads:
-            assert load.load_id not in {old.load_id for old in self.issued}, "load id reused"
-            self.issued.append(load)
-            # the command carries exactly what the table says
-            assert load.seq == int(self.table.slot_seq[load.slot])
-            assert int(self.table.slot_expert[load.slot]) == load.expert
-            assert int(self.table.expert_slot[load.expert]) == load.slot
-            assert int(self.table.slot_state[load.slot]) == LOADING
-            assert int(self.table.slot_ready[load.slot]) == 0
-            assert load.priority == PRIORITY_PRECISE and load.first_chunk == 0
+    def drain(self, priority: int = PRIORITY_PRECISE) -> list[Message]:
+        """The commands for the loader; each is checked against the slot table and the loads issued so far."""
+        commands = self.cache.drain()
+        assert self.cache.drain() == [], "drain empties the outbox"
+        for command in commands:
+            if isinstance(command, LoadExpert):
+                assert command.load_id not in self.issued, "load id reused"
+                self.issued[command.load_id] = command
+                # the command carries exactly what the table says
+                assert command.seq == int(self.table.slot_seq[command.slot])
+                assert int(self.table.slot_expert[command.slot]) == command.expert
+                assert int(self.table.expert_slot[command.expert]) == command.slot
+                assert int(self.table.slot_state[command.slot]) == LOADING
+                assert int(self.table.slot_ready[command.slot]) == 0
+                assert command.priority == priority and command.first_chunk == 0
+            else:
+                assert isinstance(command, (Preempt, Reorder)), command
+                assert self.cache.policy.prefetches, "only a prefetching policy preempts or reorders"
+                assert command.load_ids, "no empty Preempt or Reorder"
+                assert len(set(command.load_ids)) == len(command.load_ids)
+                assert all(i in self.issued for i in command.load_ids), "unknown load"
+        return commands
 
     # -------------------------------------------------------- queries
     def resident(self) -> set[int]:
@@ -81,9 +126,14 @@ class Rig:
         slot = self.cache.slot_of(ExpertId(expert))
         return None if slot is None else int(slot)
 
+    def state_of_slot(self, slot: int) -> int:
+        return int(self.table.slot_state[slot])
+
     def close(self) -> None:
-        self.table.close()
-        self.segment.unlink()
+        try:
+            self.table.close()
+        finally:
+            self.segment.unlink()
         assert not (SHM_DIR / self.segment.name).exists()
         assert leftover_segments(self.run_id) == []
 
@@ -97,13 +147,28 @@ def make_rig() -> Iterator:
         rigs.append(rig)
         return rig
 
-    yield make
-    for rig in rigs:
-        rig.close()
+    try:
+        yield make
+    finally:
+        for rig in rigs:
+            rig.close()
 
 
-def experts_of(loads: list[LoadExpert]) -> list[int]:
-    return [int(load.expert) for load in loads]
+def loads_in(commands: list[Message]) -> list[LoadExpert]:
+    return [c for c in commands if isinstance(c, LoadExpert)]
+
+
+def experts_of(commands: list[Message]) -> list[int]:
+    assert all(isinstance(c, LoadExpert) for c in commands), commands
+    return [int(c.expert) for c in loads_in(commands)]
+
+
+def by_expert(commands: list[Message]) -> dict[int, LoadExpert]:
+    return {int(load.expert): load for load in loads_in(commands)}
+
+
+def ids(*loads: LoadExpert) -> list[LoadId]:
+    return [load.load_id for load in loads]
 
 
 # ---------------------------------------------------------------- loads
@@ -125,7 +190,7 @@ def test_no_second_load_for_a_loading_or_resident_expert(make_rig) -> None:
     rig = make_rig()
     (first,) = rig.gate(2)
     assert rig.gate(2) == []  # still loading
-    assert rig.cache.on_gate([ExpertId(2), ExpertId(2)]) == []
+    assert rig.gate(2, 2) == []
     rig.loaded(first)
     assert rig.gate(2) == []  # resident
     assert rig.cache.counters.loads_issued == 1
@@ -139,21 +204,38 @@ def test_counters_follow_on_loaded(make_rig) -> None:
     rig.loaded(a)
     assert rig.cache.counters.experts_loaded == 1
     assert rig.cache.counters.bytes_loaded == rig.layout.expert_nbytes  # storage dtype: what crossed the link
-    assert rig.cache.on_loaded(LoadId(999), 1) == []  # unknown load: no count
-    assert rig.cache.on_loaded(a.load_id, a.seq) == []  # a duplicate report: no count
+    rig.cache.on_loaded(LoadId(999), 1)  # unknown load: no count
+    rig.cache.on_loaded(a.load_id, a.seq)  # a duplicate report: no count
+    assert rig.drain() == []
     assert rig.cache.counters.experts_loaded == 1
     rig.loaded(b)
     assert rig.cache.counters.experts_loaded == 2
     assert rig.cache.counters.bytes_loaded == 2 * rig.layout.expert_nbytes
     assert rig.cache.counters.loads_issued == 2
+    assert rig.cache.counters.wasted_bytes == 0
 
 
 def test_loaded_report_with_a_stale_seq_is_not_counted(make_rig) -> None:
     rig = make_rig()
     (load,) = rig.gate(3)
-    assert rig.cache.on_loaded(load.load_id, load.seq - 1) == []
+    rig.cache.on_loaded(load.load_id, load.seq - 1)
+    assert rig.drain() == []
     assert rig.cache.counters.experts_loaded == 0
-    assert int(rig.table.slot_state[load.slot]) == LOADING
+    assert rig.state_of_slot(load.slot) == LOADING
+
+
+def test_load_commands_carry_a_new_seq_per_assignment(make_rig) -> None:
+    rig = make_rig(n_slots=2)
+    (a,) = rig.gate(0)
+    rig.loaded(a)
+    rig.unpin(0)
+    (b,) = rig.gate(1)
+    rig.loaded(b)
+    rig.unpin(1)
+    (c,) = rig.gate(2)  # evicts 0, from a's slot
+    assert c.slot == a.slot
+    assert c.seq > a.seq  # readers of expert 0 fail validation; the loader's stale chunks are refused
+    assert not rig.table.publish_ready(a.slot, a.seq, N_CHUNKS)
 
 
 # ---------------------------------------------------------------- LRU eviction
@@ -178,10 +260,10 @@ def test_lru_evicts_the_least_recently_used(make_rig) -> None:
 
 def test_lru_is_global_over_layers(make_rig) -> None:
     rig = make_rig(n_slots=3)
-    rig.use(4)  # layer 1, expert 0
-    rig.use(0, 1)  # layer 0
-    rig.use(5)  # layer 1: evicts the oldest, from layer 1
-    assert rig.resident() == {0, 1, 5}
+    rig.use(E, at=(0, 1))  # layer 1, expert 0
+    rig.use(0, 1, at=(1, 0))  # layer 0
+    rig.use(E + 1, at=(1, 1))  # layer 1: evicts the oldest, from layer 1
+    assert rig.resident() == {0, 1, E + 1}
 
 
 def test_pinned_expert_is_never_evicted(make_rig) -> None:
@@ -211,10 +293,27 @@ def test_loading_slot_is_never_evicted(make_rig) -> None:
     assert load.slot != loading.slot
     assert int(rig.table.slot_seq[loading.slot]) == seq
     assert int(rig.table.slot_expert[loading.slot]) == 6
-    assert int(rig.table.slot_state[loading.slot]) == LOADING
+    assert rig.state_of_slot(loading.slot) == LOADING
     assert rig.slot_of(0) is None  # the LRU resident expert went instead
     assert rig.loaded(loading) == []  # the untouched load completes
     assert 6 in rig.resident()
+
+
+# ---------------------------------------------------------------- LFU eviction
+def test_lfu_evicts_the_least_frequently_chosen_ties_by_recency(make_rig) -> None:
+    rig = make_rig(n_slots=3, policy="lfu")
+    rig.use(0)
+    rig.use(0)  # 0: two uses, but the least recently used
+    rig.use(2)  # 2 and 1: one use each, 2 the older
+    rig.use(1)
+    slot_of_2 = rig.slot_of(2)
+    (load,) = rig.gate(3)
+    assert rig.slot_of(2) is None and int(load.slot) == slot_of_2
+    assert rig.resident() == {0, 1}  # not 0 (LRU's choice), not 1 (the smaller id / the more recent)
+    rig.loaded(load)
+    rig.unpin(3)
+    rig.use(4)  # 1 and 3 both used once: 1 is older
+    assert rig.resident() == {0, 3, 4}
 
 
 # ---------------------------------------------------------------- waiting for a slot
@@ -234,19 +333,17 @@ def test_missing_experts_wait_while_every_slot_is_pinned_or_loading(make_rig) ->
     for load in (a, b, c):  # loaded but still pinned: nothing can be evicted yet
         assert rig.loaded(load) == []
     assert rig.table.waiting_for_slot is True
-    assert rig.cache.on_released() == []
+    assert rig.released() == []
 
     rig.unpin(1)
-    loads = rig.cache.on_released()
-    rig.check_loads(loads)
+    loads = rig.released()
     assert experts_of(loads) == [3]  # one slot: the first waiting expert
     assert int(loads[0].slot) == b.slot
     assert rig.cache.waiting == [4]
     assert rig.table.waiting_for_slot is True
 
     rig.unpin(0, 2)
-    loads = rig.cache.on_released()
-    rig.check_loads(loads)
+    loads = rig.released()
     assert experts_of(loads) == [4]
     assert rig.cache.waiting == []
     assert rig.table.waiting_for_slot is False
@@ -274,14 +371,14 @@ def test_ondemand_releases_every_unchosen_resident_unpinned_expert(make_rig) -> 
         rig.loaded(load)  # 7 stays loading
     rig.unpin(0, 1, 3, 7)  # 2 stays pinned: in use by the inference worker
     assert rig.resident() == {0, 1, 2, 3}
-    loads = rig.gate(1, 4)
+    loads = rig.gate(1, 4, at=(1, 0))
     assert experts_of(loads) == [4]
     # 0 and 3 released; 1 chosen, 2 pinned, 7 loading: kept
     assert rig.resident() == {1, 2}
     assert rig.slot_of(0) is None and rig.slot_of(3) is None
     assert rig.slot_of(7) == int(loading.slot)
-    assert int(rig.table.slot_state[loading.slot]) == LOADING
-    free = [s for s in range(rig.layout.n_slots) if int(rig.table.slot_state[s]) == FREE]
+    assert rig.state_of_slot(loading.slot) == LOADING
+    free = [s for s in range(rig.layout.n_slots) if rig.state_of_slot(s) == FREE]
     assert len(free) == 2  # six slots, four taken: 1, 2, 7 and the new 4
     assert rig.cache.counters.evictions == 2
 
@@ -302,6 +399,360 @@ def test_forget_pins(make_rig) -> None:
     assert not rig.table.is_pinned(ExpertId(0)) and not rig.table.is_pinned(ExpertId(1))
 
 
+# ---------------------------------------------------------------- predictions (promoe)
+@pytest.mark.parametrize("policy", ["ondemand", "lru", "lfu"])
+def test_policies_that_do_not_prefetch_ignore_predictions(make_rig, policy: str) -> None:
+    rig = make_rig(n_slots=4, policy=policy)
+    rig.cache.begin_request(RequestId(1))
+    rig.use(0, at=(0, 0))
+    assert rig.predict(0, 1, E, E + 1) == []
+    assert rig.slot_of(E) is None and rig.slot_of(E + 1) is None
+    assert not rig.cache.is_protected(ExpertId(E))
+    assert experts_of(rig.gate(E + 2, at=(0, 1))) == [E + 2]
+    counters = rig.cache.counters
+    assert (counters.predicted, counters.predicted_chosen, counters.predicted_ready, counters.chosen) == (0, 0, 0, 0)
+    assert counters.loads_issued == 2
+
+
+def test_prediction_for_a_position_already_reached_is_ignored(make_rig) -> None:
+    rig = make_rig(n_slots=4, policy="promoe")
+    rig.cache.begin_request(RequestId(1))
+    assert rig.cache.position == (-1, -1)
+    rig.use(2 * E, at=(0, 2))
+    assert rig.predict(0, 2, 2 * E + 1) == []  # the gate of (0, 2) has reported: too late
+    assert rig.predict(0, 1, E) == []  # a layer already past
+    assert rig.slot_of(2 * E + 1) is None and rig.slot_of(E) is None
+    assert not rig.cache.is_protected(ExpertId(2 * E + 1))
+    assert rig.cache.counters.loads_issued == 1
+    (spec,) = rig.predict(0, 3, 3 * E)  # the next layer: in time
+    assert int(spec.expert) == 3 * E and spec.priority == PRIORITY_SPECULATIVE
+    assert rig.cache.is_protected(ExpertId(3 * E))
+    assert rig.predict(0, 3, 3 * E) == []  # already loading: not loaded twice
+    assert rig.cache.counters.loads_issued == 2
+
+
+def test_begin_request_resets_position_predictions_and_protection(make_rig) -> None:
+    rig = make_rig(n_slots=4, policy="promoe")
+    rig.cache.begin_request(RequestId(1))
+    rig.use(3 * E, at=(2, 3))
+    rig.use(3 * E + 1, at=(3, 3))
+    assert rig.predict(0, 0, 0) == []  # behind the position of this request
+    rig.predict(4, 3, 3 * E, 3 * E + 1)  # both resident: protected, nothing to load
+    assert rig.cache.is_protected(ExpertId(3 * E)) and rig.cache.is_protected(ExpertId(3 * E + 1))
+    rig.cache.begin_request(RequestId(2))
+    assert rig.cache.position == (-1, -1) and rig.cache.request_id == 2
+    assert not rig.cache.is_protected(ExpertId(3 * E))
+    assert not rig.cache.is_protected(ExpertId(3 * E + 1))
+    assert experts_of(rig.predict(0, 0, 0)) == [0]  # a new request starts before (0, 0)
+    rig.gate(0, at=(0, 0))
+    predicted = rig.cache.counters.predicted
+    rig.gate(3 * E, at=(4, 3))  # the old request's prediction for (4, 3) is gone: not scored
+    assert rig.cache.counters.predicted == predicted == 1
+
+
+def test_speculative_loads_use_free_and_unprotected_slots_only(make_rig) -> None:
+    rig = make_rig(n_slots=4, policy="promoe")
+    rig.cache.begin_request(RequestId(1))
+    rig.use(0, 1, at=(0, 0))
+    spec2 = by_expert(rig.predict(0, 2, 2 * E, 2 * E + 1))  # the two free slots
+    for load in spec2.values():
+        rig.loaded(load)
+    slot_of = {e: rig.slot_of(e) for e in (0, 1, 2 * E, 2 * E + 1)}
+    # 0 and 1 are unprotected (LRU: 0 first); 16 and 17 are predicted for (0, 2) and the LRU ones: never taken
+    commands = rig.predict(0, 3, 3 * E, 3 * E + 1, 3 * E + 2)
+    assert experts_of(commands) == [3 * E, 3 * E + 1]
+    assert [int(c.slot) for c in loads_in(commands)] == [slot_of[0], slot_of[1]]
+    assert rig.resident() == {2 * E, 2 * E + 1}
+    assert rig.slot_of(3 * E + 2) is None
+    assert rig.cache.waiting == []  # a speculative load never waits
+    assert rig.table.waiting_for_slot is False
+    assert rig.cache.counters.evictions == 2
+    assert rig.cache.counters.wasted_bytes == 0  # 0 and 1 were loaded for gates that chose them
+
+
+def test_precise_load_evicts_a_predicted_expert_only_as_a_last_resort(make_rig) -> None:
+    rig = make_rig(n_slots=4, policy="promoe")
+    rig.cache.begin_request(RequestId(1))
+    rig.use(0, 1, at=(0, 0))
+    for load in loads_in(rig.predict(0, 2, 2 * E, 2 * E + 1)):
+        rig.loaded(load)
+    spec3 = by_expert(rig.predict(0, 3, 3 * E, 3 * E + 1))  # evict 0 and 1
+    for load in spec3.values():
+        rig.loaded(load)
+    # every slot holds a predicted expert, 16 and 17 (for (0, 2)) the least recently used
+    assert rig.resident() == {2 * E, 2 * E + 1, 3 * E, 3 * E + 1}
+
+    # nothing else to evict: the farthest predictions (for (0, 3)) go, not the LRU ones
+    loads = rig.gate(E, E + 1, at=(0, 1))
+    assert experts_of(loads) == [E, E + 1]
+    assert {int(load.slot) for load in loads} == {int(spec3[3 * E].slot), int(spec3[3 * E + 1].slot)}
+    assert rig.resident() == {2 * E, 2 * E + 1}
+    assert rig.cache.counters.wasted_bytes == 2 * rig.layout.expert_nbytes  # prefetched, never chosen
+    for load in loads:
+        rig.loaded(load)
+    rig.unpin(E, E + 1)
+
+    # (0, 2): 17 is still protected (its target is the current position); 8 and 9 are unprotected and more
+    # recently used than 17, and a precise load takes one of them (LRU: 8)
+    slot_of_8 = rig.slot_of(E)
+    (load,) = rig.gate(2 * E, 2 * E + 2, at=(0, 2))
+    assert int(load.expert) == 2 * E + 2 and int(load.slot) == slot_of_8
+    assert rig.resident() == {E + 1, 2 * E, 2 * E + 1}
+    assert rig.cache.is_protected(ExpertId(2 * E + 1))
+    rig.loaded(load)
+    rig.unpin(2 * E, 2 * E + 2)
+
+    # (0, 3): the target of 17 has passed; it is unprotected and the least recently used
+    slot_of_17 = rig.slot_of(2 * E + 1)
+    (load,) = rig.gate(3 * E + 2, at=(0, 3))
+    assert not rig.cache.is_protected(ExpertId(2 * E + 1))
+    assert int(load.slot) == slot_of_17
+    assert rig.slot_of(2 * E + 1) is None
+    assert rig.resident() == {E + 1, 2 * E, 2 * E + 2}
+
+
+def test_predicted_expert_is_kept_from_speculation_but_not_after_its_gate(make_rig) -> None:
+    rig = make_rig(n_slots=3, policy="promoe")
+    rig.cache.begin_request(RequestId(1))
+    (pinned,) = rig.gate(0, at=(0, 0))  # stays pinned throughout
+    rig.loaded(pinned)
+    (spec,) = rig.predict(0, 1, E)
+    rig.loaded(spec)
+    (load,) = rig.gate(E, E + 1, at=(0, 1))  # 8 chosen (was predicted), 9 loaded precisely
+    rig.loaded(load)
+    rig.unpin(E, E + 1)
+    # at (0, 1) 8 is still protected: a speculative load takes 9, although 8 is the least recently used
+    assert rig.cache.is_protected(ExpertId(E)) and not rig.cache.is_protected(ExpertId(E + 1))
+    slot_of_9 = rig.slot_of(E + 1)
+    (spec2,) = rig.predict(0, 2, 2 * E)
+    assert int(spec2.slot) == slot_of_9
+    # nothing unprotected is left (0 pinned, 16 loading): the next speculative load is refused
+    assert rig.predict(0, 2, 2 * E + 1) == []
+    assert rig.slot_of(E) is not None
+    rig.loaded(spec2)
+    # once (0, 2) has reported, 8's target has passed: a speculative load may take it
+    rig.use(2 * E, at=(0, 2))
+    assert not rig.cache.is_protected(ExpertId(E))
+    slot_of_8 = rig.slot_of(E)
+    (spec3,) = rig.predict(0, 3, 3 * E)
+    assert int(spec3.slot) == slot_of_8
+    assert rig.slot_of(E) is None
+
+
+def test_protection_lasts_until_the_farthest_prediction_of_an_expert(make_rig) -> None:
+    rig = make_rig(n_slots=4, policy="promoe")
+    rig.cache.begin_request(RequestId(1))
+    (a,) = rig.predict(0, 2, 2 * E)  # 16: for (0, 2), then also for (1, 2)
+    rig.loaded(a)
+    (b,) = rig.predict(1, 2, 2 * E, 2 * E + 1)  # 17: for (1, 2), then also for (0, 2)
+    assert int(b.expert) == 2 * E + 1
+    rig.loaded(b)
+    assert rig.predict(0, 2, 2 * E, 2 * E + 1) == []  # both resident
+    rig.use(2 * E, at=(0, 2))
+    for at, expert in (((0, 3), 3 * E), ((1, 0), 0)):  # fill the other slots, pinned
+        (load,) = rig.gate(expert, at=at)
+        rig.loaded(load)
+    # (0, 2) has passed, (1, 2) has not: 16 and 17 are kept from speculation
+    assert rig.cache.is_protected(ExpertId(2 * E)) and rig.cache.is_protected(ExpertId(2 * E + 1))
+    assert rig.predict(1, 1, E) == []
+    assert rig.resident() == {0, 2 * E, 2 * E + 1, 3 * E}
+
+
+# ---------------------------------------------------------------- early preemption and reordering
+def test_gate_preempts_exactly_the_unchosen_speculation_of_its_layer_and_reorders_the_chosen(make_rig) -> None:
+    rig = make_rig(n_slots=10, policy="promoe")
+    rig.cache.begin_request(RequestId(1))
+    rig.use(0, 1, at=(0, 0))
+    layer2 = [2 * E + e for e in (0, 1, 2, 3, 4, 6)]  # 16..20 and 22
+    spec2 = by_expert(rig.predict(0, 2, *layer2))
+    spec3 = by_expert(rig.predict(0, 3, 3 * E, 3 * E + 1))
+    assert sorted(spec2) == layer2 and sorted(spec3) == [3 * E, 3 * E + 1]
+    assert all(rig.state_of_slot(s) != FREE for s in range(10))
+    # chunks landed so far: 16 one, 17 none, 18 two, 19 two (not chosen); 22 complete
+    rig.ready(spec2[2 * E], 1)
+    rig.ready(spec2[2 * E + 2], 2)
+    rig.ready(spec2[2 * E + 3], 2)
+    rig.loaded(spec2[2 * E + 6])
+    slot_of_0 = rig.slot_of(0)
+
+    # the gate of (0, 2) chooses 16, 17, 18 (in flight), 22 (resident) and 21 (never predicted)
+    commands = rig.gate(2 * E, 2 * E + 1, 2 * E + 2, 2 * E + 6, 2 * E + 5, at=(0, 2))
+    assert len(commands) == 3, commands
+    preempt, reorder, load = commands
+    # exactly the speculation of layer 2 it did not choose: not layer 3's, not the chosen ones
+    assert isinstance(preempt, Preempt)
+    assert sorted(preempt.load_ids) == sorted(ids(spec2[2 * E + 3], spec2[2 * E + 4]))
+    # the chosen ones still in flight, most chunks landed first
+    assert reorder == Reorder(load_ids=ids(spec2[2 * E + 2], spec2[2 * E], spec2[2 * E + 1]))
+    # then the chosen expert that had no load at all, precisely, in the LRU unprotected slot
+    assert isinstance(load, LoadExpert) and int(load.expert) == 2 * E + 5 and int(load.slot) == slot_of_0
+    # the preempted slots stay the loader's until it answers
+    for e in (2 * E + 3, 2 * E + 4):
+        assert rig.state_of_slot(spec2[e].slot) == LOADING and rig.slot_of(e) == int(spec2[e].slot)
+    assert rig.cache.counters.preempted == 0
+
+    assert rig.preempted([spec2[2 * E + 3], spec2[2 * E + 4]], [2, 0]) == []
+    for e in (2 * E + 3, 2 * E + 4):
+        assert rig.state_of_slot(spec2[e].slot) == FREE and rig.slot_of(e) is None
+    assert rig.cache.counters.preempted == 2
+    assert rig.cache.counters.wasted_bytes == 2 * rig.chunk_nbytes
+    freed = {int(spec2[2 * E + 3].slot), int(spec2[2 * E + 4].slot)}
+
+    # the gate of (0, 3): 24 chosen (in flight), 25 not, 26 new; the layer-2 loads are no longer speculative
+    rig.unpin(*layer2, 2 * E + 5)
+    commands = rig.gate(3 * E, 3 * E + 2, at=(0, 3))
+    assert len(commands) == 3, commands
+    assert commands[0] == Preempt(load_ids=ids(spec3[3 * E + 1]))
+    assert commands[1] == Reorder(load_ids=ids(spec3[3 * E]))
+    assert experts_of(commands[2:]) == [3 * E + 2] and int(commands[2].slot) in freed
+
+
+def test_gate_without_speculation_in_flight_sends_no_preempt_or_reorder(make_rig) -> None:
+    rig = make_rig(n_slots=4, policy="promoe")
+    rig.cache.begin_request(RequestId(1))
+    (spec,) = rig.predict(0, 0, 0)
+    rig.loaded(spec)  # landed before its gate: nothing to reorder
+    assert experts_of(rig.gate(0, 1, at=(0, 0))) == [1]
+
+
+def test_preempted_load_frees_its_slot_for_a_waiting_precise_load(make_rig) -> None:
+    rig = make_rig(n_slots=3, policy="promoe")
+    rig.cache.begin_request(RequestId(1))
+    for load in loads_in(rig.gate(0, 1, at=(0, 0))):
+        rig.loaded(load)  # 0 and 1 stay pinned
+    (spec,) = rig.predict(0, 1, E)
+    rig.ready(spec, 2)
+    # the gate of (0, 1) does not choose 8: preempted; 9 finds no slot and waits for the one 8 holds
+    assert rig.gate(E + 1, at=(0, 1)) == [Preempt(load_ids=ids(spec))]
+    assert rig.cache.waiting == [E + 1] and rig.table.waiting_for_slot is True
+    assert rig.state_of_slot(spec.slot) == LOADING
+    assert rig.released() == []  # nothing more to preempt: one is on its way
+
+    commands = rig.preempted([spec], [2])
+    assert experts_of(commands) == [E + 1]
+    (load,) = commands
+    assert load.slot == spec.slot and load.seq > spec.seq
+    assert rig.slot_of(E) is None
+    assert rig.cache.waiting == [] and rig.table.waiting_for_slot is False
+    assert rig.cache.counters.preempted == 1
+    assert rig.cache.counters.wasted_bytes == 2 * rig.chunk_nbytes  # the chunks copied, not the whole expert
+    assert rig.cache.counters.evictions == 0
+
+    assert rig.preempted([spec], [2]) == []  # a repeated report changes nothing
+    assert rig.cache.counters.preempted == 1
+    assert rig.cache.counters.wasted_bytes == 2 * rig.chunk_nbytes
+    rig.loaded(load)
+    assert rig.resident() == {0, 1, E + 1}
+
+
+def test_precise_load_with_no_slot_preempts_speculation_farthest_first(make_rig) -> None:
+    rig = make_rig(n_slots=5, policy="promoe")
+    rig.cache.begin_request(RequestId(1))
+    for load in loads_in(rig.gate(0, 1, at=(0, 0))):
+        rig.loaded(load)  # 0 and 1 stay pinned
+    (near,) = rig.predict(0, 2, 2 * E)
+    (far,) = rig.predict(1, 0, 2)
+    (mid,) = rig.predict(0, 3, 3 * E)
+    # two precise loads, every slot pinned or held by speculation: the two farthest predictions go, in one message
+    assert rig.gate(E, E + 1, at=(0, 1)) == [Preempt(load_ids=ids(far, mid))]
+    assert rig.cache.waiting == [E, E + 1] and rig.table.waiting_for_slot is True
+    assert rig.cache.counters.evictions == 0 and rig.resident() == {0, 1}
+
+    commands = rig.preempted([mid, far], [0, 1])
+    assert experts_of(commands) == [E, E + 1]
+    assert {int(c.slot) for c in loads_in(commands)} == {int(mid.slot), int(far.slot)}
+    assert rig.cache.waiting == [] and rig.table.waiting_for_slot is False
+    assert rig.cache.counters.wasted_bytes == rig.chunk_nbytes
+    assert rig.state_of_slot(near.slot) == LOADING and rig.slot_of(2 * E) == int(near.slot)  # kept
+    assert rig.cache.counters.preempted == 2
+
+
+def test_pending_preemptions_count_toward_the_slots_a_precise_load_needs(make_rig) -> None:
+    """A Preempt already sent will free a slot (the loader drops the load, or finishes it and it becomes
+    evictable): while it is on its way, later events must not preempt more speculation for the same waiting
+    expert."""
+    rig = make_rig(n_slots=4, policy="promoe")
+    rig.cache.begin_request(RequestId(1))
+    a, _ = loads_in(rig.gate(0, 1, at=(0, 0)))  # 0 and 1 still loading, pinned
+    (near,) = rig.predict(0, 2, 2 * E)
+    (far,) = rig.predict(0, 3, 3 * E)
+    assert rig.gate(E, at=(0, 1)) == [Preempt(load_ids=ids(far))]  # one waiting, one preempted
+    assert rig.cache.waiting == [E]
+    # ExpertLoaded for 0 arrives before LoadsPreempted: 0 is still pinned, so 8 still waits, but the slot of
+    # the preempted load is already on its way; 16 (for the next layer) must not be preempted too
+    assert rig.loaded(a) == [], "a second Preempt for a single waiting expert"
+    assert rig.state_of_slot(near.slot) == LOADING
+
+
+def test_chosen_expert_whose_speculative_load_is_being_preempted_is_still_loaded(make_rig) -> None:
+    rig = make_rig(n_slots=4, policy="promoe")
+    rig.cache.begin_request(RequestId(1))
+    for load in loads_in(rig.gate(0, 1, at=(0, 0))):
+        rig.loaded(load)  # 0 and 1 stay pinned
+    (near,) = rig.predict(0, 2, 2 * E)
+    (far,) = rig.predict(0, 3, 3 * E)
+    assert rig.gate(E, at=(0, 1)) == [Preempt(load_ids=ids(far))]  # 8 waits; 24's load is dropped
+    assert rig.gate(2 * E, at=(0, 2)) == [Reorder(load_ids=ids(near))]
+    # the gate of (0, 3) chooses 24 before the loader has answered the Preempt
+    issued = loads_in(rig.gate(3 * E, at=(0, 3)))
+    issued += loads_in(rig.preempted([far], [1]))
+    # 24 is pinned: the inference worker waits for it, so it must be loaded or wait for a slot
+    assert E in experts_of(issued)
+    assert 3 * E in experts_of(issued) or 3 * E in rig.cache.waiting, (
+        "expert 24, chosen by the gate, has no slot, no load in flight and is not waiting")
+
+
+# ---------------------------------------------------------------- wasted bytes and prediction scoring
+def test_wasted_bytes_count_speculation_evicted_before_any_gate_chose_it(make_rig) -> None:
+    rig = make_rig(n_slots=3, policy="promoe")
+    rig.cache.begin_request(RequestId(1))
+    rig.use(0, at=(0, 0))
+    for load in loads_in(rig.predict(0, 1, E, E + 1)):
+        rig.loaded(load)
+    rig.use(E, at=(0, 1))  # 8 chosen; 9 never
+    # LRU: 0, then 9, then 8; 0 was loaded precisely, 9 speculatively and never chosen
+    loads = rig.gate(2 * E, 2 * E + 1, at=(0, 2))
+    assert experts_of(loads) == [2 * E, 2 * E + 1]
+    assert rig.resident() == {E}
+    assert rig.cache.counters.wasted_bytes == rig.layout.expert_nbytes
+    for load in loads:
+        rig.loaded(load)
+    rig.unpin(2 * E, 2 * E + 1)
+    rig.gate(3 * E, at=(0, 3))  # evicts 8: prefetched, but chosen: not wasted
+    assert rig.slot_of(E) is None
+    assert rig.cache.counters.wasted_bytes == rig.layout.expert_nbytes
+    assert rig.cache.counters.evictions == 3
+
+
+def test_prediction_scoring(make_rig) -> None:
+    rig = make_rig(n_slots=9, policy="promoe")  # no eviction: every expert below stays where it is
+    rig.cache.begin_request(RequestId(1))
+    counters = rig.cache.counters
+    rig.use(0, 1, at=(0, 0))  # no prediction for (0, 0): only chosen counts
+    assert (counters.predicted, counters.predicted_chosen, counters.predicted_ready, counters.chosen) == (0, 0, 0, 2)
+
+    spec = by_expert(rig.predict(0, 1, E, E + 1, E + 2, E + 4))
+    rig.loaded(spec[E])  # ready, will be chosen
+    rig.ready(spec[E + 1], N_CHUNKS - 1)  # will be chosen, one chunk short: not ready
+    rig.loaded(spec[E + 2])  # ready, not chosen
+    # 12: in flight, nothing landed, not chosen
+    commands = rig.gate(E, E + 1, E + 5, at=(0, 1))
+    assert (counters.predicted, counters.predicted_chosen, counters.predicted_ready, counters.chosen) == (4, 2, 2, 5)
+    assert commands[:2] == [Preempt(load_ids=ids(spec[E + 4])), Reorder(load_ids=ids(spec[E + 1]))]
+    assert experts_of(commands[2:]) == [E + 5]
+
+    # a prediction whose gate never reports (skipped here) is dropped, not scored
+    rig.predict(0, 2, 2 * E)
+    rig.gate(3 * E, at=(0, 3))
+    assert (counters.predicted, counters.predicted_chosen, counters.predicted_ready, counters.chosen) == (4, 2, 2, 6)
+
+    # predicted, chosen and already resident
+    assert rig.predict(1, 0, 0) == []
+    assert rig.cache.counters.evictions == 0
+    rig.gate(0, 2, at=(1, 0))
+    assert (counters.predicted, counters.predicted_chosen, counters.predicted_ready, counters.chosen) == (5, 3, 3, 8)
+
+
 # ---------------------------------------------------------------- policies
 def test_lru_policy_ranks_by_last_use() -> None:
     policy = LruPolicy()
@@ -315,8 +766,30 @@ def test_lru_policy_ranks_by_last_use() -> None:
     assert policy.choose_victim([e[3], e[0]]) == e[3]  # never seen: oldest
 
 
+def test_lfu_and_promoe_policies_rank() -> None:
+    e = [ExpertId(i) for i in range(3)]
+    lfu = LfuPolicy()
+    lfu.record_use([e[0]])
+    lfu.record_use([e[0]])
+    lfu.record_use([e[1]])
+    lfu.record_load(e[2])  # a load is not a use
+    assert lfu.choose_victim([e[0], e[1], e[2]]) == e[2]
+    lfu.record_use([e[2]])  # 1 and 2 used once each: 1 is older
+    assert lfu.choose_victim([e[0], e[1], e[2]]) == e[1]
+    assert lfu.choose_victim([e[0], e[2]]) == e[2]
+
+    promoe = PromoePolicy()
+    promoe.record_use([e[0]])
+    promoe.record_use([e[1]])
+    promoe.record_load(e[0])  # a load counts as a use
+    assert promoe.choose_victim([e[0], e[1]]) == e[1]
+
+
 def test_make_policy() -> None:
     assert isinstance(make_policy("lru"), LruPolicy) and make_policy("lru").keeps_experts
     assert isinstance(make_policy("ondemand"), OnDemandPolicy) and not make_policy("ondemand").keeps_experts
+    assert isinstance(make_policy("lfu"), LfuPolicy) and make_policy("lfu").keeps_experts
+    assert isinstance(make_policy("promoe"), PromoePolicy) and make_policy("promoe").keeps_experts
+    assert [name for name in ("ondemand", "lru", "lfu", "promoe") if make_policy(name).prefetches] == ["promoe"]
     with pytest.raises(ValueError):
         make_policy("fifo")
