@@ -42,7 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--link-gbps", type=float, default=None,
                    help="emulated host-to-device bandwidth in GB/s on the CPU path (default: unpaced memcpy)")
     p.add_argument("--lookahead", type=int, default=2, help="layers ahead the predictor targets (default 2)")
-    p.add_argument("--predictor", type=Path, default=None, help="trained predictor file")
+    p.add_argument("--predictor", type=Path, default=None,
+                   help="trained predictor file (from --train-predictor); without it, skip-layer gate reuse")
+    p.add_argument("--train-predictor", type=Path, metavar="OUT", default=None,
+                   help="trace the model over a corpus, train the predictor, print its accuracy table, write OUT")
+    p.add_argument("--corpus", type=Path, default=None,
+                   help="text file for --train-predictor (default: the Python standard library's sources)")
+    p.add_argument("--train-tokens", type=int, default=24_576, help="corpus tokens traced by --train-predictor")
     p.add_argument("--bind", default=None,
                    help=f"client socket address (default {DEFAULT_BIND} when serving; a private ipc:// "
                         "socket in one-shot mode)")
@@ -100,6 +106,8 @@ def make_config(args: argparse.Namespace, run_dir: Path, one_shot: bool):  # -> 
                             compute_dtype="float32")
     except (CheckpointError, ValueError) as exc:
         raise SystemExit(f"cannot serve this checkpoint: {exc}") from None
+    if args.predictor is not None and not args.predictor.is_file():
+        raise SystemExit(f"--predictor {args.predictor}: no such file (make one with --train-predictor)")
     n_slots = cache_slots(args, probe.n_experts, probe.top_k, probe.slot_nbytes)
     layout = ckpt.layout(n_slots=n_slots, n_chunks=args.chunks_per_expert, compute_dtype="float32")
     bind = args.bind or (f"ipc://{run_dir / 'client.sock'}" if one_shot else DEFAULT_BIND)
@@ -151,6 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         if not wants_one_shot:
             raise SystemExit("--connect needs --prompt or --prompt-ids")
         return one_shot(args, args.connect)
+    if args.train_predictor is not None:
+        from training.predictor_training import TrainingConfig, format_table, train_predictor
+
+        rows = train_predictor(resolve_checkpoint(args), args.train_predictor, args.corpus,
+                               TrainingConfig(tokens=args.train_tokens))
+        print("held-out top-k accuracy (share of predicted experts the gate chose):")
+        print(format_table(rows))
+        return 0
     if args.device == "cuda":
         raise SystemExit("--device cuda is not implemented yet: use --device cpu")
 

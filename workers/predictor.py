@@ -2,13 +2,15 @@
 the hidden-state exchange (shared memory), predicts the experts of the layer ``lookahead`` MoE layers further on
 (wrapping into the first layers of the next token), and sends the prediction one-way to the coordinator.
 
-Only skip-layer gate reuse is implemented so far: the source layer's input fed to the target layer's own gate, the
-union of each token's top-k. Learned predictors (``--predictor``) are not trained or loaded yet.
+With ``--predictor`` it uses the learned MLP of (source layer, lookahead) from ``--train-predictor``; without one
+(or for a pair the file lacks) it falls back to skip-layer gate reuse: the source layer's input fed to the target
+layer's own gate. Either way the prediction is the union of each token's top-k.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +22,7 @@ from protocol.messages import ExpertsPredicted, HiddenStateWritten, Message, Pin
 from shm.hidden_exchange import HiddenExchange
 from shm.layout import ExpertLayout
 from shm.segment import Segment
+from training.predictor_training import LearnedPredictor
 from workers.bootstrap import WorkerSockets, run_worker, send
 
 log = logging.getLogger(__name__)
@@ -46,10 +49,11 @@ def target_of(step: int, layer: int, lookahead: int, n_layers: int) -> tuple[int
 
 class Predictor:
     def __init__(self, layout: ExpertLayout, exchange: HiddenExchange, model: GateReusePredictor, lookahead: int,
-                 send_to_coordinator: Any) -> None:
+                 send_to_coordinator: Any, learned: LearnedPredictor | None = None) -> None:
         self.layout = layout
         self.exchange = exchange
         self.model = model
+        self.learned = learned
         self.lookahead = lookahead
         self.send_to_coordinator = send_to_coordinator
         self.stale = 0
@@ -60,7 +64,10 @@ class Predictor:
             self.stale += 1  # overwritten already: that layer is past
             return
         step, layer = target_of(msg.step, msg.layer, self.lookahead, len(self.layout.moe_layers))
-        experts = [ExpertId(self.layout.expert_id(layer, e)) for e in self.model.predict(rows, layer)]
+        local = None if self.learned is None else self.learned.predict(rows, msg.layer, self.lookahead)
+        if local is None:
+            local = self.model.predict(rows, layer)
+        experts = [ExpertId(self.layout.expert_id(layer, e)) for e in local]
         send(self.send_to_coordinator, ExpertsPredicted(request_id=RequestId(msg.request_id), step=step,
                                                         layer=layer, experts=experts))
 
@@ -68,15 +75,18 @@ class Predictor:
 def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
     torch.set_num_threads(1)
     lay = cfg.layout
+    learned = None
     if cfg.predictor_path is not None:
-        log.warning("learned predictors are not implemented yet: %s is ignored", cfg.predictor_path)
-    log.info("predicting by skip-layer gate reuse, %d layer(s) ahead", cfg.lookahead)
+        learned = LearnedPredictor(Path(cfg.predictor_path), lay.hidden_size, lay.experts_per_layer)
+        log.info("predicting with the learned predictor %s, %d layer(s) ahead", cfg.predictor_path, cfg.lookahead)
+    else:
+        log.info("no trained predictor given: predicting by skip-layer gate reuse, %d layer(s) ahead", cfg.lookahead)
     routers = load_router_weights(open_checkpoint(cfg.checkpoint), lay)
     exchange = HiddenExchange(Segment.attach(cfg.segment("hidden")), len(lay.moe_layers), lay.hidden_size,
                               cfg.hidden_max_tokens)
     try:
         predictor = Predictor(lay, exchange, GateReusePredictor(routers, lay.top_k), cfg.lookahead,
-                              sockets.send_to_coordinator)
+                              sockets.send_to_coordinator, learned)
         handlers: dict[type[Message], Any] = {Ping: sockets.answer_ping,
                                               HiddenStateWritten: predictor.on_hidden_state_written}
         sockets.announce_ready()

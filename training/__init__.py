@@ -1,0 +1,1 @@
+"""Offline work on a checkpoint: routing traces and the learned expert predictor (``--train-predictor``)."""
