@@ -58,6 +58,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--link-gbps", type=float, default=None)
+    p.add_argument("--predictor", type=Path, default=None, help="adds a promoe row with this trained predictor")
     args = p.parse_args()
     checkpoint = ensure_default_checkpoint()
     n_experts = 192
@@ -65,8 +66,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         quarter = n_experts // 4
         cases = [("lru", n_experts), ("ondemand", quarter), ("lru", quarter), ("lfu", quarter), ("promoe", quarter)]
+        if args.predictor is not None:
+            cases.append(("promoe+learned", quarter))
         for policy, cache in cases:
-            flags = ["--policy", policy, "--cache-experts", str(cache)]
+            flags = ["--policy", policy.split("+")[0], "--cache-experts", str(cache)]
+            if policy.endswith("+learned"):
+                flags += ["--predictor", str(args.predictor)]
             if args.link_gbps:
                 flags += ["--link-gbps", str(args.link_gbps)]
             rt = RuntimeProcess(Path(tmp) / f"{policy}{cache}", checkpoint, *flags)
