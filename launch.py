@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--link-gbps", type=float, default=None,
                    help="emulated host-to-device bandwidth in GB/s on the CPU path (default: unpaced memcpy)")
     p.add_argument("--lookahead", type=int, default=2, help="layers ahead the predictor targets (default 2)")
+    p.add_argument("--no-early-preemption", action="store_true",
+                   help="ablation: never preempt or reorder speculative loads")
+    p.add_argument("--no-reordered-inference", action="store_true",
+                   help="ablation: compute experts in ascending order, waiting for each, instead of as they land")
     p.add_argument("--predictor", type=Path, default=None,
                    help="trained predictor file (from --train-predictor); without it, skip-layer gate reuse")
     p.add_argument("--train-predictor", type=Path, metavar="OUT", default=None,
@@ -115,7 +119,8 @@ def make_config(args: argparse.Namespace, run_dir: Path, one_shot: bool):  # -> 
         run_id=uuid.uuid4().hex[:10], run_dir=str(run_dir), checkpoint=str(ckpt.path), layout=layout,
         policy=args.policy, device="cpu", bind=bind, link_gbps=args.link_gbps, lookahead=args.lookahead,
         predictor_path=str(args.predictor) if args.predictor else None, load_timeout_s=args.load_timeout_s,
-        supervisor_pid=os.getpid())
+        supervisor_pid=os.getpid(), early_preemption=not args.no_early_preemption,
+        reordered_inference=not args.no_reordered_inference)
 
 
 def one_shot(args: argparse.Namespace, address: str, while_waiting=None) -> int:

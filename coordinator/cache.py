@@ -67,8 +67,10 @@ class CacheCounters:
 
 
 class CacheDirectory:
-    def __init__(self, table: SlotTable, layout: ExpertLayout, policy: CachePolicy) -> None:
+    def __init__(self, table: SlotTable, layout: ExpertLayout, policy: CachePolicy,
+                 early_preemption: bool = True) -> None:
         self.table = table
+        self.early_preemption = early_preemption
         self.layout = layout
         self.policy = policy
         self.counters = CacheCounters()
@@ -141,7 +143,7 @@ class CacheDirectory:
         self.policy.record_use(experts)
         self._unused_since_load.difference_update(experts)
         self._score_prediction(chosen)
-        if self.policy.prefetches:
+        if self.policy.prefetches and self.early_preemption:
             self._preempt_speculation(chosen)
         if not self.policy.keeps_experts:
             for slot in range(self.layout.n_slots):
@@ -240,7 +242,7 @@ class CacheDirectory:
             self._start_load(expert, slot, PRIORITY_PRECISE, None)
         self.table.waiting_for_slot = bool(self._waiting)
         missing = len(self._waiting) - len(self._preempting)  # a pending preemption frees a slot either way
-        if missing > 0:  # free slots held by speculation, farthest prediction first
+        if missing > 0 and self.early_preemption:  # free slots held by speculation, farthest prediction first
             speculative = sorted((load for load in self._in_flight.values()
                                   if load.target is not None and load.load_id not in self._preempting),
                                  key=lambda load: load.target or (0, 0), reverse=True)

@@ -44,6 +44,10 @@ class RuntimeConfig:
     """The launcher; workers exit when it goes."""
     hidden_max_tokens: int = 64
     """Rows of each MoE layer's input shared with the predictor (the last ones of a long prefill)."""
+    early_preemption: bool = True
+    """promoe: preempt and reorder speculative loads when a gate reports (off only for ablations)."""
+    reordered_inference: bool = True
+    """Compute experts as they become ready; off: strictly in ascending expert order (ablations)."""
 
     @property
     def prefetch(self) -> bool:

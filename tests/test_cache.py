@@ -33,7 +33,7 @@ def layout(n_slots: int) -> ExpertLayout:
 class Rig:
     """A cache directory over a slot table in a real shared-memory segment, driven as the workers would."""
 
-    def __init__(self, n_slots: int, policy: str) -> None:
+    def __init__(self, n_slots: int, policy: str, early_preemption: bool = True) -> None:
         self.layout = lay = layout(n_slots)
         self.run_id = f"test_{uuid.uuid4().hex[:12]}"
         self.segment = Segment.create(segment_name(self.run_id, "table"),
@@ -43,7 +43,7 @@ class Rig:
         except BaseException:
             self.segment.unlink()
             raise
-        self.cache = CacheDirectory(self.table, lay, make_policy(policy))
+        self.cache = CacheDirectory(self.table, lay, make_policy(policy), early_preemption)
         self.issued: dict[int, LoadExpert] = {}
         self.chunk_nbytes = lay.expert_nbytes // lay.n_chunks
 
@@ -142,8 +142,8 @@ class Rig:
 def make_rig() -> Iterator:
     rigs: list[Rig] = []
 
-    def make(n_slots: int = 3, policy: str = "lru") -> Rig:
-        rig = Rig(n_slots, policy)
+    def make(n_slots: int = 3, policy: str = "lru", early_preemption: bool = True) -> Rig:
+        rig = Rig(n_slots, policy, early_preemption)
         rigs.append(rig)
         return rig
 
@@ -793,3 +793,15 @@ def test_make_policy() -> None:
     assert [name for name in ("ondemand", "lru", "lfu", "promoe") if make_policy(name).prefetches] == ["promoe"]
     with pytest.raises(ValueError):
         make_policy("fifo")
+
+
+def test_without_early_preemption_a_gate_neither_preempts_nor_reorders(make_rig) -> None:
+    """The ablation switch: speculation runs to completion; only missing chosen experts are loaded."""
+    rig = make_rig(n_slots=10, policy="promoe", early_preemption=False)
+    rig.cache.begin_request(RequestId(1))
+    rig.use(0, 1, at=(0, 0))
+    spec = by_expert(rig.predict(0, 2, 2 * E, 2 * E + 1, 2 * E + 2))
+    assert sorted(spec) == [2 * E, 2 * E + 1, 2 * E + 2]
+    commands = rig.gate(2 * E, 2 * E + 5, at=(0, 2))
+    assert not any(isinstance(c, (Preempt, Reorder)) for c in commands), commands
+    assert experts_of(commands) == [2 * E + 5]

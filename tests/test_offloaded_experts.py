@@ -60,7 +60,7 @@ def routing(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
 class Rig:
     """Store, slots and table filled from the model's experts; expert ``e`` lives in slot ``e``."""
 
-    def __init__(self, model: Any, load_timeout_s: float = 5.0) -> None:
+    def __init__(self, model: Any, load_timeout_s: float = 5.0, reordered: bool = True) -> None:
         self.layout = ExpertLayout(moe_layers=MOE_LAYERS, experts_per_layer=N_EXPERTS, top_k=TOP_K,
                                    hidden_size=HIDDEN, intermediate_size=INTER, storage_dtype="float32",
                                    compute_dtype="float32", n_chunks=3, n_slots=len(MOE_LAYERS) * N_EXPERTS)
@@ -89,6 +89,7 @@ class Rig:
             on_gate=lambda request, layer, step, experts: self.gates.append((request, layer, step, list(experts))),
             on_released=lambda experts: self.released.append(list(experts)),
             load_timeout_s=load_timeout_s,
+            reordered=reordered,
         )
         self.backend.begin_request(1)
 
@@ -387,3 +388,22 @@ def test_load_timeout_names_the_layer_and_clears_the_pins(make_rig) -> None:
     rig.publish(partial)
     out = rig.forward(0, hidden, index, weights)
     assert torch.equal(out, eager(rig.modules[0], hidden, index, weights))
+
+
+@pytest.mark.timeout(60)
+def test_without_reordered_inference_experts_are_computed_in_ascending_order(make_rig) -> None:
+    """The ablation switch: the lowest expert is waited for even when higher ones are ready."""
+    rig = make_rig(reordered=False)
+    hidden, index, weights = routing(7, seed=21)
+    experts = chosen(index)
+    ids = list(experts)  # MoE layer 0
+    for eid in ids:
+        rig.place(eid, ready=eid != ids[0])
+    order = rig.record_computes()
+    thread = threading.Thread(target=lambda: (time.sleep(0.05), rig.publish(ids[0])), daemon=True)
+    thread.start()
+    out = rig.forward(0, hidden, index, weights)
+    thread.join(10)
+    assert order == experts, "without reordering the computation must follow ascending expert order"
+    assert torch.equal(out, eager(rig.modules[0], hidden, index, weights))
+    assert rig.backend.stats.stall_ns > 40e6

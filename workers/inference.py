@@ -185,7 +185,8 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
                                                        n_tokens=n_tokens))
 
         backend = OffloadedExperts(lay, table, slots, experts_modules(model, lay.moe_layers), on_gate, on_released,
-                                   cfg.load_timeout_s, on_hidden if cfg.prefetch else None)
+                                   cfg.load_timeout_s, on_hidden if cfg.prefetch else None,
+                                   reordered=cfg.reordered_inference)
         backend.register()
         model.set_experts_implementation(IMPLEMENTATION_NAME)  # type: ignore[operator]
         worker = InferenceWorker(model, tokenizer, backend, send_to_coordinator)

@@ -55,6 +55,7 @@ class OffloadedExperts:
         on_released: Callable[[list[ExpertId]], None],
         load_timeout_s: float,
         on_hidden: Callable[[int, int, int, torch.Tensor], None] | None = None,
+        reordered: bool = True,
     ) -> None:
         self.layout = layout
         self.table = table
@@ -62,6 +63,8 @@ class OffloadedExperts:
         self.on_gate = on_gate
         self.on_released = on_released
         self.on_hidden = on_hidden
+        self.reordered = reordered
+        """False (ablation): compute in ascending expert order, waiting for each in turn."""
         self.load_timeout_s = load_timeout_s
         self._moe_layer_of = {id(m): i for i, m in enumerate(experts_modules)}
         self.request_id = 0
@@ -109,7 +112,8 @@ class OffloadedExperts:
         backoff_s = 0.0
         while pending:
             progressed = False
-            for local, eid in list(pending.items()):
+            candidates = list(pending.items()) if self.reordered else [next(iter(pending.items()))]
+            for local, eid in candidates:
                 view = self.table.lookup(eid)
                 if view is None or not self.table.is_ready(view):
                     continue
