@@ -10,6 +10,7 @@ import time
 import psutil
 import pytest
 
+from protocol.config import SEGMENTS
 from shm.segment import leftover_segments
 from tests.runtime import ROLES
 
@@ -34,7 +35,7 @@ def test_sigterm_stops_the_runtime_cleanly(runtime):
 def test_kill_9_of_the_launcher_leaves_no_process_and_no_segment(runtime_factory):
     """Workers die with the supervisor (PDEATHSIG); the segments' creator is gone, its resource tracker unlinks."""
     rt = runtime_factory("--policy", "lru", "--cache-experts", "24")
-    assert len(leftover_segments(rt.run_id)) == 3
+    assert sorted(leftover_segments(rt.run_id)) == sorted(f"promoe_{rt.run_id}_{what}" for what in SEGMENTS)
     os.kill(rt.proc.pid, signal.SIGKILL)
     rt.proc.wait(timeout=10)
     deadline = time.monotonic() + 20

@@ -1,0 +1,203 @@
+"""Every policy, ``all_resident`` and the ablation steps over the same prompts, on CPU with an emulated link.
+
+    python bench/offload.py [--link-gbps 0.25] [--cache-fractions 0.125,0.25,0.5] [--predictor FILE]
+                            [--new-tokens 32] [--json PATH] [--plot PATH]
+
+Each configuration starts the runtime, runs one warm-up request, then the measured prompts (greedy). For
+``all_resident`` (cache = every expert) the warm-up is the measured prompts themselves, so that every expert they
+use is already on the device. The floor (DESIGN.md section 7) is ``max(t_all_resident, B / W)``: ``B`` is the
+bytes that Belady's optimal replacement must load for the routing trace of the measured prompts (recorded here
+with transformers, which the runtime matches token for token), ``W`` the emulated link. The ablation adds the
+paper's techniques one by one to prefetching at 25% cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from models.checkpoint import open_checkpoint
+from models.default_model import ensure_default_checkpoint
+from tests.runtime import RuntimeProcess
+
+PROMPTS = [
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):",
+    "import os\n\nfor root, dirs, files in os.walk('.'):\n    for name in files:",
+]
+ABLATION = [
+    ("prefetch only", ["--no-early-preemption", "--no-reordered-inference", "--chunks-per-expert", "1"]),
+    ("+ early preemption", ["--no-reordered-inference", "--chunks-per-expert", "1"]),
+    ("+ reordering", ["--chunks-per-expert", "1"]),
+    ("+ chunking (= promoe)", ["--chunks-per-expert", "3"]),
+]
+
+
+def routing_trace(checkpoint: Path, new_tokens: int) -> list[list[set[int]]]:
+    """Per prompt, the list of expert sets (flat ids) each MoE layer needed, in execution order."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = open_checkpoint(checkpoint)
+    moe_layers = ckpt.moe_layers()
+    per_layer = int(ckpt.config["num_experts"])
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, experts_implementation="eager")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    accesses: list[set[int]] = []
+    handles = []
+    for i, layer in enumerate(moe_layers):
+        def hook(module: torch.nn.Module, args: tuple, output: tuple, i: int = i) -> None:
+            accesses.append({i * per_layer + int(e) for e in output[2].flatten().tolist()})
+
+        handles.append(model.model.layers[layer].mlp.gate.register_forward_hook(hook))
+    traces = []
+    for prompt in PROMPTS:
+        accesses = []
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+        traces.append(accesses)
+    for handle in handles:
+        handle.remove()
+    return traces
+
+
+def belady_misses(accesses: list[set[int]], capacity: int) -> int:
+    """Misses of the optimal replacement that knows the future (a layer's whole set is needed at once)."""
+    next_use: list[dict[int, int]] = [{} for _ in accesses]
+    upcoming: dict[int, int] = {}
+    for t in range(len(accesses) - 1, -1, -1):
+        next_use[t] = dict(upcoming)
+        for e in accesses[t]:
+            upcoming[e] = t
+    cache: set[int] = set()
+    misses = 0
+    for t, needed in enumerate(accesses):
+        for e in sorted(needed):
+            if e in cache:
+                continue
+            misses += 1
+            if len(cache) >= capacity:
+                others = [c for c in cache if c not in needed] or list(cache)
+                victim = max(others, key=lambda c: next_use[t].get(c, len(accesses)))
+                cache.discard(victim)
+            cache.add(e)
+    return misses
+
+
+def run(checkpoint: Path, root: Path, name: str, flags: list[str], new_tokens: int, warm_all: bool) -> dict:
+    rt = RuntimeProcess(root / name.replace(" ", "_").replace("+", "p").replace("(", "").replace(")", ""),
+                        checkpoint, *flags)
+    try:
+        with rt.client() as client:
+            for prompt in PROMPTS if warm_all else PROMPTS[:1]:
+                client.generate(prompt=prompt, max_new_tokens=4)
+            done = [client.generate(prompt=p, max_new_tokens=new_tokens) for p in PROMPTS]
+    finally:
+        rt.stop()
+    n = len(done)
+    metric = lambda key: sum((d.metrics[key] or 0) for d in done) / n  # noqa: E731
+    gp = [d.metrics["goodpred"] for d in done if d.metrics["goodpred"] is not None]
+    return {
+        "ttft_ms": metric("ttft_ms"), "tpot_ms": metric("tpot_ms"), "hit_rate": metric("hit_rate"),
+        "stall_ms": metric("stall_ms"), "goodpred": sum(gp) / len(gp) if gp else None,
+        "bytes_loaded": sum(d.metrics["bytes_loaded"] for d in done),
+        "time_ms": sum(d.metrics["ttft_ms"] + d.metrics["tpot_ms"] * (len(d.token_ids) - 1) for d in done),
+        "tokens": [d.token_ids for d in done],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--link-gbps", type=float, default=0.25)
+    p.add_argument("--cache-fractions", default="0.125,0.25,0.5")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--predictor", type=Path, default=None, help="also run promoe with this trained predictor")
+    p.add_argument("--json", type=Path, default=None, help="write the rows here")
+    p.add_argument("--plot", type=Path, default=Path("bench/results/offload-tpot.png"), help="PNG of TPOT vs cache")
+    args = p.parse_args()
+    checkpoint = ensure_default_checkpoint()
+    lay = open_checkpoint(checkpoint).layout(n_slots=4, n_chunks=1, compute_dtype="float32")
+    n_experts, expert_nbytes = lay.n_experts, lay.expert_nbytes
+    sizes = [max(lay.top_k, round(n_experts * float(f))) for f in args.cache_fractions.split(",")]
+    link = ["--link-gbps", str(args.link_gbps)]
+    policies = [("ondemand", []), ("lru", []), ("lfu", []), ("promoe", [])]
+    if args.predictor is not None:
+        policies.append(("promoe+learned", ["--predictor", str(args.predictor)]))
+    traces = routing_trace(checkpoint, args.new_tokens)
+    accesses = [a for trace in traces for a in trace]
+    rows = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        resident = run(checkpoint, root, "all_resident", ["--policy", "lru", "--cache-experts", str(n_experts),
+                                                         *link], args.new_tokens, warm_all=True)
+        rows.append({"policy": "all_resident", "cache_experts": n_experts, **resident})
+        cases = [(name, size, ["--policy", name.split("+")[0], "--cache-experts", str(size), *extra, *link])
+                 for size in sizes for name, extra in policies]
+        quarter = max(lay.top_k, n_experts // 4)
+        cases += [(f"ablation: {step}", quarter, ["--policy", "promoe", "--cache-experts", str(quarter), *flags,
+                                                  *link]) for step, flags in ABLATION]
+        for name, size, flags in cases:
+            rows.append({"policy": name, "cache_experts": size, **run(checkpoint, root, f"{name}{size}", flags,
+                                                                     args.new_tokens, warm_all=False)})
+    for row in rows:
+        b = belady_misses(accesses, row["cache_experts"]) * expert_nbytes
+        floor_ms = max(resident["time_ms"], b / (args.link_gbps * 1e9) * 1e3)
+        row["belady_bytes"] = b
+        row["vs_all_resident"] = row["tpot_ms"] / resident["tpot_ms"]
+        row["vs_floor"] = row["time_ms"] / floor_ms
+        row["exact"] = row.pop("tokens") == resident["tokens"]
+    print_table(rows, args, time.perf_counter() - started)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1))
+    plot(rows, sizes, args.plot)
+
+
+def print_table(rows: list[dict], args: argparse.Namespace, elapsed_s: float) -> None:
+    print(f"CPU, emulated link {args.link_gbps} GB/s, {len(PROMPTS)} prompts x {args.new_tokens} tokens, "
+          f"{elapsed_s:.0f} s")
+    head = ("policy", "cache", "TTFT ms", "TPOT ms", "hit", "stall ms", "GoodPred", "x resident", "x floor", "exact")
+    print(f"{head[0]:28}" + "".join(f" {h:>10}" for h in head[1:]))
+    for r in rows:
+        cells = [r["cache_experts"], r["ttft_ms"], r["tpot_ms"], r["hit_rate"], r["stall_ms"], r["goodpred"],
+                 r["vs_all_resident"], r["vs_floor"], r["exact"]]
+        text = [f"{c:.3g}" if isinstance(c, float) else ("-" if c is None else str(c)) for c in cells]
+        print(f"{r['policy']:28}" + "".join(f" {t:>10}" for t in text))
+
+
+def plot(rows: list[dict], sizes: list[int], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plot", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy in dict.fromkeys(r["policy"] for r in rows if not r["policy"].startswith(("ablation", "all_"))):
+        points = sorted((r["cache_experts"], r["tpot_ms"]) for r in rows if r["policy"] == policy)
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=policy)
+    resident = next(r for r in rows if r["policy"] == "all_resident")
+    ax.axhline(resident["tpot_ms"], color="grey", linestyle="--", label="all_resident")
+    ax.set_xlabel("cache (experts)")
+    ax.set_ylabel("TPOT (ms)")
+    ax.set_xticks(sizes)
+    ax.legend()
+    ax.set_title("TPOT vs cache size (CPU, emulated link)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()
