@@ -8,6 +8,8 @@ Rules:
   the current gate and not yet computed);
 - an expert predicted for a layer in the window (not yet reached) is evicted only by a precise load that finds
   nothing else, never by a speculative one;
+- a speculative load never evicts an expert that a gate chose within the last token's worth of layers: with a
+  cache near the working set those are the next token's hits, worth more than a guess;
 - early preemption: when the gate of a layer reports, the speculative loads of that layer's experts it did not
   choose (and of layers already past) are preempted, and the chosen ones still in flight are made precise and put
   first, those with most chunks already landed first;
@@ -84,6 +86,7 @@ class CacheDirectory:
         self._protected: dict[ExpertId, Position] = {}
         self._predictions: dict[Position, set[ExpertId]] = {}
         self._preempting: set[LoadId] = set()
+        self._last_chosen: dict[ExpertId, Position] = {}
         self.outbox: list[Message] = []
 
     def drain(self) -> list[Message]:
@@ -111,6 +114,7 @@ class CacheDirectory:
     def begin_request(self, request_id: RequestId) -> None:
         self.request_id = request_id
         self.position = (-1, -1)
+        self._last_chosen.clear()
         self._protected.clear()
         self._predictions.clear()
 
@@ -139,6 +143,8 @@ class CacheDirectory:
     def on_gate(self, step: int, layer: int, experts: list[ExpertId]) -> None:
         """The gate chose ``experts`` (now pinned by the inference worker): preempt, reorder, load what is missing."""
         self.position = (step, layer)
+        for expert in experts:
+            self._last_chosen[expert] = self.position
         chosen = set(experts)
         self.policy.record_use(experts)
         self._unused_since_load.difference_update(experts)
@@ -258,6 +264,8 @@ class CacheDirectory:
             expert = ExpertId(int(self.table.slot_expert[slot]))
             if state != RESIDENT or self.table.is_pinned(expert):
                 continue
+            if priority == PRIORITY_SPECULATIVE and self._recently_chosen(expert):
+                continue
             (protected if self.is_protected(expert) else candidates)[expert] = SlotId(slot)
         if candidates:
             victim = self.policy.choose_victim(list(candidates))
@@ -269,6 +277,12 @@ class CacheDirectory:
             return None
         self._evict(slot)
         return slot
+
+    def _recently_chosen(self, expert: ExpertId) -> bool:
+        """Chosen by a gate less than one token (all MoE layers) ago."""
+        used = self._last_chosen.get(expert)
+        step, layer = self.position
+        return used is not None and used > (step - 1, layer)
 
     def _evict(self, slot: SlotId) -> None:
         expert = ExpertId(int(self.table.slot_expert[slot]))

@@ -454,6 +454,7 @@ def test_speculative_loads_use_free_and_unprotected_slots_only(make_rig) -> None
     rig = make_rig(n_slots=4, policy="promoe")
     rig.cache.begin_request(RequestId(1))
     rig.use(0, 1, at=(0, 0))
+    rig.cache._last_chosen.clear()  # as if those gates were more than a token ago (see the test below)
     spec2 = by_expert(rig.predict(0, 2, 2 * E, 2 * E + 1))  # the two free slots
     for load in spec2.values():
         rig.loaded(load)
@@ -474,6 +475,7 @@ def test_precise_load_evicts_a_predicted_expert_only_as_a_last_resort(make_rig) 
     rig = make_rig(n_slots=4, policy="promoe")
     rig.cache.begin_request(RequestId(1))
     rig.use(0, 1, at=(0, 0))
+    rig.cache._last_chosen.clear()  # as if those gates were more than a token ago (see the test below)
     for load in loads_in(rig.predict(0, 2, 2 * E, 2 * E + 1)):
         rig.loaded(load)
     spec3 = by_expert(rig.predict(0, 3, 3 * E, 3 * E + 1))  # evict 0 and 1
@@ -521,6 +523,7 @@ def test_predicted_expert_is_kept_from_speculation_but_not_after_its_gate(make_r
     (load,) = rig.gate(E, E + 1, at=(0, 1))  # 8 chosen (was predicted), 9 loaded precisely
     rig.loaded(load)
     rig.unpin(E, E + 1)
+    rig.cache._last_chosen.clear()  # as if those gates were more than a token ago (see the test further down)
     # at (0, 1) 8 is still protected: a speculative load takes 9, although 8 is the least recently used
     assert rig.cache.is_protected(ExpertId(E)) and not rig.cache.is_protected(ExpertId(E + 1))
     slot_of_9 = rig.slot_of(E + 1)
@@ -532,6 +535,7 @@ def test_predicted_expert_is_kept_from_speculation_but_not_after_its_gate(make_r
     rig.loaded(spec2)
     # once (0, 2) has reported, 8's target has passed: a speculative load may take it
     rig.use(2 * E, at=(0, 2))
+    rig.cache._last_chosen.clear()  # as if those gates were more than a token ago (see the test below)
     assert not rig.cache.is_protected(ExpertId(E))
     slot_of_8 = rig.slot_of(E)
     (spec3,) = rig.predict(0, 3, 3 * E)
@@ -805,3 +809,15 @@ def test_without_early_preemption_a_gate_neither_preempts_nor_reorders(make_rig)
     commands = rig.gate(2 * E, 2 * E + 5, at=(0, 2))
     assert not any(isinstance(c, (Preempt, Reorder)) for c in commands), commands
     assert experts_of(commands) == [2 * E + 5]
+
+
+def test_speculation_never_evicts_an_expert_chosen_within_the_last_token(make_rig) -> None:
+    """The next token's likely hits outrank a guess; a token later, speculation may take them."""
+    rig = make_rig(n_slots=2, policy="promoe")
+    rig.cache.begin_request(RequestId(1))
+    rig.use(0, 1, at=(0, 0))
+    assert rig.predict(0, 2, 2 * E) == []  # 0 and 1 were chosen at (0, 0): within one token of (0, 0)
+    assert rig.resident() == {0, 1}
+    assert rig.gate(0, at=(1, 0)) == []  # a hit, one token later; 0 is pinned and recent again, 1 is not
+    assert experts_of(rig.predict(1, 2, 2 * E)) == [2 * E]
+    assert rig.slot_of(1) is None and rig.slot_of(0) is not None
