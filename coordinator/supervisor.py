@@ -88,8 +88,8 @@ class Supervisor:
         SlotTable(table, lay.n_slots, lay.n_experts, lay.n_chunks, init=True).close()
         self.segments.append(Segment.create(self.cfg.segment("hidden"), HiddenExchange.nbytes_for(
             len(lay.moe_layers), lay.hidden_size, self.cfg.hidden_max_tokens)))
-        log.info("shared memory: store %.1f MB, slots %.1f MB (%d experts of %d)", store.nbytes / 1e6,
-                 slots.nbytes / 1e6, lay.n_slots, lay.n_experts)
+        log.info("run %s: shared memory store %.1f MB, slots %.1f MB (%d experts of %d)", self.cfg.run_id,
+                 store.nbytes / 1e6, slots.nbytes / 1e6, lay.n_slots, lay.n_experts)
 
     def _spawn(self, role: str) -> None:
         env = dict(os.environ)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -18,18 +19,12 @@ JSON_FIELDS = {"token_ids", "text", "ttft_ms", "tpot_ms", "hit_rate", "stall_ms"
                "prefetch_precision", "prefetch_recall", "goodpred"}
 
 
-def runtime_segments() -> list[str]:
-    """Segments of runtimes (unit tests name theirs promoe_test_*)."""
-    return [s for s in leftover_segments() if not s.startswith("promoe_test")]
-
-
 def launch(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(PROJECT_ROOT / "launch.py"), *args], cwd=PROJECT_ROOT,
                           capture_output=True, text=True, timeout=timeout_s)
 
 
 def test_one_shot_json(tmp_path, checkpoint, reference):
-    before = runtime_segments()
     ids = ",".join(map(str, PROMPT_IDS))
     done = launch("--model-path", str(checkpoint), "--run-root", str(tmp_path), "--policy", "lru",
                   "--cache-experts", "24", "--prompt-ids", ids, "--max-new-tokens", str(NEW_TOKENS), "--json")
@@ -39,7 +34,8 @@ def test_one_shot_json(tmp_path, checkpoint, reference):
     assert out["token_ids"] == reference["ids"]
     assert isinstance(out["text"], str)
     assert out["experts_loaded"] > 0 and out["bytes_loaded"] == out["experts_loaded"] * 3 * 256 * 256 * 2
-    assert runtime_segments() == before
+    run_id = re.search(r"run (\w+): shared memory", done.stderr)[1]
+    assert leftover_segments(run_id) == []
     assert not list(tmp_path.glob("promoe-run-*"))
 
 
