@@ -76,7 +76,7 @@ def parse_run_dir(role: str, argv: list[str] | None = None) -> RuntimeConfig:
 
 
 class Inbox:
-    """A PULL socket bound at this process's endpoint, plus PUSH sockets to peers, all with one codec."""
+    """The PULL socket bound at this process's endpoint; every frame goes through the one codec."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
         self.socket = ctx.socket(zmq.PULL)
