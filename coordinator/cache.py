@@ -196,9 +196,11 @@ class CacheDirectory:
         """The inference worker unpinned experts: slots may have become evictable."""
         self._assign_waiting()
 
-    def forget_pins(self) -> None:
-        """After a failed request nothing is in use any more."""
+    def forget_request(self) -> None:
+        """After a failed request nothing is in use or waited for any more."""
         self.table.expert_pin[:] = 0
+        self._waiting.clear()
+        self.table.waiting_for_slot = False
 
     # ------------------------------------------------------------ internals
     def _score_prediction(self, chosen: set[ExpertId]) -> None:
@@ -240,6 +242,11 @@ class CacheDirectory:
         self.outbox.append(Preempt(load_ids=[load.load_id for load in loads]))
 
     def _assign_waiting(self) -> None:
+        if self._waiting:
+            # Raised before the pin scan: the inference worker unpins, then reads the flag, so a release that
+            # happens during the scan is reported. (Without a fence the two stores and loads may still cross: the
+            # coordinator also retries on a timer while anything waits; see ``Coordinator.retry_waiting``.)
+            self.table.waiting_for_slot = True
         while self._waiting:
             slot = self._take_slot(PRIORITY_PRECISE)
             if slot is None:

@@ -57,6 +57,8 @@ MAX_PROMPT_TOKENS = 16384
 PING_INTERVAL_S = 1.0
 WORKER_SILENT_AFTER_S = 3.0
 WORKER_ROLES = ("inference", "predictor", "loader")
+WAITING_RETRY_S = 0.002
+"""While experts wait for a slot, how often the coordinator looks for one without being told."""
 
 
 @dataclass
@@ -96,6 +98,7 @@ class Coordinator:
         self.running: RunningRequest | None = None
         self._next_request_id = 1
         self._ping_nonce = 0
+        self._retry: asyncio.TimerHandle | None = None
         self.last_answer: dict[str, float] = {}
         self.round_trip_ns: dict[str, deque[int]] = {role: deque(maxlen=64) for role in WORKER_ROLES}
         self.worker_handlers: dict[type[Message], Any] = {
@@ -117,10 +120,18 @@ class Coordinator:
             self.running.messages += 1
 
     def _send_to_loader(self) -> None:
-        """Send what the cache directory decided, in order."""
+        """Send what the cache directory decided, in order; keep retrying while experts wait for a slot."""
         for command in self.cache.drain():
             send(self.send_to["loader"], command)
             self._count()
+        if self.cache.waiting and self._retry is None:
+            self._retry = asyncio.get_running_loop().call_later(WAITING_RETRY_S, self.retry_waiting)
+
+    def retry_waiting(self) -> None:
+        """Safety net for a release whose ``ExpertsReleased`` was not sent (the flag and the pin crossed)."""
+        self._retry = None
+        self.cache.on_released()
+        self._send_to_loader()
 
     def on_gate_decided(self, msg: GateDecided) -> None:
         if self.running is not None:
@@ -182,7 +193,7 @@ class Coordinator:
         running = self._finish(msg.request_id)
         if running is None:
             return
-        self.cache.forget_pins()
+        self.cache.forget_request()
         self._reply(running.pending.envelope, ErrorReported(code=msg.code, message=msg.message,
                                                             request_id=msg.request_id))
         self._start_next()

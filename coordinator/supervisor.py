@@ -168,25 +168,34 @@ class Supervisor:
             return
         self._stopped = True
         log.info("shutting down: %s", reason)
+        hurry = False
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            nonlocal hurry
+            hurry = True  # another Ctrl-C/SIGTERM: kill now, but still unlink everything
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
         for child in self.children.values():
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.stop_timeout_s
         for role, child in self.children.items():
-            try:
-                child.wait(timeout=max(deadline - time.monotonic(), 0))
-            except subprocess.TimeoutExpired:
-                log.warning("%s (pid %d) ignored SIGTERM for %.0f s: killing it", role, child.pid,
-                            self.stop_timeout_s)
+            while child.poll() is None and not hurry and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if child.poll() is None:
+                log.warning("%s (pid %d) still running after SIGTERM: killing it", role, child.pid)
                 child.kill()
-                child.wait(timeout=5)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(timeout=5)
         for role, profiler in self.profilers.items():
             try:
-                profiler.wait(timeout=30)  # py-spy writes its profile once the target has exited
+                profiler.wait(timeout=1 if hurry else 30)  # py-spy writes its profile once the target has exited
             except subprocess.TimeoutExpired:
                 log.warning("py-spy for %s did not finish writing; killing it", role)
                 profiler.kill()
-                profiler.wait(timeout=5)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    profiler.wait(timeout=5)
         for fd in self._pidfds:
             os.close(fd)
         self._pidfds.clear()

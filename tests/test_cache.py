@@ -392,11 +392,31 @@ def test_lru_keeps_unchosen_experts(make_rig) -> None:
     assert rig.cache.counters.evictions == 0
 
 
-def test_forget_pins(make_rig) -> None:
-    rig = make_rig(n_slots=3)
+def test_forget_request_clears_pins_and_what_waits(make_rig) -> None:
+    rig = make_rig(n_slots=2)
     rig.gate(0, 1)
-    rig.cache.forget_pins()
+    rig.gate(2, at=(0, 1))  # both slots pinned: 2 waits
+    assert rig.cache.waiting == [2] and rig.table.waiting_for_slot
+    rig.cache.forget_request()
     assert not rig.table.is_pinned(ExpertId(0)) and not rig.table.is_pinned(ExpertId(1))
+    assert rig.cache.waiting == [] and not rig.table.waiting_for_slot
+
+
+def test_waiting_flag_is_raised_before_the_pin_scan(make_rig) -> None:
+    """Otherwise an unpin during the scan reads the flag as down, sends no release, and the wait is lost."""
+    rig = make_rig(n_slots=2)
+    for load in loads_in(rig.gate(0, 1)):
+        rig.loaded(load)  # resident and pinned: the scan must look at their pins
+    flag_during_scan = []
+    original = rig.table.is_pinned
+
+    def is_pinned(expert: ExpertId) -> bool:
+        flag_during_scan.append(rig.table.waiting_for_slot)
+        return original(expert)
+
+    rig.table.is_pinned = is_pinned  # type: ignore[method-assign]
+    rig.gate(2, at=(0, 1))
+    assert flag_during_scan and all(flag_during_scan)
 
 
 # ---------------------------------------------------------------- predictions (promoe)
