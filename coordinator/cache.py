@@ -50,7 +50,7 @@ class InFlightLoad:
 
 @dataclass
 class CacheCounters:
-    """Totals since start; the coordinator snapshots them around each request."""
+    """What the cache did: since start (``CacheDirectory.counters``) or for one request (``request_counters``)."""
 
     loads_issued: int = 0
     experts_loaded: int = 0
@@ -76,13 +76,17 @@ class CacheDirectory:
         self.layout = layout
         self.policy = policy
         self.counters = CacheCounters()
+        """Totals since start."""
+        self.request_counters = CacheCounters()
+        """The current request's share: loads it issued, wherever they complete (not those of an earlier one)."""
         self.request_id: RequestId | None = None
         self.position: Position = (-1, -1)
         self._next_load_id = 1
         self._in_flight: dict[LoadId, InFlightLoad] = {}
         self._loading: dict[ExpertId, LoadId] = {}
         self._waiting: deque[ExpertId] = deque()
-        self._unused_since_load: set[ExpertId] = set()
+        self._unused_since_load: dict[ExpertId, RequestId | None] = {}
+        """Speculatively loaded experts no gate has chosen since, and the request that loaded each."""
         self._protected: dict[ExpertId, Position] = {}
         self._predictions: dict[Position, set[ExpertId]] = {}
         self._preempting: set[LoadId] = set()
@@ -113,6 +117,7 @@ class CacheDirectory:
 
     def begin_request(self, request_id: RequestId) -> None:
         self.request_id = request_id
+        self.request_counters = CacheCounters()
         self.position = (-1, -1)
         self._last_chosen.clear()
         self._protected.clear()
@@ -140,15 +145,20 @@ class CacheDirectory:
                 break
             self._start_load(expert, slot, PRIORITY_SPECULATIVE, target)
 
-    def on_gate(self, step: int, layer: int, experts: list[ExpertId]) -> None:
-        """The gate chose ``experts`` (now pinned by the inference worker): preempt, reorder, load what is missing."""
+    def on_gate(self, step: int, layer: int, experts: list[ExpertId], ready: list[ExpertId] | None = None) -> None:
+        """The gate chose ``experts`` (now pinned by the inference worker): preempt, reorder, load what is missing.
+
+        ``ready``: the layer's experts the worker saw fully landed when its gate decided (exact FetchRate); without
+        it, readiness is read from the slot table now.
+        """
         self.position = (step, layer)
         for expert in experts:
             self._last_chosen[expert] = self.position
         chosen = set(experts)
         self.policy.record_use(experts)
-        self._unused_since_load.difference_update(experts)
-        self._score_prediction(chosen)
+        for expert in experts:
+            self._unused_since_load.pop(expert, None)
+        self._score_prediction(chosen, ready)
         if self.policy.prefetches and self.early_preemption:
             self._preempt_speculation(chosen)
         if not self.policy.keeps_experts:
@@ -170,8 +180,7 @@ class CacheDirectory:
             return
         del self._loading[load.expert]
         if self.table.mark_resident(load.slot, seq):
-            self.counters.experts_loaded += 1
-            self.counters.bytes_loaded += self.layout.expert_nbytes
+            self._charge(load.request_id, experts_loaded=1, bytes_loaded=self.layout.expert_nbytes)
             self.policy.record_load(load.expert)
         self._assign_waiting()
 
@@ -184,9 +193,8 @@ class CacheDirectory:
             if load is None:
                 continue
             del self._loading[load.expert]
-            self._unused_since_load.discard(load.expert)
-            self.counters.wasted_bytes += done * chunk_nbytes
-            self.counters.preempted += 1
+            self._unused_since_load.pop(load.expert, None)
+            self._charge(load.request_id, wasted_bytes=done * chunk_nbytes, preempted=1)
             self.table.release(load.slot)
             if self.table.is_pinned(load.expert) and load.expert not in self._waiting:
                 self._waiting.append(load.expert)  # the gate chose it while its preemption was under way
@@ -196,6 +204,13 @@ class CacheDirectory:
         """The inference worker unpinned experts: slots may have become evictable."""
         self._assign_waiting()
 
+    def end_request(self) -> None:
+        """The request finished: speculation for its later tokens is useless now; drop it from the loader queue."""
+        self._preempt([load for load in self._in_flight.values()
+                       if load.target is not None and load.load_id not in self._preempting])
+        self._protected.clear()
+        self._predictions.clear()
+
     def forget_request(self) -> None:
         """After a failed request nothing is in use or waited for any more."""
         self.table.expert_pin[:] = 0
@@ -203,18 +218,31 @@ class CacheDirectory:
         self.table.waiting_for_slot = False
 
     # ------------------------------------------------------------ internals
-    def _score_prediction(self, chosen: set[ExpertId]) -> None:
+    def _charge(self, request_id: RequestId | None, **amounts: int) -> None:
+        """Add to the totals and, if ``request_id`` is the current request, to its counters."""
+        targets = [self.counters] + ([self.request_counters] if request_id == self.request_id else [])
+        for counters in targets:
+            for name, amount in amounts.items():
+                setattr(counters, name, getattr(counters, name) + amount)
+
+    def _score_prediction(self, chosen: set[ExpertId], ready: list[ExpertId] | None) -> None:
         if not self.policy.prefetches:
             return
-        self.counters.chosen += len(chosen)
         predicted = self._predictions.pop(self.position, None)
         for position in [p for p in self._predictions if p < self.position]:
             del self._predictions[position]
         if not predicted:
+            self._charge(self.request_id, chosen=len(chosen))
             return
-        self.counters.predicted += len(predicted)
-        self.counters.predicted_chosen += len(predicted & chosen)
-        self.counters.predicted_ready += sum(self.table.is_ready(self.table.lookup(e)) for e in predicted)
+        if ready is None:
+            n_ready = sum(self.table.is_ready(self.table.lookup(e)) for e in predicted)
+        else:
+            n_ready = len(predicted.intersection(ready))
+        self._charge(self.request_id, chosen=len(chosen), predicted=len(predicted),
+                     predicted_chosen=len(predicted & chosen), predicted_ready=n_ready)
+        for expert in predicted - chosen:  # a wrong guess goes to the back of the line
+            if expert in self._unused_since_load:
+                self.policy.record_unused_prefetch(expert)
 
     def _preempt_speculation(self, chosen: set[ExpertId]) -> None:
         confirmed: list[InFlightLoad] = []
@@ -295,10 +323,9 @@ class CacheDirectory:
         expert = ExpertId(int(self.table.slot_expert[slot]))
         assert self.table.slot_state[slot] != LOADING, f"slot {slot} is being loaded"
         if expert in self._unused_since_load:
-            self._unused_since_load.discard(expert)
-            self.counters.wasted_bytes += self.layout.expert_nbytes
+            self._charge(self._unused_since_load.pop(expert), wasted_bytes=self.layout.expert_nbytes)
         self.table.release(slot)
-        self.counters.evictions += 1
+        self._charge(self.request_id, evictions=1)
 
     def _start_load(self, expert: ExpertId, slot: SlotId, priority: int, target: Position | None) -> None:
         seq = self.table.assign(slot, expert)
@@ -306,7 +333,7 @@ class CacheDirectory:
         self._next_load_id += 1
         self._in_flight[load_id] = InFlightLoad(load_id, expert, slot, seq, self.request_id, target)
         self._loading[expert] = load_id
-        self.counters.loads_issued += 1
+        self._charge(self.request_id, loads_issued=1)
         if priority == PRIORITY_SPECULATIVE:
-            self._unused_since_load.add(expert)
+            self._unused_since_load[expert] = self.request_id
         self.outbox.append(LoadExpert(load_id=load_id, expert=expert, slot=slot, seq=seq, priority=priority))

@@ -6,7 +6,9 @@
   recently used candidate is evicted.
 - ``lfu``: the least frequently chosen candidate is evicted (ties: least recently used), after seeds/003.
 - ``promoe``: LRU in which a prefetch counts as a use (as in the ProMoE paper), plus prediction-driven prefetching
-  (the only policy that prefetches). The cache directory never evicts an expert predicted for the window.
+  (the only policy that prefetches). The cache directory never evicts an expert predicted for the window. A
+  prefetched expert that the gate of its layer then did not choose loses its recency: it goes first, so that wrong
+  guesses do not push out experts that were really used.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ class CachePolicy(Protocol):
 
     def record_load(self, expert: ExpertId) -> None: ...
 
+    def record_unused_prefetch(self, expert: ExpertId) -> None:
+        """The gate of the layer ``expert`` was prefetched for did not choose it."""
+
     def choose_victim(self, candidates: list[ExpertId]) -> ExpertId: ...
 
 
@@ -39,6 +44,9 @@ class OnDemandPolicy:
         pass
 
     def record_load(self, expert: ExpertId) -> None:
+        pass
+
+    def record_unused_prefetch(self, expert: ExpertId) -> None:
         pass
 
     def choose_victim(self, candidates: list[ExpertId]) -> ExpertId:
@@ -66,6 +74,9 @@ class LruPolicy:
         if expert not in self._last_use:
             self._touch(expert)
 
+    def record_unused_prefetch(self, expert: ExpertId) -> None:
+        pass
+
     def choose_victim(self, candidates: list[ExpertId]) -> ExpertId:
         return min(candidates, key=lambda e: self._last_use.get(e, 0))
 
@@ -92,6 +103,9 @@ class PromoePolicy(LruPolicy):
 
     def record_load(self, expert: ExpertId) -> None:
         self._touch(expert)  # a prefetch counts as a use
+
+    def record_unused_prefetch(self, expert: ExpertId) -> None:
+        self._last_use[expert] = 0  # a wrong guess, never used: first to go
 
 
 def make_policy(name: str) -> CachePolicy:

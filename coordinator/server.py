@@ -72,7 +72,6 @@ class PendingRequest:
 @dataclass
 class RunningRequest:
     pending: PendingRequest
-    counters_at_start: CacheCounters
     messages: int = 0
     """ZeroMQ messages the coordinator sent or received for this request."""
     gate_latency_ns: list[int] = field(default_factory=list)
@@ -136,7 +135,7 @@ class Coordinator:
     def on_gate_decided(self, msg: GateDecided) -> None:
         if self.running is not None:
             self.running.gate_latency_ns.append(now_ns() - msg.sent_ns)
-        self.cache.on_gate(msg.step, msg.layer, msg.experts)
+        self.cache.on_gate(msg.step, msg.layer, msg.experts, msg.ready_experts)
         self._send_to_loader()
 
     def on_experts_predicted(self, msg: ExpertsPredicted) -> None:
@@ -166,8 +165,9 @@ class Coordinator:
         running = self._finish(msg.request_id)
         if running is None:
             return
-        counters = self.cache.counters
-        start = running.counters_at_start
+        counters = self.cache.request_counters
+        self.cache.end_request()
+        self._send_to_loader()
         latencies = running.gate_latency_ns
         metrics: dict[str, float | int | None] = {
             "prompt_tokens": msg.prompt_tokens,
@@ -176,10 +176,10 @@ class Coordinator:
             "hit_rate": msg.expert_hits / msg.expert_uses if msg.expert_uses else None,
             "stall_ms": msg.stall_ms,
             "expert_uses": msg.expert_uses,
-            "experts_loaded": counters.experts_loaded - start.experts_loaded,
-            "bytes_loaded": counters.bytes_loaded - start.bytes_loaded,
-            "wasted_bytes": counters.wasted_bytes - start.wasted_bytes,
-            **prefetch_metrics(counters, start, enabled=self.cache.policy.prefetches),
+            "experts_loaded": counters.experts_loaded,
+            "bytes_loaded": counters.bytes_loaded,
+            "wasted_bytes": counters.wasted_bytes,
+            **prefetch_metrics(counters, enabled=self.cache.policy.prefetches),
             "zmq_messages": running.messages,
             "zmq_messages_per_token": running.messages / max(len(msg.token_ids), 1),
             "gate_message_latency_us_p50": statistics.median(latencies) / 1e3 if latencies else None,
@@ -193,7 +193,9 @@ class Coordinator:
         running = self._finish(msg.request_id)
         if running is None:
             return
+        self.cache.end_request()
         self.cache.forget_request()
+        self._send_to_loader()
         self._reply(running.pending.envelope, ErrorReported(code=msg.code, message=msg.message,
                                                             request_id=msg.request_id))
         self._start_next()
@@ -237,7 +239,7 @@ class Coordinator:
             return
         pending = self.queue.popleft()
         req = pending.request
-        self.running = RunningRequest(pending, CacheCounters(**vars(self.cache.counters)))
+        self.running = RunningRequest(pending)
         self.cache.begin_request(pending.request_id)
         send(self.send_to["inference"], StartGeneration(
             request_id=pending.request_id, max_new_tokens=req.max_new_tokens, prompt=req.prompt,
@@ -309,17 +311,15 @@ class Coordinator:
         self.ctx.term()
 
 
-def prefetch_metrics(now: CacheCounters, start: CacheCounters, enabled: bool) -> dict[str, float | None]:
+def prefetch_metrics(counters: CacheCounters, enabled: bool) -> dict[str, float | None]:
     """Precision (= the paper's accuracy), recall, FetchRate and GoodPred = accuracy x FetchRate over one request.
 
     Without prefetching they are undefined (None), not zero.
     """
     if not enabled:
         return {"prefetch_precision": None, "prefetch_recall": None, "fetch_rate": None, "goodpred": None}
-    predicted = now.predicted - start.predicted
-    correct = now.predicted_chosen - start.predicted_chosen
-    ready = now.predicted_ready - start.predicted_ready
-    chosen = now.chosen - start.chosen
+    predicted, correct = counters.predicted, counters.predicted_chosen
+    ready, chosen = counters.predicted_ready, counters.chosen
     precision = correct / predicted if predicted else None
     fetch_rate = ready / predicted if predicted else None
     return {

@@ -121,13 +121,18 @@ class StartGeneration(Message):
 
 @dataclass(frozen=True)
 class GateDecided(Message):
-    """The gate of ``layer`` chose ``experts`` for step ``step`` (0 = prefill); they are pinned until computed."""
+    """The gate of ``layer`` chose ``experts`` for step ``step`` (0 = prefill); they are pinned until computed.
+
+    ``ready_experts``: the layer's experts that were fully in the cache when the gate decided (FetchRate is judged on
+    them, not on what the coordinator finds later).
+    """
 
     TAG: ClassVar[str] = "gate_decided"
     request_id: RequestId
     step: int
     layer: int
     experts: list[ExpertId]
+    ready_experts: list[ExpertId]
     sent_ns: int
 
 

@@ -139,6 +139,16 @@ class SlotTable:
     def is_ready(self, view: SlotView | None) -> bool:
         return view is not None and view.chunks_ready >= self.n_chunks
 
+    def ready_experts(self, first: ExpertId, count: int) -> list[ExpertId]:
+        """The experts ``first .. first+count-1`` that are in a slot with every chunk landed (one vectorised read)."""
+        experts = np.arange(first, first + count)
+        slots = self.expert_slot[first : first + count]  # [count]
+        placed = slots >= 0
+        ready = np.zeros(count, dtype=bool)
+        ready[placed] = ((self.slot_ready[slots[placed]] >= self.n_chunks)
+                         & (self.slot_expert[slots[placed]] == experts[placed]))
+        return [ExpertId(int(e)) for e in experts[ready]]
+
     def still_valid(self, view: SlotView) -> bool:
         """True if the slot was not reassigned since ``view`` was read."""
         return int(self.slot_seq[view.slot]) == view.seq

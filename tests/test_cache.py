@@ -48,12 +48,14 @@ class Rig:
         self.chunk_nbytes = lay.expert_nbytes // lay.n_chunks
 
     # -------------------------------------------------------- what the inference worker, predictor and loader do
-    def gate(self, *experts: int, at: tuple[int, int] = (0, 0), pin: bool = True) -> list[Message]:
+    def gate(self, *experts: int, at: tuple[int, int] = (0, 0), pin: bool = True,
+             ready: list[int] | None = None) -> list[Message]:
         """The gate of MoE layer ``at[1]`` at step ``at[0]`` chose ``experts`` (pinned by the inference worker)."""
         ids = [ExpertId(e) for e in experts]
         if pin:
             self.table.pin(ids)
-        assert self.cache.on_gate(at[0], at[1], ids) is None
+        seen = None if ready is None else [ExpertId(e) for e in ready]
+        assert self.cache.on_gate(at[0], at[1], ids, seen) is None
         assert self.cache.position == at
         return self.drain()
 
@@ -841,3 +843,79 @@ def test_speculation_never_evicts_an_expert_chosen_within_the_last_token(make_ri
     assert rig.gate(0, at=(1, 0)) == []  # a hit, one token later; 0 is pinned and recent again, 1 is not
     assert experts_of(rig.predict(1, 2, 2 * E)) == [2 * E]
     assert rig.slot_of(1) is None and rig.slot_of(0) is not None
+
+
+def test_fetch_rate_is_judged_on_what_the_worker_saw_at_its_gate(make_rig) -> None:
+    """The worker's ``ready_experts`` decide FetchRate, not what the slot table says when the coordinator looks."""
+    rig = make_rig(n_slots=9, policy="promoe")
+    rig.cache.begin_request(RequestId(1))
+    rig.use(0, 1, at=(0, 0))
+    for load in loads_in(rig.predict(0, 1, E, E + 1)):
+        rig.loaded(load)  # both landed before the coordinator handles the gate ...
+    rig.gate(E, E + 1, at=(0, 1), ready=[E, E + 3])  # ... but the worker saw only 8 (and 11, not predicted)
+    counters = rig.cache.request_counters
+    assert (counters.predicted, counters.predicted_chosen, counters.predicted_ready) == (2, 2, 1)
+
+
+def test_promoe_evicts_a_wrong_guess_before_an_older_real_use(make_rig) -> None:
+    rig = make_rig(n_slots=3, policy="promoe")
+    rig.cache.begin_request(RequestId(1))
+    rig.use(0, at=(0, 0))
+    for load in loads_in(rig.predict(0, 1, E, E + 1)):
+        rig.loaded(load)  # prefetches count as uses: 8 and 9 are newer than 0
+    rig.use(E, at=(0, 1))  # the gate chose 8, not 9
+    assert experts_of(rig.gate(2 * E, at=(0, 2))) == [2 * E]
+    assert rig.slot_of(E + 1) is None, "the wrong guess goes first"
+    assert rig.resident() == {0, E}
+
+
+def test_lru_keeps_plain_recency_for_its_own_loads(make_rig) -> None:
+    """The contrast: without prediction the oldest use goes first."""
+    rig = make_rig(n_slots=3, policy="lru")
+    rig.cache.begin_request(RequestId(1))
+    rig.use(0, at=(0, 0))
+    rig.use(E, E + 1, at=(0, 1))
+    assert experts_of(rig.gate(2 * E, at=(0, 2))) == [2 * E]
+    assert rig.slot_of(0) is None
+
+
+def test_promoe_policy_demotes_an_unused_prefetch() -> None:
+    policy = PromoePolicy()
+    e = [ExpertId(i) for i in range(2)]
+    policy.record_use([e[0]])
+    policy.record_load(e[1])
+    assert policy.choose_victim([e[0], e[1]]) == e[0]
+    policy.record_unused_prefetch(e[1])
+    assert policy.choose_victim([e[0], e[1]]) == e[1]
+
+
+def test_request_counters_charge_loads_to_the_request_that_issued_them(make_rig) -> None:
+    rig = make_rig(n_slots=4, policy="promoe")
+    rig.cache.begin_request(RequestId(1))
+    precise = loads_in(rig.gate(0, at=(0, 0)))
+    (spec,) = loads_in(rig.predict(0, 2, 2 * E))
+    rig.cache.begin_request(RequestId(2))  # request 1's loads are still in flight
+    rig.loaded(precise[0])
+    rig.preempted([spec], [2])
+    totals, second = rig.cache.counters, rig.cache.request_counters
+    assert (totals.experts_loaded, totals.wasted_bytes, totals.loads_issued) == (1, 2 * rig.chunk_nbytes, 2)
+    assert (second.experts_loaded, second.wasted_bytes, second.loads_issued, second.preempted) == (0, 0, 0, 0)
+    rig.unpin(0)
+    for load in loads_in(rig.gate(1, at=(0, 0))):
+        rig.loaded(load)
+    assert (second.experts_loaded, second.loads_issued) == (1, 1)
+    assert (totals.experts_loaded, totals.loads_issued) == (2, 3)
+
+
+def test_end_request_preempts_its_speculation_and_nothing_else(make_rig) -> None:
+    rig = make_rig(n_slots=6, policy="promoe")
+    rig.cache.begin_request(RequestId(1))
+    rig.use(0, at=(0, 0))
+    spec = loads_in(rig.predict(0, 2, 2 * E, 2 * E + 1))
+    precise = loads_in(rig.gate(E, at=(0, 1)))
+    assert experts_of(precise) == [E]
+    rig.cache.end_request()
+    assert rig.drain() == [Preempt(load_ids=ids(*spec))]
+    assert not rig.cache.is_protected(ExpertId(2 * E))
+    rig.cache.end_request()
+    assert rig.drain() == [], "a pending preemption is not asked for twice"

@@ -86,7 +86,8 @@ class Rig:
         self.released: list[list[int]] = []
         self.backend = OffloadedExperts(
             lay, self.table, self.slots, self.modules,
-            on_gate=lambda request, layer, step, experts: self.gates.append((request, layer, step, list(experts))),
+            on_gate=lambda request, layer, step, experts, ready: self.gates.append(
+                (request, layer, step, list(experts))),
             on_released=lambda experts: self.released.append(list(experts)),
             load_timeout_s=load_timeout_s,
             reordered=reordered,

@@ -255,6 +255,24 @@ def test_readiness_needs_every_chunk(segments: Segments) -> None:
     table.close()
 
 
+def test_ready_experts_lists_a_layers_fully_landed_experts(segments: Segments) -> None:
+    table = segments.table()
+    seq4 = table.assign(SlotId(0), ExpertId(4))
+    seq5 = table.assign(SlotId(1), ExpertId(5))
+    seq2 = table.assign(SlotId(2), ExpertId(2))  # layer 0: outside the range asked for
+    table.assign(SlotId(3), ExpertId(7))  # loading, nothing landed
+    for slot, seq in ((0, seq4), (2, seq2)):
+        table.publish_ready(SlotId(slot), seq, LAYOUT.n_chunks)
+    table.publish_ready(SlotId(1), seq5, LAYOUT.n_chunks - 1)
+    assert table.ready_experts(ExpertId(4), 4) == [4]
+    table.publish_ready(SlotId(1), seq5, LAYOUT.n_chunks)
+    assert table.ready_experts(ExpertId(4), 4) == [4, 5]
+    assert table.ready_experts(ExpertId(0), 4) == [2]
+    table.release(SlotId(0))
+    assert table.ready_experts(ExpertId(4), 4) == [5]
+    table.close()
+
+
 def test_still_valid_fails_after_reassign_or_release(segments: Segments) -> None:
     table = segments.table()
     seq = table.assign(SlotId(2), ExpertId(1))

@@ -172,9 +172,10 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
 
             tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
 
-        def on_gate(request_id: int, moe_layer: int, step: int, experts: list[ExpertId]) -> None:
+        def on_gate(request_id: int, moe_layer: int, step: int, experts: list[ExpertId],
+                    ready: list[ExpertId]) -> None:
             send(send_to_coordinator, GateDecided(request_id=RequestId(request_id), step=step, layer=moe_layer,
-                                                  experts=experts, sent_ns=now_ns()))
+                                                  experts=experts, ready_experts=ready, sent_ns=now_ns()))
 
         def on_released(experts: list[ExpertId]) -> None:
             send(send_to_coordinator, ExpertsReleased(experts=experts))

@@ -51,7 +51,7 @@ class OffloadedExperts:
         table: SlotTable,
         slots: CacheSlots,
         experts_modules: list[nn.Module],
-        on_gate: Callable[[int, int, int, list[ExpertId]], None],
+        on_gate: Callable[[int, int, int, list[ExpertId], list[ExpertId]], None],
         on_released: Callable[[list[ExpertId]], None],
         load_timeout_s: float,
         on_hidden: Callable[[int, int, int, torch.Tensor], None] | None = None,
@@ -101,7 +101,8 @@ class OffloadedExperts:
         ready_at_gate = sum(self.table.is_ready(self.table.lookup(eid)) for eid in expert_ids)
         self.stats.uses += len(expert_ids)
         self.stats.hits += ready_at_gate
-        self.on_gate(self.request_id, moe_layer, self.step, expert_ids)
+        ready = self.table.ready_experts(lay.expert_id(moe_layer, 0), lay.experts_per_layer)  # exact FetchRate
+        self.on_gate(self.request_id, moe_layer, self.step, expert_ids, ready)
 
         # [E+1, k, T] exactly as the eager implementation builds it, so row selection matches bit for bit
         expert_mask = F.one_hot(top_k_index, num_classes=lay.experts_per_layer + 1).permute(2, 1, 0)

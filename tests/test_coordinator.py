@@ -1,0 +1,87 @@
+"""The coordinator process's own mechanisms, driven in this process over real sockets and a real slot table."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from coordinator.server import Coordinator
+from protocol.codec import decode
+from protocol.config import RuntimeConfig
+from protocol.ids import ExpertId, LoadId, RequestId
+from protocol.messages import LoadExpert
+from shm.layout import ExpertLayout
+from shm.segment import Segment, segment_name
+from shm.slot_table import SlotTable
+
+E = 8
+LAYOUT = ExpertLayout(moe_layers=(0, 1), experts_per_layer=E, top_k=2, hidden_size=8, intermediate_size=4,
+                      storage_dtype="bfloat16", compute_dtype="float32", n_chunks=1, n_slots=2)
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Iterator[tuple[Coordinator, zmq.Socket]]:
+    run_id = f"test_{uuid.uuid4().hex[:12]}"
+    cfg = RuntimeConfig(run_id=run_id, run_dir=str(tmp_path), checkpoint="", layout=LAYOUT, policy="lru",
+                        device="cpu", bind=f"ipc://{tmp_path}/client.sock", link_gbps=None, lookahead=2,
+                        predictor_path=None, load_timeout_s=5.0, supervisor_pid=0)
+    segment = Segment.create(segment_name(run_id, "table"), SlotTable.nbytes_for(LAYOUT.n_slots, LAYOUT.n_experts))
+    table = SlotTable(segment, LAYOUT.n_slots, LAYOUT.n_experts, LAYOUT.n_chunks, init=True)
+    loader = zmq.Context.instance().socket(zmq.PULL)
+    loader.bind(cfg.endpoint("loader"))
+    coordinator = Coordinator(cfg, table)
+    try:
+        yield coordinator, loader
+    finally:
+        coordinator.close()
+        loader.close(linger=0)
+        table.close()
+        segment.unlink()
+
+
+def received_loads(loader: zmq.Socket, timeout_ms: int) -> list[LoadExpert]:
+    loads = []
+    while loader.poll(timeout_ms):
+        msg = decode(loader.recv())
+        assert isinstance(msg, LoadExpert)
+        loads.append(msg)
+        timeout_ms = 10
+    return loads
+
+
+def test_a_release_nobody_reported_is_found_by_the_retry_timer(coordinator: tuple[Coordinator, zmq.Socket]) -> None:
+    """The worker unpinned without sending ExpertsReleased (its flag read crossed the coordinator's store): the
+    waiting experts still get slots, found by the retry timer alone."""
+    coord, loader = coordinator
+    cache, table = coord.cache, coord.cache.table
+    cache.begin_request(RequestId(1))
+    first = [ExpertId(0), ExpertId(1)]
+    table.pin(first)
+    cache.on_gate(0, 0, first)
+    for load in cache.drain():
+        assert isinstance(load, LoadExpert)
+        table.publish_ready(load.slot, load.seq, 1)
+        cache.on_loaded(LoadId(load.load_id), load.seq)
+    second = [ExpertId(E), ExpertId(E + 1)]
+    table.pin(second)
+
+    async def scenario() -> list[ExpertId]:
+        cache.on_gate(0, 1, second)
+        coord._send_to_loader()  # nothing to send: both slots are pinned; the timer is armed
+        assert cache.waiting == second and table.waiting_for_slot
+        assert received_loads(loader, 20) == []
+        for expert in first:
+            table.unpin(expert)  # ... and no ExpertsReleased follows
+        deadline = asyncio.get_running_loop().time() + 2.0
+        while cache.waiting and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.001)
+        return cache.waiting
+
+    assert asyncio.run(scenario()) == []
+    assert sorted(load.expert for load in received_loads(loader, 500)) == second
+    assert coord._retry is None, "the timer stops once nothing waits"
