@@ -14,8 +14,10 @@ from protocol.messages import (
     Generate,
     GenerationDone,
     GetHealth,
+    GetStats,
     HealthReported,
     Message,
+    StatsReported,
     TokenStreamed,
 )
 
@@ -94,6 +96,12 @@ class PromoeClient:
     def health(self, timeout_s: float = 5.0) -> HealthReported:
         self.socket.send(encode(GetHealth()))
         return self._expect(self.receive(timeout_s), HealthReported)
+
+    def stats(self, timeout_s: float = 5.0) -> dict[str, float | int | None]:
+        """Totals since the runtime started (the per-request metrics, summed)."""
+        self.socket.send(encode(GetStats()))
+        reply: StatsReported = self._expect(self.receive(timeout_s), StatsReported)
+        return reply.totals
 
     @staticmethod
     def _expect(reply: Message, kind: type[Any]) -> Any:

@@ -20,7 +20,8 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from coordinator.cache import CacheCounters, CacheDirectory
+from coordinator.cache import CacheDirectory
+from coordinator.metrics import Totals, cache_metrics
 from coordinator.policies import make_policy
 from protocol.codec import MAX_MESSAGE_NBYTES, ProtocolError, decode, dispatch, encode
 from protocol.config import RuntimeConfig
@@ -36,12 +37,14 @@ from protocol.messages import (
     GenerationFailed,
     GenerationFinished,
     GetHealth,
+    GetStats,
     HealthReported,
     LoadsPreempted,
     Message,
     Ping,
     PingAnswered,
     StartGeneration,
+    StatsReported,
     TokenGenerated,
     TokenStreamed,
     WorkerStarted,
@@ -72,6 +75,8 @@ class PendingRequest:
 @dataclass
 class RunningRequest:
     pending: PendingRequest
+    started_s: float
+    """Event-loop time when it was handed to the inference worker."""
     messages: int = 0
     """ZeroMQ messages the coordinator sent or received for this request."""
     gate_latency_ns: list[int] = field(default_factory=list)
@@ -111,7 +116,9 @@ class Coordinator:
             GenerationFailed: self.on_generation_failed,
             PingAnswered: self.on_ping_answered,
         }
-        self.client_handlers: dict[type[Message], Any] = {Generate: self.on_generate, GetHealth: self.on_get_health}
+        self.totals = Totals()
+        self.client_handlers: dict[type[Message], Any] = {
+            Generate: self.on_generate, GetHealth: self.on_get_health, GetStats: self.on_get_stats}
 
     # ------------------------------------------------------------ worker events
     def _count(self) -> None:
@@ -168,6 +175,8 @@ class Coordinator:
         counters = self.cache.request_counters
         self.cache.end_request()
         self._send_to_loader()
+        wall_s = asyncio.get_running_loop().time() - running.started_s
+        self.totals.add(msg, wall_s)
         latencies = running.gate_latency_ns
         metrics: dict[str, float | int | None] = {
             "prompt_tokens": msg.prompt_tokens,
@@ -176,10 +185,8 @@ class Coordinator:
             "hit_rate": msg.expert_hits / msg.expert_uses if msg.expert_uses else None,
             "stall_ms": msg.stall_ms,
             "expert_uses": msg.expert_uses,
-            "experts_loaded": counters.experts_loaded,
-            "bytes_loaded": counters.bytes_loaded,
-            "wasted_bytes": counters.wasted_bytes,
-            **prefetch_metrics(counters, enabled=self.cache.policy.prefetches),
+            "wall_ms": wall_s * 1e3,
+            **cache_metrics(counters, self.cache.policy.prefetches, wall_s, self.cfg.link_gbps),
             "zmq_messages": running.messages,
             "zmq_messages_per_token": running.messages / max(len(msg.token_ids), 1),
             "gate_message_latency_us_p50": statistics.median(latencies) / 1e3 if latencies else None,
@@ -193,6 +200,7 @@ class Coordinator:
         running = self._finish(msg.request_id)
         if running is None:
             return
+        self.totals.requests_failed += 1
         self.cache.end_request()
         self.cache.forget_request()
         self._send_to_loader()
@@ -234,12 +242,16 @@ class Coordinator:
             round_trip_us={r: statistics.median(v) / 1e3 for r, v in self.round_trip_ns.items() if v},
         ))
 
+    def on_get_stats(self, envelope: list[bytes], msg: GetStats) -> None:
+        self._reply(envelope, StatsReported(totals=self.totals.report(
+            self.cache.counters, self.cache.policy.prefetches, self.cfg.link_gbps)))
+
     def _start_next(self) -> None:
         if self.running is not None or not self.queue:
             return
         pending = self.queue.popleft()
         req = pending.request
-        self.running = RunningRequest(pending)
+        self.running = RunningRequest(pending, asyncio.get_running_loop().time())
         self.cache.begin_request(pending.request_id)
         send(self.send_to["inference"], StartGeneration(
             request_id=pending.request_id, max_new_tokens=req.max_new_tokens, prompt=req.prompt,
@@ -309,25 +321,6 @@ class Coordinator:
             sock.close(linger=0)
         self.actx.term()
         self.ctx.term()
-
-
-def prefetch_metrics(counters: CacheCounters, enabled: bool) -> dict[str, float | None]:
-    """Precision (= the paper's accuracy), recall, FetchRate and GoodPred = accuracy x FetchRate over one request.
-
-    Without prefetching they are undefined (None), not zero.
-    """
-    if not enabled:
-        return {"prefetch_precision": None, "prefetch_recall": None, "fetch_rate": None, "goodpred": None}
-    predicted, correct = counters.predicted, counters.predicted_chosen
-    ready, chosen = counters.predicted_ready, counters.chosen
-    precision = correct / predicted if predicted else None
-    fetch_rate = ready / predicted if predicted else None
-    return {
-        "prefetch_precision": precision,
-        "prefetch_recall": correct / chosen if chosen else None,
-        "fetch_rate": fetch_rate,
-        "goodpred": precision * fetch_rate if precision is not None and fetch_rate is not None else None,
-    }
 
 
 def validate_generate(msg: Generate) -> str | None:

@@ -252,6 +252,21 @@ class HealthReported(Message):
 
 
 @dataclass(frozen=True)
+class GetStats(Message):
+    """Ask for the totals since start."""
+
+    TAG: ClassVar[str] = "get_stats"
+
+
+@dataclass(frozen=True)
+class StatsReported(Message):
+    """Totals since start: requests, tokens, hit rate, stall, loads, bytes, waste, prediction quality, link use."""
+
+    TAG: ClassVar[str] = "stats_reported"
+    totals: dict[str, float | int | None]
+
+
+@dataclass(frozen=True)
 class ErrorReported(Message):
     """The request could not be served; ``code`` is machine-readable, ``message`` says why."""
 
@@ -283,5 +298,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     GenerationDone,
     GetHealth,
     HealthReported,
+    GetStats,
+    StatsReported,
     ErrorReported,
 )

@@ -61,9 +61,19 @@ def test_promoe_reports_prediction_metrics(runtime_factory, reference):
     rt = runtime_factory("--policy", "promoe", "--cache-experts", "48", "--link-gbps", "5")
     with rt.client() as client:
         done = client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=NEW_TOKENS)
-    assert done.token_ids == reference["ids"]
+        again = client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=NEW_TOKENS)
+        totals = client.stats()
+    assert done.token_ids == again.token_ids == reference["ids"]
     m = done.metrics
     assert 0 < m["prefetch_precision"] <= 1
     assert 0 < m["prefetch_recall"] <= 1
     assert 0 <= m["fetch_rate"] <= 1
     assert m["goodpred"] == pytest.approx(m["prefetch_precision"] * m["fetch_rate"])
+    assert 0 < m["link_utilisation"] <= 1.05  # paced copies cannot beat the emulated link
+    # totals: the two requests' shares, plus what was still in flight when each reply left
+    assert (totals["requests_done"], totals["requests_failed"]) == (2, 0)
+    assert totals["tokens_generated"] == 2 * NEW_TOKENS
+    assert totals["expert_uses"] == m["expert_uses"] + again.metrics["expert_uses"]
+    assert totals["bytes_loaded"] >= m["bytes_loaded"] + again.metrics["bytes_loaded"]
+    assert totals["wasted_bytes"] >= m["wasted_bytes"] + again.metrics["wasted_bytes"]
+    assert 0 < totals["goodpred"] <= 1
