@@ -47,6 +47,8 @@ from protocol.messages import (
     StatsReported,
     TokenGenerated,
     TokenStreamed,
+    WorkerDied,
+    WorkerRestarted,
     WorkerStarted,
 )
 from shm.segment import Segment
@@ -115,7 +117,12 @@ class Coordinator:
             GenerationFinished: self.on_generation_finished,
             GenerationFailed: self.on_generation_failed,
             PingAnswered: self.on_ping_answered,
+            WorkerDied: self.on_worker_died,
+            WorkerRestarted: self.on_worker_restarted,
         }
+        self.down: set[str] = set()
+        """Workers that died and have not reported ready again."""
+        self.restarts: dict[str, int] = dict.fromkeys(WORKER_ROLES, 0)
         self.totals = Totals()
         self.client_handlers: dict[type[Message], Any] = {
             Generate: self.on_generate, GetHealth: self.on_get_health, GetStats: self.on_get_stats}
@@ -213,6 +220,34 @@ class Coordinator:
         if msg.role in self.round_trip_ns:
             self.round_trip_ns[msg.role].append(now_ns() - msg.sent_ns)
 
+    def on_worker_died(self, msg: WorkerDied) -> None:
+        """From the supervisor, which is restarting it. A dead inference worker takes the running request with it:
+        that client gets an error now; the queue waits for the restart. A dead loader's queue is re-issued when its
+        successor reports ready; meanwhile the inference worker waits on the slot table as for any slow load."""
+        log.error("%s (pid %d) died with exit code %d; the supervisor restarts it", msg.role, msg.pid, msg.exit_code)
+        self.down.add(msg.role)
+        running = self.running
+        if msg.role == "inference" and running is not None:
+            self.running = None
+            self.totals.requests_failed += 1
+            self.cache.end_request()
+            self.cache.forget_request()
+            self._send_to_loader()
+            message = (f"the inference worker died (exit code {msg.exit_code}) during this request; it is being "
+                       "restarted, later requests will be served")
+            self._reply(running.pending.envelope, ErrorReported(code="worker_died", message=message,
+                                                                request_id=running.pending.request_id))
+
+    def on_worker_restarted(self, msg: WorkerRestarted) -> None:
+        log.info("%s is back (pid %d)", msg.role, msg.pid)
+        self.down.discard(msg.role)
+        self.restarts[msg.role] = self.restarts.get(msg.role, 0) + 1
+        if msg.role == "loader":
+            self.cache.reissue_loads()
+            self._send_to_loader()
+        elif msg.role == "inference":
+            self._start_next()
+
     def _finish(self, request_id: RequestId) -> RunningRequest | None:
         running = self.running
         if running is None or running.pending.request_id != request_id:
@@ -240,6 +275,7 @@ class Coordinator:
             queued=len(self.queue),
             running=self.running.pending.request_id if self.running else None,
             round_trip_us={r: statistics.median(v) / 1e3 for r, v in self.round_trip_ns.items() if v},
+            restarts=dict(self.restarts),
         ))
 
     def on_get_stats(self, envelope: list[bytes], msg: GetStats) -> None:
@@ -247,7 +283,7 @@ class Coordinator:
             self.cache.counters, self.cache.policy.prefetches, self.cfg.link_gbps)))
 
     def _start_next(self) -> None:
-        if self.running is not None or not self.queue:
+        if self.running is not None or not self.queue or "inference" in self.down:
             return
         pending = self.queue.popleft()
         req = pending.request

@@ -36,6 +36,25 @@ class WorkerStarted(Message):
 
 
 @dataclass(frozen=True)
+class WorkerDied(Message):
+    """Supervisor -> coordinator: ``role`` exited (``exit_code``, negative for a signal); it is being restarted."""
+
+    TAG: ClassVar[str] = "worker_died"
+    role: str
+    pid: int
+    exit_code: int
+
+
+@dataclass(frozen=True)
+class WorkerRestarted(Message):
+    """Supervisor -> coordinator: the restarted ``role`` reported ready (it attached to the same shared memory)."""
+
+    TAG: ClassVar[str] = "worker_restarted"
+    role: str
+    pid: int
+
+
+@dataclass(frozen=True)
 class Ping(Message):
     """Asks a worker to answer; used for health and to measure a ZeroMQ round trip."""
 
@@ -249,6 +268,8 @@ class HealthReported(Message):
     queued: int
     running: int | None
     round_trip_us: dict[str, float]
+    restarts: dict[str, int] = field(default_factory=dict)
+    """Role -> times the supervisor restarted it since start."""
 
 
 @dataclass(frozen=True)
@@ -278,6 +299,8 @@ class ErrorReported(Message):
 
 ALL_MESSAGES: tuple[type[Message], ...] = (
     WorkerStarted,
+    WorkerDied,
+    WorkerRestarted,
     Ping,
     PingAnswered,
     LoadExpert,

@@ -83,6 +83,14 @@ class Loader:
         }
 
     def on_load_expert(self, msg: LoadExpert) -> None:
+        if self.queue.holds(msg.load_id):
+            log.debug("load %d is already queued (re-issued after a restart)", msg.load_id)
+            return
+        if msg.first_chunk == self.n_chunks:  # re-issued after a restart, every chunk had landed: only report it
+            if self.table.slot_seq[msg.slot] == msg.seq and self.table.slot_ready[msg.slot] >= self.n_chunks:
+                send(self.send_to_coordinator, ExpertLoaded(load_id=msg.load_id, expert=msg.expert, slot=msg.slot,
+                                                            seq=msg.seq, nbytes=0, copy_ns=0))
+            return
         self.queue.push(QueuedLoad.from_message(msg, self.n_chunks))
         self._load_started_ns[msg.load_id] = now_ns()
         self._load_nbytes[msg.load_id] = 0
@@ -158,7 +166,11 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
     slots = CacheSlots(Segment.attach(cfg.segment("slots")), lay)
     table = SlotTable(Segment.attach(cfg.segment("table")), lay.n_slots, lay.n_experts, lay.n_chunks, init=False)
     try:
-        fill_store(cfg, store)
+        if table.store_filled:
+            log.info("restarted: the host store is already filled")
+        else:
+            fill_store(cfg, store)
+            table.store_filled = True
         loader = Loader(cfg, table, CpuCopyEngine(store, slots, cfg.link_gbps), sockets.inbox,
                         sockets.send_to_coordinator)
         sockets.announce_ready()
