@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deadline for one layer's experts to arrive before the request fails")
     p.add_argument("--run-root", type=Path, default=None,
                    help="where the run directory (ipc:// sockets, runtime.json) is made (default: $TMPDIR)")
+    p.add_argument("--drain-timeout-s", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, how long accepted requests may take to finish (default 30)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -185,9 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         supervisor.start(args.ready_timeout_s)
         if wants_one_shot:
             return one_shot(args, cfg.bind, while_waiting=supervisor.check)
-        log.info("ready: serving on %s (Ctrl-C to stop)", cfg.bind)
-        while True:
-            supervisor.wait(3600)
+        log.info("ready: serving on %s (Ctrl-C or SIGTERM drains and stops; twice stops at once)", cfg.bind)
+        try:
+            while True:
+                supervisor.wait(3600)
+        except KeyboardInterrupt:
+            supervisor.drain(args.drain_timeout_s)
+            return 0
     except WorkerDead as exc:
         log.error("%s", exc)
         return 1

@@ -27,6 +27,8 @@ from protocol.codec import MAX_MESSAGE_NBYTES, ProtocolError, decode, dispatch, 
 from protocol.config import RuntimeConfig
 from protocol.ids import RequestId
 from protocol.messages import (
+    Drained,
+    DrainRequested,
     ErrorReported,
     ExpertLoaded,
     ExpertsPredicted,
@@ -119,7 +121,11 @@ class Coordinator:
             PingAnswered: self.on_ping_answered,
             WorkerDied: self.on_worker_died,
             WorkerRestarted: self.on_worker_restarted,
+            DrainRequested: self.on_drain_requested,
         }
+        self.draining = False
+        """Set by ``DrainRequested``: new requests are refused, accepted ones finish."""
+        self._drained_sent = False
         self.down: set[str] = set()
         """Workers that died and have not reported ready again."""
         self.restarts: dict[str, int] = dict.fromkeys(WORKER_ROLES, 0)
@@ -237,6 +243,7 @@ class Coordinator:
                        "restarted, later requests will be served")
             self._reply(running.pending.envelope, ErrorReported(code="worker_died", message=message,
                                                                 request_id=running.pending.request_id))
+        self._report_if_drained()
 
     def on_worker_restarted(self, msg: WorkerRestarted) -> None:
         log.info("%s is back (pid %d)", msg.role, msg.pid)
@@ -248,6 +255,32 @@ class Coordinator:
         elif msg.role == "inference":
             self._start_next()
 
+    def on_drain_requested(self, msg: DrainRequested) -> None:
+        log.info("draining: %d running, %d queued; new requests are refused", self.running is not None,
+                 len(self.queue))
+        self.draining = True
+        asyncio.get_running_loop().call_later(msg.timeout_s, self._drain_expired)
+        self._report_if_drained()
+
+    def _drain_expired(self) -> None:
+        if not self._drained_sent:
+            log.warning("drain deadline passed: answering what is left with shutting_down")
+            self.answer_all("shutting_down", "the runtime is stopping (drain deadline passed)")
+            self._report_if_drained()
+
+    def _report_if_drained(self) -> None:
+        if self.draining and not self._drained_sent and self.running is None and not self.queue:
+            self._drained_sent = True
+            send(self.send_to_supervisor, Drained())
+
+    def answer_all(self, code: str, message: str) -> None:
+        """Answer the running request and every queued one with an error (none is left unanswered)."""
+        held = ([self.running.pending] if self.running is not None else []) + list(self.queue)
+        self.running = None
+        self.queue.clear()
+        for pending in held:
+            self._reply(pending.envelope, ErrorReported(code=code, message=message, request_id=pending.request_id))
+
     def _finish(self, request_id: RequestId) -> RunningRequest | None:
         running = self.running
         if running is None or running.pending.request_id != request_id:
@@ -258,6 +291,9 @@ class Coordinator:
 
     # ------------------------------------------------------------ client requests
     def on_generate(self, envelope: list[bytes], msg: Generate) -> None:
+        if self.draining:
+            self._reply(envelope, ErrorReported(code="shutting_down", message="the runtime is stopping"))
+            return
         problem = validate_generate(msg)
         if problem is not None:
             self._reply(envelope, ErrorReported(code="bad_request", message=problem))
@@ -276,6 +312,7 @@ class Coordinator:
             running=self.running.pending.request_id if self.running else None,
             round_trip_us={r: statistics.median(v) / 1e3 for r, v in self.round_trip_ns.items() if v},
             restarts=dict(self.restarts),
+            draining=self.draining,
         ))
 
     def on_get_stats(self, envelope: list[bytes], msg: GetStats) -> None:
@@ -283,6 +320,7 @@ class Coordinator:
             self.cache.counters, self.cache.policy.prefetches, self.cfg.link_gbps)))
 
     def _start_next(self) -> None:
+        self._report_if_drained()
         if self.running is not None or not self.queue or "inference" in self.down:
             return
         pending = self.queue.popleft()
@@ -348,7 +386,9 @@ class Coordinator:
         for task in done:
             if task is not stopper and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
-        log.info("coordinator stopping (SIGTERM); %d queued request(s) dropped with the runtime", len(self.queue))
+        log.info("coordinator stopping (SIGTERM); answering %d request(s) with shutting_down",
+                 len(self.queue) + (self.running is not None))
+        self.answer_all("shutting_down", "the runtime is stopping")
 
     def close(self) -> None:
         self.client_router.close(linger=0)

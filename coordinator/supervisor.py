@@ -32,7 +32,7 @@ import zmq
 
 from protocol.codec import MAX_MESSAGE_NBYTES, ProtocolError, decode
 from protocol.config import ROLES, RuntimeConfig
-from protocol.messages import WorkerDied, WorkerRestarted, WorkerStarted
+from protocol.messages import Drained, DrainRequested, WorkerDied, WorkerRestarted, WorkerStarted
 from shm.cache_slots import CacheSlots
 from shm.expert_store import HostExpertStore
 from shm.hidden_exchange import HiddenExchange
@@ -50,6 +50,9 @@ MODULES = {
     "loader": "workers.loader",
 }
 RESTARTABLE = ("inference", "predictor", "loader")
+HURRIED_STOP_S = 1.0
+"""After a second signal, how long processes get to exit on SIGTERM before SIGKILL (the coordinator answers the
+requests it holds with ``shutting_down`` on its way out)."""
 
 
 class Supervisor:
@@ -66,7 +69,9 @@ class Supervisor:
         self.ready_timeout_s = 180.0
         self.restarts: dict[str, int] = dict.fromkeys(RESTARTABLE, 0)
         self.send_to_coordinator: zmq.Socket | None = None
-        self.stop_signal: int | None = None
+        self.signals: list[int] = []
+        """SIGINT/SIGTERM received, in order: the first drains (when serving), a second stops at once."""
+        self._drained = False
         self._stopped = False
         self._ctx = zmq.Context()
         self.recv_from_workers: zmq.Socket | None = None
@@ -145,6 +150,9 @@ class Supervisor:
             except ProtocolError as exc:
                 log.error("dropped a frame on the supervisor socket: %s", exc)
                 continue
+            if isinstance(msg, Drained):
+                self._drained = True
+                continue
             if not isinstance(msg, WorkerStarted) or self._starting.pop(msg.role, None) is None:
                 log.error("unexpected %s on the supervisor socket", type(msg).__name__)
                 continue
@@ -157,9 +165,7 @@ class Supervisor:
     # ------------------------------------------------------------ watch
     def _install_signal_handlers(self) -> None:
         def on_signal(signum: int, frame: FrameType | None) -> None:
-            if self.stop_signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C: stop waiting politely
-            self.stop_signal = signum
+            self.signals.append(signum)
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
@@ -196,16 +202,37 @@ class Supervisor:
         late = sorted(role for role, deadline in self._starting.items() if time.monotonic() > deadline)
         if late:
             raise WorkerDead(f"no ready report within {self.ready_timeout_s:.0f} s from: {', '.join(late)}")
-        if self.stop_signal is not None:
-            raise KeyboardInterrupt(f"signal {self.stop_signal}")
+        if self.signals:
+            raise KeyboardInterrupt(f"signal {self.signals[0]}")
+
+    def drain(self, timeout_s: float) -> None:
+        """Ask the coordinator to finish the accepted requests and refuse new ones; return when it reports
+        ``Drained``, when ``timeout_s`` (plus a grace second) has passed, on a second signal, or if a process died."""
+        signals = len(self.signals)
+        assert self.send_to_coordinator is not None
+        send(self.send_to_coordinator, DrainRequested(timeout_s=timeout_s))
+        log.info("draining: finishing accepted requests (at most %.0f s; signal again to stop at once)", timeout_s)
+        deadline = time.monotonic() + timeout_s + 1.0
+        while not self._drained and len(self.signals) == signals:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("the coordinator did not report drained within %.0f s", timeout_s)
+                return
+            try:
+                self.wait(remaining)
+            except WorkerDead as exc:
+                log.error("%s while draining", exc)
+                return
+            except KeyboardInterrupt:
+                pass  # the first signal is still recorded; the loop condition looks for a second one
 
     # ------------------------------------------------------------ the one shutdown path
     def shutdown(self, reason: str) -> None:
         if self._stopped:
             return
         self._stopped = True
-        log.info("shutting down: %s", reason)
-        hurry = False
+        hurry = len(self.signals) > 1  # a second signal: do not wait politely
+        log.info("shutting down%s: %s", " at once" if hurry else "", reason)
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             nonlocal hurry
@@ -216,9 +243,10 @@ class Supervisor:
         for child in self.children.values():
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.stop_timeout_s
+        started = time.monotonic()
         for role, child in self.children.items():
-            while child.poll() is None and not hurry and time.monotonic() < deadline:
+            while child.poll() is None and time.monotonic() - started < (HURRIED_STOP_S if hurry else
+                                                                         self.stop_timeout_s):
                 time.sleep(0.02)
             if child.poll() is None:
                 log.warning("%s (pid %d) still running after SIGTERM: killing it", role, child.pid)

@@ -55,6 +55,22 @@ class WorkerRestarted(Message):
 
 
 @dataclass(frozen=True)
+class DrainRequested(Message):
+    """Supervisor -> coordinator (first SIGTERM/SIGINT): refuse new requests, finish the accepted ones within
+    ``timeout_s``, answer what is left with ``shutting_down``, then report ``Drained``."""
+
+    TAG: ClassVar[str] = "drain_requested"
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class Drained(Message):
+    """Coordinator -> supervisor: no request is running or queued any more; the runtime may stop."""
+
+    TAG: ClassVar[str] = "drained"
+
+
+@dataclass(frozen=True)
 class Ping(Message):
     """Asks a worker to answer; used for health and to measure a ZeroMQ round trip."""
 
@@ -270,6 +286,8 @@ class HealthReported(Message):
     round_trip_us: dict[str, float]
     restarts: dict[str, int] = field(default_factory=dict)
     """Role -> times the supervisor restarted it since start."""
+    draining: bool = False
+    """True once the runtime was asked to stop: new requests are refused with ``shutting_down``."""
 
 
 @dataclass(frozen=True)
@@ -301,6 +319,8 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     WorkerStarted,
     WorkerDied,
     WorkerRestarted,
+    DrainRequested,
+    Drained,
     Ping,
     PingAnswered,
     LoadExpert,

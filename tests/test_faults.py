@@ -131,6 +131,57 @@ def test_sigterm_stops_the_runtime_cleanly(runtime):
     runtime.assert_nothing_left()
 
 
+def wait_draining(rt, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    with rt.client() as client:
+        while not client.health(timeout_s=5.0).draining:
+            assert time.monotonic() < deadline, f"not draining after {timeout_s} s:\n{rt.log()}"
+            time.sleep(0.05)
+
+
+def test_sigterm_drains_the_request_in_progress_and_refuses_new_ones(runtime_factory, reference):
+    rt = runtime_factory("--policy", "lru", "--cache-experts", "24", "--link-gbps", "0.5")
+    refused: list[RequestFailed] = []
+
+    def on_token(token: TokenStreamed) -> None:
+        if token.index == 1 and not refused:
+            rt.proc.send_signal(signal.SIGTERM)
+            wait_draining(rt)
+            with rt.client() as other, pytest.raises(RequestFailed) as error:
+                other.generate(prompt_ids=PROMPT_IDS, max_new_tokens=2, timeout_s=10)
+            refused.append(error.value)
+
+    with rt.client() as client:
+        done = client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=NEW_TOKENS, on_token=on_token)
+    assert done.token_ids == reference["ids"]
+    assert refused and refused[0].code == "shutting_down"
+    assert rt.wait_exit(timeout_s=30) == 0
+    rt.assert_nothing_left()
+
+
+def test_a_second_signal_stops_at_once_and_still_answers_and_unlinks(runtime_factory):
+    rt = runtime_factory("--policy", "lru", "--cache-experts", "24", "--link-gbps", "0.05")
+    errors: list[RequestFailed] = []
+    stopped: list[float] = []
+
+    def on_token(token: TokenStreamed) -> None:
+        if token.index == 0 and not stopped:
+            rt.proc.send_signal(signal.SIGTERM)
+            wait_draining(rt)
+            rt.proc.send_signal(signal.SIGINT)
+            stopped.append(time.monotonic())
+
+    with rt.client() as client:
+        try:
+            client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=200, on_token=on_token, timeout_s=30)
+        except RequestFailed as exc:
+            errors.append(exc)
+    assert stopped and errors and errors[0].code == "shutting_down"
+    assert rt.wait_exit(timeout_s=30) == 0
+    assert time.monotonic() - stopped[0] < 5.0, "the second signal did not stop the runtime at once"
+    rt.assert_nothing_left()
+
+
 def test_kill_9_of_the_launcher_leaves_no_process_and_no_segment(runtime_factory):
     """Workers die with the supervisor (PDEATHSIG); the segments' creator is gone, its resource tracker unlinks."""
     rt = runtime_factory("--policy", "lru", "--cache-experts", "24")
