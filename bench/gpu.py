@@ -98,7 +98,8 @@ def model_config(spec: BenchSpec) -> Any:
         moe_intermediate_size=spec.inter, shared_expert_intermediate_size=spec.shared,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
         num_experts=spec.experts, num_experts_per_tok=spec.top_k, norm_topk_prob=False, max_position_embeddings=8192,
-        rope_theta=1e6, tie_word_embeddings=False, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+        rope_parameters={"rope_theta": 1e6, "rope_type": "default"}, tie_word_embeddings=False, eos_token_id=None,
+        bos_token_id=None, pad_token_id=None)
 
 
 def build_model(spec: BenchSpec, device: torch.device) -> Any:
@@ -150,7 +151,11 @@ def write_checkpoint(model: Any, spec: BenchSpec, regime: str, work: Path) -> Pa
         shards[f"experts-{layer:02d}.safetensors"] = [
             f"model.layers.{layer}.mlp.experts.{e}.{m}_proj.weight" for e in range(spec.experts)
             for m in ("gate", "up", "down")]
-    if not (shared / "complete").is_file():
+    # the in-memory model is regenerated from the seed every run: reuse the files only if they came from the same
+    # generator (spec, torch version, device type)
+    device_type = next(model.parameters()).device.type
+    marker = json.dumps({"spec": asdict(spec), "torch": torch.__version__, "device": device_type})
+    if not (shared / "complete").is_file() or (shared / "complete").read_text() != marker:
         shutil.rmtree(shared, ignore_errors=True)
         shared.mkdir(parents=True)
         started = time.perf_counter()
@@ -165,7 +170,7 @@ def write_checkpoint(model: Any, spec: BenchSpec, regime: str, work: Path) -> Pa
                 tensors[f"{prefix}.up_proj.weight"] = gate_up[e, spec.inter :].clone()
                 tensors[f"{prefix}.down_proj.weight"] = down[e].clone()
             save_file(tensors, str(shared / f"experts-{layer:02d}.safetensors"))
-        (shared / "complete").write_text(json.dumps(asdict(spec)))
+        (shared / "complete").write_text(marker)
         log(f"wrote the shared shards of {spec.name} in {time.perf_counter() - started:.1f} s")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -256,9 +261,10 @@ def run(ckpt: Path, root: Path, name: str, flags: list[str], prompt: list[int], 
     finally:
         rt.stop()
     m = done.metrics
-    return {"ttft_ms": m["ttft_ms"], "tpot_ms": m["tpot_ms"], "stall_ms": m["stall_ms"], "hit_rate": m["hit_rate"],
+    ttft_ms, tpot_ms = float(m["ttft_ms"] or 0.0), float(m["tpot_ms"] or 0.0)
+    return {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "stall_ms": m["stall_ms"], "hit_rate": m["hit_rate"],
             "goodpred": m["goodpred"], "bytes_loaded": m["bytes_loaded"],
-            "time_ms": m["ttft_ms"] + m["tpot_ms"] * (len(done.token_ids) - 1), "tokens": done.token_ids,
+            "time_ms": ttft_ms + tpot_ms * (len(done.token_ids) - 1), "tokens": done.token_ids,
             "wall_s": time.perf_counter() - started}
 
 
@@ -337,9 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     cases: list[tuple[str, str, int, list[str], bool]] = []
     for regime in regimes:
         cases.append((regime, "all_resident", n_experts, ["--policy", "lru"], True))
-    for regime in regimes:
-        pred = ["--predictor", str(per_regime[regime]["predictor"])]
-        for f in fractions:
+    for f in fractions:  # the smaller cache of both regimes first: if the budget runs out, larger caches go
+        for regime in regimes:
+            pred = ["--predictor", str(per_regime[regime]["predictor"])]
             for policy in policies:
                 cases.append((regime, policy, sizes[f], ["--policy", policy, *(pred if policy == "promoe" else [])],
                               False))

@@ -85,6 +85,7 @@ class GpuSlots(SlotArray):
     def attach(cls, msg: SlotsExported, layout: ExpertLayout) -> GpuSlots:
         """Map the inference worker's slots in this process (the loader)."""
         check_export(msg, layout)
+        torch.cuda.init()  # as torch's own rebuild_cuda_tensor does before mapping: the C++ side expects it
         storage = torch.UntypedStorage._new_shared_cuda(
             msg.device, msg.handle, msg.storage_nbytes, msg.storage_offset_nbytes, msg.ref_counter_handle,
             msg.ref_counter_offset, msg.event_handle, msg.event_sync_required)
