@@ -315,3 +315,32 @@ def test_read_fence_and_slot_views_are_device_neutral() -> None:
     assert arr.gate_up(SlotId(1)).shape == (2 * lay.intermediate_size, lay.hidden_size)
     assert arr.down(SlotId(1)).shape == (lay.hidden_size, lay.intermediate_size)
     assert float(arr.down(SlotId(1))[0, 0]) == lay.expert_numel + 2 * lay.intermediate_size * lay.hidden_size
+
+
+# ---------------------------------------------------------------- start-up: the loader waits for the export
+@pytest.mark.timeout(30)
+def test_loader_waits_for_the_export_and_keeps_what_came_before(tmp_path: Path) -> None:
+    import zmq
+
+    from protocol.messages import Ping
+    from workers.bootstrap import Inbox, push_socket, send
+    from workers.loader import wait_for_slots
+
+    ctx = zmq.Context()
+    endpoint = f"ipc://{tmp_path / 'loader.sock'}"
+    inbox = Inbox(ctx, endpoint)
+    to_loader = push_socket(ctx, endpoint)
+    try:
+        with pytest.raises(TimeoutError, match="SlotsExported"):
+            wait_for_slots(inbox, 0.3, [])
+        send(to_loader, Ping(nonce=7, sent_ns=1))
+        send(to_loader, exported())
+        send(to_loader, Ping(nonce=8, sent_ns=2))
+        early: list = []
+        assert wait_for_slots(inbox, 5.0, early) == exported()
+        assert early == [Ping(nonce=7, sent_ns=1)], "a message that came before the export is kept, in order"
+        assert inbox.poll(1.0) == Ping(nonce=8, sent_ns=2), "what comes after stays in the inbox"
+    finally:
+        to_loader.close(linger=0)
+        inbox.close()
+        ctx.term()
