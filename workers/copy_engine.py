@@ -179,6 +179,8 @@ class CudaCopyEngine:
         return len(self._in_flight)
 
     def close(self) -> None:
-        self.stream.synchronize()  # no DMA may still read the store once it is unregistered and unmapped
-        self._in_flight.clear()
-        self.pinned.close()
+        try:
+            self.stream.synchronize()  # no DMA may still read the store once it is unregistered and unmapped
+        finally:
+            self._in_flight.clear()
+            self.pinned.close()

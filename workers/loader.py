@@ -183,7 +183,10 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
         loader.serve()
     finally:
         if engine is not None:
-            engine.close()
+            try:
+                engine.close()
+            except RuntimeError:  # e.g. a CUDA error after the inference worker died: still unmap the rest
+                log.exception("closing the copy engine failed")
         store.close()
         if slots is not None:
             slots.close()
