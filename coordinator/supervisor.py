@@ -104,15 +104,16 @@ class Supervisor:
         lay = self.cfg.layout
         store = Segment.create(self.cfg.segment("store"), HostExpertStore.nbytes_for(lay))
         self.segments.append(store)
-        slots = Segment.create(self.cfg.segment("slots"), CacheSlots.nbytes_for(lay))
-        self.segments.append(slots)
+        slots_nbytes = CacheSlots.nbytes_for(lay)
+        if self.cfg.device != "cuda":  # on the CUDA path the slots live in the inference worker's GPU memory
+            self.segments.append(Segment.create(self.cfg.segment("slots"), slots_nbytes))
         table = Segment.create(self.cfg.segment("table"), SlotTable.nbytes_for(lay.n_slots, lay.n_experts))
         self.segments.append(table)
         SlotTable(table, lay.n_slots, lay.n_experts, lay.n_chunks, init=True).close()
         self.segments.append(Segment.create(self.cfg.segment("hidden"), HiddenExchange.nbytes_for(
             len(lay.moe_layers), lay.hidden_size, self.cfg.hidden_max_tokens)))
-        log.info("run %s: shared memory store %.1f MB, slots %.1f MB (%d experts of %d)", self.cfg.run_id,
-                 store.nbytes / 1e6, slots.nbytes / 1e6, lay.n_slots, lay.n_experts)
+        log.info("run %s: shared memory store %.1f MB, slots %.1f MB on %s (%d experts of %d)", self.cfg.run_id,
+                 store.nbytes / 1e6, slots_nbytes / 1e6, self.cfg.device, lay.n_slots, lay.n_experts)
 
     def _spawn(self, role: str) -> None:
         env = dict(os.environ)

@@ -139,6 +139,40 @@ class LoadsPreempted(Message):
     chunks_done: list[int]
 
 
+# ---------------------------------------------------------------- inference -> loader (CUDA path, once at start-up)
+@dataclass(frozen=True)
+class SlotsExported(Message):
+    """The inference worker's GPU cache slots, exported by CUDA IPC: the fields of torch's
+    ``UntypedStorage._share_cuda_()`` tuple, one typed field each (no pickle), plus the geometry to check them by.
+
+    The loader rebuilds the storage with ``UntypedStorage._new_shared_cuda`` over these eight values in this order.
+    """
+
+    TAG: ClassVar[str] = "slots_exported"
+    device: int
+    """CUDA device index of the allocation."""
+    handle: bytes
+    """``cudaIpcMemHandle_t`` of the caching allocator's block that holds the slots."""
+    storage_nbytes: int
+    """Bytes of the slots' storage."""
+    storage_offset_nbytes: int
+    """Where the storage begins inside that block."""
+    ref_counter_handle: bytes
+    """Name of torch's shared reference-counter file for this export."""
+    ref_counter_offset: int
+    """This export's counter in that file."""
+    event_handle: bytes
+    """``cudaIpcEventHandle_t`` recorded after the producer's last write before export."""
+    event_sync_required: bool
+    """Whether the loader must wait on that event before touching the slots."""
+    n_slots: int
+    """Rows of the slot array."""
+    slot_numel: int
+    """Elements per slot (one expert)."""
+    dtype: str
+    """Slot dtype (a name of ``shm.layout.DTYPES``)."""
+
+
 # ---------------------------------------------------------------- coordinator <-> inference
 @dataclass(frozen=True)
 class StartGeneration(Message):
@@ -328,6 +362,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     Reorder,
     ExpertLoaded,
     LoadsPreempted,
+    SlotsExported,
     StartGeneration,
     GateDecided,
     ExpertsReleased,

@@ -27,10 +27,13 @@ class RuntimeProcess:
         root.mkdir(parents=True, exist_ok=True)
         self.address = f"ipc://{root / 'client.sock'}"
         self.log_path = root / "runtime.log"
+        # the CPU path unless a test asks for cuda: on a GPU machine launch.py would otherwise default to cuda, and
+        # the CPU oracle compares against float32 transformers
+        device = [] if "--device" in extra else ["--device", "cpu"]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
             [sys.executable, str(PROJECT_ROOT / "launch.py"), "--model-path", str(checkpoint), "--bind", self.address,
-             "--run-root", str(root), "--ready-timeout-s", str(ready_timeout_s), *extra],
+             "--run-root", str(root), "--ready-timeout-s", str(ready_timeout_s), *device, *extra],
             cwd=PROJECT_ROOT, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.children: dict[str, psutil.Process] = {}
         self.former: list[psutil.Process] = []

@@ -29,7 +29,7 @@ from protocol.messages import (
     StartGeneration,
     TokenGenerated,
 )
-from shm.cache_slots import CacheSlots
+from shm.cache_slots import CacheSlots, SlotArray
 from shm.hidden_exchange import HiddenExchange
 from shm.layout import DTYPES
 from shm.segment import Segment
@@ -83,6 +83,7 @@ class InferenceWorker:
         self.backend = backend
         self.send_to_coordinator = send_to_coordinator
         self.vocab_size = int(model.config.vocab_size)
+        self.device = next(model.parameters()).device
 
     def on_start_generation(self, msg: StartGeneration) -> None:
         try:
@@ -122,7 +123,7 @@ class InferenceWorker:
 
     def generate(self, msg: StartGeneration) -> GenerationFinished:
         ids = self.prompt_ids(msg)
-        input_ids = torch.tensor([ids], dtype=torch.long)  # [1, prompt_tokens]
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)  # [1, prompt_tokens]
         kwargs: dict[str, Any] = {"max_new_tokens": msg.max_new_tokens}
         if msg.temperature > 0:
             kwargs.update(do_sample=True, temperature=msg.temperature, top_p=msg.top_p)
@@ -155,9 +156,22 @@ class InferenceWorker:
         )
 
 
+def open_slots(cfg: RuntimeConfig, sockets: WorkerSockets) -> tuple[SlotArray, zmq.Socket | None]:
+    """CPU: attach the shared slot segment. CUDA: allocate the slots on the GPU once and export them to the loader
+    (one ``SlotsExported``; the socket stays open until shutdown so that the message is never dropped unsent)."""
+    if cfg.device != "cuda":
+        return CacheSlots(Segment.attach(cfg.segment("slots")), cfg.layout), None
+    from workers.gpu_slots import GpuSlots
+
+    gpu_slots = GpuSlots.allocate(cfg.layout, torch.device("cuda", torch.cuda.current_device()))
+    send_to_loader = push_socket(sockets.ctx, cfg.endpoint("loader"))
+    send(send_to_loader, gpu_slots.export())
+    return gpu_slots, send_to_loader
+
+
 def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
     lay = cfg.layout
-    slots = CacheSlots(Segment.attach(cfg.segment("slots")), lay)
+    slots, send_to_loader = open_slots(cfg, sockets)
     table = SlotTable(Segment.attach(cfg.segment("table")), lay.n_slots, lay.n_experts, lay.n_chunks, init=False)
     hidden_exchange = HiddenExchange(Segment.attach(cfg.segment("hidden")), len(lay.moe_layers), lay.hidden_size,
                                      cfg.hidden_max_tokens)
@@ -166,6 +180,8 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
     try:
         ckpt = open_checkpoint(cfg.checkpoint)
         model = build_skeleton(ckpt, DTYPES[lay.compute_dtype], lay.moe_layers)
+        if cfg.device == "cuda":
+            model.to(slots.slots.device)
         tokenizer = None
         if ckpt.has_tokenizer:
             from transformers import AutoTokenizer
@@ -195,6 +211,8 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
         sockets.serve({StartGeneration: worker.on_start_generation, Ping: sockets.answer_ping})
     finally:
         send_to_predictor.close(linger=0)
+        if send_to_loader is not None:
+            send_to_loader.close(linger=0)
         slots.close()
         table.close()
         hidden_exchange.close()
