@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deadline for one layer's experts to arrive before the request fails")
     p.add_argument("--run-root", type=Path, default=None,
                    help="where the run directory (ipc:// sockets, runtime.json) is made (default: $TMPDIR)")
+    p.add_argument("--heartbeat-timeout-s", type=float, default=90.0,
+                   help="kill and restart a worker that answers no ping this long (default 90; keep it above "
+                        "--load-timeout-s)")
     p.add_argument("--drain-timeout-s", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, how long accepted requests may take to finish (default 30)")
     p.add_argument("--log-level", default="INFO")
@@ -136,6 +139,7 @@ def make_config(args: argparse.Namespace, run_dir: Path, one_shot: bool):  # -> 
         run_id=uuid.uuid4().hex[:10], run_dir=str(run_dir), checkpoint=str(ckpt.path), layout=layout,
         policy=args.policy, device=device, bind=bind, link_gbps=args.link_gbps, lookahead=args.lookahead,
         predictor_path=str(args.predictor) if args.predictor else None, load_timeout_s=args.load_timeout_s,
+        heartbeat_timeout_s=args.heartbeat_timeout_s,
         supervisor_pid=os.getpid(), early_preemption=not args.no_early_preemption,
         reordered_inference=not args.no_reordered_inference)
 

@@ -51,6 +51,7 @@ from protocol.messages import (
     TokenStreamed,
     WorkerDied,
     WorkerRestarted,
+    WorkerSilent,
     WorkerStarted,
 )
 from shm.segment import Segment
@@ -129,6 +130,8 @@ class Coordinator:
         self.down: set[str] = set()
         """Workers that died and have not reported ready again."""
         self.restarts: dict[str, int] = dict.fromkeys(WORKER_ROLES, 0)
+        self._reported_silent: set[str] = set()
+        """Workers reported to the supervisor as silent, until their death is reported back."""
         self.totals = Totals()
         self.client_handlers: dict[type[Message], Any] = {
             Generate: self.on_generate, GetHealth: self.on_get_health, GetStats: self.on_get_stats}
@@ -232,6 +235,7 @@ class Coordinator:
         successor reports ready; meanwhile the inference worker waits on the slot table as for any slow load."""
         log.error("%s (pid %d) died with exit code %d; the supervisor restarts it", msg.role, msg.pid, msg.exit_code)
         self.down.add(msg.role)
+        self._reported_silent.discard(msg.role)
         running = self.running
         if msg.role == "inference" and running is not None:
             self.running = None
@@ -248,6 +252,7 @@ class Coordinator:
     def on_worker_restarted(self, msg: WorkerRestarted) -> None:
         log.info("%s is back (pid %d)", msg.role, msg.pid)
         self.down.discard(msg.role)
+        self.last_answer[msg.role] = asyncio.get_running_loop().time()
         self.restarts[msg.role] = self.restarts.get(msg.role, 0) + 1
         if msg.role == "loader":
             self.cache.reissue_loads()
@@ -364,10 +369,20 @@ class Coordinator:
             self.client_handlers[type(msg)](envelope, msg)
 
     async def ping_workers(self) -> None:
+        """Heartbeats: a ping a second to every worker; one silent for ``heartbeat_timeout_s`` (hung, stopped,
+        deadlocked: alive for the pidfd but useless) is reported to the supervisor, which kills and restarts it."""
+        loop = asyncio.get_running_loop()
         while True:
             self._ping_nonce += 1
             for role in WORKER_ROLES:
                 send(self.send_to[role], Ping(nonce=self._ping_nonce, sent_ns=now_ns()))
+                if role not in self.last_answer or role in self.down or role in self._reported_silent:
+                    continue  # still starting (the supervisor's deadline), restarting, or already reported
+                silent_s = loop.time() - self.last_answer[role]
+                if silent_s > self.cfg.heartbeat_timeout_s:
+                    log.error("%s answered no ping for %.0f s: asking the supervisor to restart it", role, silent_s)
+                    self._reported_silent.add(role)
+                    send(self.send_to_supervisor, WorkerSilent(role=role, silent_s=silent_s))
             await asyncio.sleep(PING_INTERVAL_S)
 
     async def run(self) -> None:

@@ -32,7 +32,7 @@ import zmq
 
 from protocol.codec import MAX_MESSAGE_NBYTES, ProtocolError, decode
 from protocol.config import ROLES, RuntimeConfig
-from protocol.messages import Drained, DrainRequested, WorkerDied, WorkerRestarted, WorkerStarted
+from protocol.messages import Drained, DrainRequested, WorkerDied, WorkerRestarted, WorkerSilent, WorkerStarted
 from shm.cache_slots import CacheSlots
 from shm.expert_store import HostExpertStore
 from shm.hidden_exchange import HiddenExchange
@@ -153,6 +153,12 @@ class Supervisor:
                 continue
             if isinstance(msg, Drained):
                 self._drained = True
+                continue
+            if isinstance(msg, WorkerSilent):
+                child = self.children.get(msg.role)
+                if msg.role in RESTARTABLE and child is not None and msg.role not in self._starting:
+                    log.error("%s (pid %d) silent for %.0f s: killing it", msg.role, child.pid, msg.silent_s)
+                    child.kill()  # its pidfd wakes the next wait(): the usual death-and-restart path
                 continue
             if not isinstance(msg, WorkerStarted) or self._starting.pop(msg.role, None) is None:
                 log.error("unexpected %s on the supervisor socket", type(msg).__name__)

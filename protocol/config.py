@@ -46,6 +46,8 @@ class RuntimeConfig:
     """Rows of each MoE layer's input shared with the predictor (the last ones of a long prefill)."""
     early_preemption: bool = True
     """promoe: preempt and reorder speculative loads when a gate reports (off only for ablations)."""
+    heartbeat_timeout_s: float = 90.0
+    """A worker that answers no ping for this long is killed by the supervisor (and so restarted)."""
     reordered_inference: bool = True
     """Compute experts as they become ready; off: strictly in ascending expert order (ablations)."""
 

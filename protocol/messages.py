@@ -55,6 +55,15 @@ class WorkerRestarted(Message):
 
 
 @dataclass(frozen=True)
+class WorkerSilent(Message):
+    """Coordinator -> supervisor: ``role`` answered no ping for ``silent_s``: kill it (it is then restarted)."""
+
+    TAG: ClassVar[str] = "worker_silent"
+    role: str
+    silent_s: float
+
+
+@dataclass(frozen=True)
 class DrainRequested(Message):
     """Supervisor -> coordinator (first SIGTERM/SIGINT): refuse new requests, finish the accepted ones within
     ``timeout_s``, answer what is left with ``shutting_down``, then report ``Drained``."""
@@ -353,6 +362,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     WorkerStarted,
     WorkerDied,
     WorkerRestarted,
+    WorkerSilent,
     DrainRequested,
     Drained,
     Ping,

@@ -103,6 +103,21 @@ def test_dead_inference_worker_fails_its_request_at_once_and_the_queue_is_served
     rt.assert_nothing_left()
 
 
+def test_a_hung_worker_is_killed_after_the_heartbeat_deadline_and_restarted(runtime_factory):
+    """(No generation here: with a 3 s deadline a slow token on this machine would look hung too.)"""
+    rt = runtime_factory("--policy", "promoe", "--cache-experts", "48", "--heartbeat-timeout-s", "3")
+    hung = rt.children["predictor"]
+    os.kill(hung.pid, signal.SIGSTOP)  # alive for the pidfd, deaf to pings
+    rt.wait_restarted("predictor", 1, timeout_s=60)
+    assert "predictor answered no ping" in rt.log() and "silent for" in rt.log()
+    assert rt.children["predictor"].pid != hung.pid
+    with rt.client() as client:
+        health = client.health()
+    assert all(health.workers.values()) and health.restarts == {"inference": 0, "predictor": 1, "loader": 0}
+    assert rt.stop() == 0
+    rt.assert_nothing_left()
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
