@@ -1,0 +1,111 @@
+"""Every supported architecture, from a sharded ``save_pretrained`` checkpoint: the offloaded runtime produces
+exactly the greedy tokens of plain transformers (eager experts), for token ids and for a chat-template prompt, and
+streams text that adds up to the final text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.checkpoint import open_checkpoint
+from models.skeleton import experts_modules
+from models.text import encode_prompt
+from tests.checkpoints import write_tiny_checkpoint
+from tests.conftest import PROMPT_IDS
+from tests.runtime import RuntimeProcess
+
+ARCHITECTURES = ("qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2")
+CHAT_PROMPT = "caf\u00e9?"
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-checkpoints")
+    return {arch: write_tiny_checkpoint(arch, root / arch) for arch in ARCHITECTURES}
+
+
+def reference_tokens(checkpoint: Path, dtype: torch.dtype) -> dict[str, list[int]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, experts_implementation="eager")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    out = {}
+    for name, ids in (("ids", PROMPT_IDS), ("chat", encode_prompt(tokenizer, CHAT_PROMPT, chat=True))):
+        prompt = torch.tensor([ids])
+        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
+                                   do_sample=False)
+        out[name] = generated[0, len(ids):].tolist()
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_references(tiny_checkpoints: dict[str, Path]) -> dict[str, dict[str, list[int]]]:
+    refs = {arch: reference_tokens(path, torch.float32) for arch, path in tiny_checkpoints.items()}
+    for arch, ref in refs.items():
+        assert len(set(ref["ids"] + ref["chat"])) > 2, f"{arch}: the oracle needs varying greedy output"
+    return refs
+
+
+def test_adapters_find_exactly_the_moe_layers_transformers_builds(tiny_checkpoints):
+    """The adapter's MoE layers (dense layers skipped) are those where transformers puts an experts module."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for arch, path in tiny_checkpoints.items():
+        ckpt = open_checkpoint(path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        with_experts = tuple(i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts"))
+        assert ckpt.moe_layers() == with_experts, arch
+        assert len(with_experts) < len(model.model.layers) or arch == "mixtral", f"{arch}: test a dense layer"
+        layout = ckpt.layout(n_slots=2, n_chunks=3, compute_dtype="float32")
+        assert [m.gate_up_proj.shape[0] for m in experts_modules(model, layout.moe_layers)] == [8] * len(with_experts)
+        assert len(ckpt.files) > 2, f"{arch}: the checkpoint should be sharded"
+
+
+# every architecture under both policies; each sees a small and a full cache (the default model's oracle covers
+# the whole policy x size grid)
+CASES = [("qwen2_moe", "lru", "small"), ("qwen2_moe", "promoe", "full"),
+         ("qwen3_moe", "promoe", "small"), ("qwen3_moe", "lru", "full"),
+         ("mixtral", "lru", "small"), ("mixtral", "promoe", "full"),
+         ("deepseek_v2", "promoe", "small"), ("deepseek_v2", "lru", "full")]
+
+
+@pytest.mark.parametrize(("arch", "policy", "cache"), CASES)
+def test_architecture_matches_transformers(tmp_path, tiny_checkpoints, tiny_references, arch, policy, cache):
+    ckpt = open_checkpoint(tiny_checkpoints[arch])
+    layout = ckpt.layout(n_slots=2, n_chunks=1, compute_dtype="float32")
+    n_slots = layout.top_k if cache == "small" else layout.n_experts
+    rt = RuntimeProcess(tmp_path / "rt", tiny_checkpoints[arch], "--policy", policy, "--cache-experts", str(n_slots),
+                        "--link-gbps", "20")
+    try:
+        deltas: list[str] = []
+        with rt.client() as client:
+            by_ids = client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=NEW_TOKENS)
+            chat = client.generate(prompt=CHAT_PROMPT, chat=True, max_new_tokens=NEW_TOKENS,
+                                   on_token=lambda t: deltas.append(t.text))
+    finally:
+        rt.stop()
+    rt.assert_nothing_left()
+    assert by_ids.token_ids == tiny_references[arch]["ids"]
+    assert chat.token_ids == tiny_references[arch]["chat"]
+    assert by_ids.metrics["experts_loaded"] > 0
+    assert chat.text is not None and chat.text.startswith("".join(deltas))
+    assert "\ufffd" not in "".join(deltas)[-1:], "a delta ended inside a multi-byte character"
+
+
+def test_bfloat16_compute_matches_transformers_in_bfloat16(tmp_path, tiny_checkpoints):
+    """``--dtype bfloat16``: the same tokens as transformers run in bfloat16 (the oracle in the same dtype)."""
+    path = tiny_checkpoints["qwen3_moe"]
+    expected = reference_tokens(path, torch.bfloat16)["ids"]
+    rt = RuntimeProcess(tmp_path / "rt", path, "--policy", "lru", "--cache-experts", "4", "--dtype", "bfloat16")
+    try:
+        with rt.client() as client:
+            done = client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=NEW_TOKENS)
+    finally:
+        rt.stop()
+    rt.assert_nothing_left()
+    assert "computing in bfloat16" in rt.log_path.read_text()
+    assert done.token_ids == expected
