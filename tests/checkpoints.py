@@ -10,6 +10,7 @@ import torch
 
 from models.default_model import write_byte_tokenizer
 
+ARCHITECTURES = ("qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2")
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 COMMON: dict[str, Any] = dict(vocab_size=257, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,

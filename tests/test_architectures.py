@@ -12,19 +12,11 @@ import torch
 from models.checkpoint import open_checkpoint
 from models.skeleton import experts_modules
 from models.text import encode_prompt
-from tests.checkpoints import write_tiny_checkpoint
 from tests.conftest import PROMPT_IDS
 from tests.runtime import RuntimeProcess
 
-ARCHITECTURES = ("qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2")
 CHAT_PROMPT = "caf\u00e9?"
 NEW_TOKENS = 8
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny-checkpoints")
-    return {arch: write_tiny_checkpoint(arch, root / arch) for arch in ARCHITECTURES}
 
 
 def reference_tokens(checkpoint: Path, dtype: torch.dtype) -> dict[str, list[int]]:
