@@ -7,8 +7,9 @@
 2. (a) Plain read: ``cat`` of every file to /dev/null, after asking the kernel to drop the files from the page cache
    (``posix_fadvise(DONTNEED)``; ``fincore`` reports how much was still cached), then once more warm.
 3. (b) Start-up: ``launch.py --model-path`` until every worker answers the coordinator, cold and warm page cache;
-   the loader's own "host store filled" line gives the fill alone.
-   (c) Peak memory: every 50 ms, the sum over the launcher and all its children of PSS (``memory_full_info``):
+   the loader's own "host store filled" line gives the fill alone. The same for the embedded default model (72 MB
+   of experts) gives the memory the four processes take without a big checkpoint.
+   (c) Peak memory: every 100 ms or so, the sum over the launcher and all its children of PSS (``memory_full_info``):
    shared pages (the /dev/shm store) are divided among the processes mapping them, so they count once. RSS sums
    (which count shared pages once per process) are reported beside it.
 4. Deletes the checkpoint unless ``--keep``.
@@ -38,6 +39,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 from coordinator.client import PromoeClient  # noqa: E402
 
 SHARD_NBYTES = 500 * 2**20
+SAMPLE_S = 0.1
 
 
 def write_checkpoint(out: Path, experts_gb: float, seed: int = 0) -> dict:
@@ -159,7 +161,7 @@ def measure_startup(path: Path, run_root: Path, timeout_s: float = 600) -> dict:
                 if all(health.workers.values()):
                     ready_s = time.perf_counter() - started
                     break
-                time.sleep(0.05)
+                time.sleep(SAMPLE_S)
         settled_pss, settled_rss = tree_memory(root)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -194,6 +196,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as run_root:
             results["cache_before_warm_start"] = cached_summary(args.dir)
             results["startup_warm"] = measure_startup(args.dir, Path(run_root))
+        with tempfile.TemporaryDirectory() as run_root:  # what four processes cost with next to no experts
+            from models.default_model import ensure_default_checkpoint
+
+            results["startup_embedded_default_72MB_experts"] = measure_startup(ensure_default_checkpoint(),
+                                                                               Path(run_root))
     finally:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)

@@ -3,8 +3,10 @@
 Every expert matrix is read from its shard straight into its place in the shared store (``os.preadv`` into the
 store's memory): the bytes travel page cache -> store once, no tensor is materialised in between, and no shard is
 mapped into the loader (a mapping would add the shard's pages to the loader's resident set). Shards are read in
-file order and each shard front to back, so the disk sees sequential reads. A matrix stored in another dtype than
-the store's (a mixed checkpoint) is read into a temporary buffer and converted.
+file order and each shard front to back, so the disk sees sequential reads; each shard is announced to the kernel
+(``WILLNEED``) when opened, so that it reads ahead, and the store's pages for the shard's matrices are mapped in one call each before
+reading (``Segment.populate``). Measured on a 2.4 GB checkpoint from a cold page cache, medians of 3 on a busy
+2-core VM: 5.5 s with the pages mapped first, 8.0 s faulting them in inside ``preadv``, 4.35 s for ``cat``.
 """
 
 from __future__ import annotations
@@ -85,9 +87,12 @@ def fill_store(ckpt: Checkpoint, layout: ExpertLayout, store: HostExpertStore, i
         items = sorted(by_file.get(file, []), key=lambda item: item[2].begin)
         if not items:
             continue
+        for expert, matrix, _ in items:  # map the destination pages first: faulting them in during reads is slower
+            store.populate(ExpertId(expert), matrix)
         fd = os.open(file, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)  # the whole shard: the disk reads ahead of us
             for expert, matrix, loc in items:
                 dst = store.matrix(ExpertId(expert), matrix)  # [I*H], storage dtype, in shared memory
                 if loc.dtype == storage:

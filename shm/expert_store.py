@@ -39,6 +39,12 @@ class HostExpertStore:
         offset = {"gate": 0, "up": size, "down": 2 * size}[which]
         return self.experts[expert, offset : offset + size]
 
+    def populate(self, expert: ExpertId, which: str) -> None:
+        """Map the pages of one matrix's buffer before writing it (see ``Segment.populate``)."""
+        size = self.layout.intermediate_size * self.layout.hidden_size * self.experts.element_size()
+        offset = int(expert) * self.layout.expert_nbytes + ("gate", "up", "down").index(which) * size
+        self.segment.populate(offset, size)
+
     def write_matrix(self, expert: ExpertId, which: str, tensor: torch.Tensor) -> None:
         """Copy one of ``gate``/``up``/``down`` (as stored on disk, ``[out, in]``) into the expert's buffer."""
         lay = self.layout

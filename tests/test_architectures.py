@@ -101,3 +101,25 @@ def test_bfloat16_compute_matches_transformers_in_bfloat16(tmp_path, tiny_checkp
     rt.assert_nothing_left()
     assert "computing in bfloat16" in rt.log_path.read_text()
     assert done.token_ids == expected
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2"])
+def test_routing_trace_and_predictor_training_work_for_every_architecture(tmp_path, tiny_checkpoints, arch):
+    """The router hooks of ``--train-predictor`` find every MoE layer (dense layers skipped) and record real
+    choices; the trained file loads for the runtime's predictor."""
+    from transformers import AutoModelForCausalLM
+
+    from training.predictor_training import LearnedPredictor, TrainingConfig, collect_trace, train_predictor
+
+    ckpt = open_checkpoint(tiny_checkpoints[arch])
+    layout = ckpt.layout(n_slots=2, n_chunks=1, compute_dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32, experts_implementation="eager")
+    trace = collect_trace(model, layout.moe_layers, list(range(256)) * 2, 64)
+    assert trace.chosen.shape == (len(layout.moe_layers), 8, 64, layout.top_k)
+    assert int(trace.chosen.min()) >= 0 and int(trace.chosen.max()) < layout.experts_per_layer
+    assert len(torch.unique(trace.chosen)) > layout.top_k, "the trace should see varied routing"
+    out = tmp_path / "pred.safetensors"
+    rows = train_predictor(ckpt.path, out, None, TrainingConfig(tokens=1024, window=64, hidden_units=16, epochs=1))
+    assert len(rows) == 3 * len(layout.moe_layers)
+    learned = LearnedPredictor(out, layout.hidden_size, layout.experts_per_layer)
+    assert learned.predict(torch.zeros(1, layout.hidden_size), 0, 1) is not None
