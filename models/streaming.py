@@ -3,10 +3,11 @@
 Every expert matrix is read from its shard straight into its place in the shared store (``os.preadv`` into the
 store's memory): the bytes travel page cache -> store once, no tensor is materialised in between, and no shard is
 mapped into the loader (a mapping would add the shard's pages to the loader's resident set). Shards are read in
-file order and each shard front to back, so the disk sees sequential reads; each shard is announced to the kernel
-(``WILLNEED``) when opened, so that it reads ahead, and the store's pages for the shard's matrices are mapped in one call each before
-reading (``Segment.populate``). Measured on a 2.4 GB checkpoint from a cold page cache, medians of 3 on a busy
-2-core VM: 5.5 s with the pages mapped first, 8.0 s faulting them in inside ``preadv``, 4.35 s for ``cat``.
+file order and each shard front to back, so the disk sees sequential reads; each shard is announced to the
+kernel (``WILLNEED``) when opened, so that it reads ahead, and the store's pages for the shard's matrices are
+mapped in one call each before reading (``Segment.populate``). Measured on a 2.4 GB checkpoint from a cold page
+cache, medians of 3 on a busy 2-core VM: 5.5 s with the pages mapped first, 8.0 s faulting them in inside
+``preadv``, 4.35 s for ``cat``.
 """
 
 from __future__ import annotations
