@@ -58,20 +58,22 @@ def test_adapters_find_exactly_the_moe_layers_transformers_builds(tiny_checkpoin
 
 
 # every architecture under both policies; each sees a small and a full cache (the default model's oracle covers
-# the whole policy x size grid)
-CASES = [("qwen2_moe", "lru", "small"), ("qwen2_moe", "promoe", "full"),
-         ("qwen3_moe", "promoe", "small"), ("qwen3_moe", "lru", "full"),
-         ("mixtral", "lru", "small"), ("mixtral", "promoe", "full"),
-         ("deepseek_v2", "promoe", "small"), ("deepseek_v2", "lru", "full")]
+# the whole policy x size grid); one case computes in bfloat16 against transformers in bfloat16
+CASES = [("qwen2_moe", "lru", "small", "float32"), ("qwen2_moe", "promoe", "full", "float32"),
+         ("qwen3_moe", "promoe", "small", "float32"), ("qwen3_moe", "lru", "full", "bfloat16"),
+         ("mixtral", "lru", "small", "float32"), ("mixtral", "promoe", "full", "float32"),
+         ("deepseek_v2", "promoe", "small", "float32"), ("deepseek_v2", "lru", "full", "float32")]
 
 
-@pytest.mark.parametrize(("arch", "policy", "cache"), CASES)
-def test_architecture_matches_transformers(tmp_path, tiny_checkpoints, tiny_references, arch, policy, cache):
+@pytest.mark.parametrize(("arch", "policy", "cache", "dtype"), CASES)
+def test_architecture_matches_transformers(tmp_path, tiny_checkpoints, tiny_references, arch, policy, cache, dtype):
     ckpt = open_checkpoint(tiny_checkpoints[arch])
     layout = ckpt.layout(n_slots=2, n_chunks=1, compute_dtype="float32")
     n_slots = layout.top_k if cache == "small" else layout.n_experts
+    expected = tiny_references[arch] if dtype == "float32" else reference_tokens(tiny_checkpoints[arch],
+                                                                                 getattr(torch, dtype))
     rt = RuntimeProcess(tmp_path / "rt", tiny_checkpoints[arch], "--policy", policy, "--cache-experts", str(n_slots),
-                        "--link-gbps", "20")
+                        "--link-gbps", "20", "--dtype", dtype)
     try:
         deltas: list[str] = []
         with rt.client() as client:
@@ -81,26 +83,12 @@ def test_architecture_matches_transformers(tmp_path, tiny_checkpoints, tiny_refe
     finally:
         rt.stop()
     rt.assert_nothing_left()
-    assert by_ids.token_ids == tiny_references[arch]["ids"]
-    assert chat.token_ids == tiny_references[arch]["chat"]
+    assert f"computing in {dtype} on CPU" in rt.log_path.read_text()
+    assert by_ids.token_ids == expected["ids"]
+    assert chat.token_ids == expected["chat"]
     assert by_ids.metrics["experts_loaded"] > 0
     assert chat.text is not None and chat.text.startswith("".join(deltas))
     assert "\ufffd" not in "".join(deltas)[-1:], "a delta ended inside a multi-byte character"
-
-
-def test_bfloat16_compute_matches_transformers_in_bfloat16(tmp_path, tiny_checkpoints):
-    """``--dtype bfloat16``: the same tokens as transformers run in bfloat16 (the oracle in the same dtype)."""
-    path = tiny_checkpoints["qwen3_moe"]
-    expected = reference_tokens(path, torch.bfloat16)["ids"]
-    rt = RuntimeProcess(tmp_path / "rt", path, "--policy", "lru", "--cache-experts", "4", "--dtype", "bfloat16")
-    try:
-        with rt.client() as client:
-            done = client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=NEW_TOKENS)
-    finally:
-        rt.stop()
-    rt.assert_nothing_left()
-    assert "computing in bfloat16" in rt.log_path.read_text()
-    assert done.token_ids == expected
 
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2"])

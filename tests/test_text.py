@@ -56,3 +56,4 @@ def test_chat_without_a_template_is_a_clear_error(checkpoint):
 
 def test_no_tokenizer_files_means_no_tokenizer(tmp_path):
     assert load_tokenizer(tmp_path) is None
+
