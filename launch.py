@@ -24,13 +24,20 @@ JSON_FIELDS = ("ttft_ms", "tpot_ms", "hit_rate", "stall_ms", "experts_loaded", "
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from models.registry import MODEL_NAMES
     from protocol.config import POLICIES
 
     p = argparse.ArgumentParser(prog="launch.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default="qwen-moe",
-                     help="model name: qwen-moe (without a real checkpoint, the embedded default is generated)")
-    src.add_argument("--model-path", type=Path, help="a local Hugging Face checkpoint directory")
+    src.add_argument("--model", default="qwen-moe", choices=tuple(MODEL_NAMES),
+                     help="model name, looked up in the local Hugging Face cache (HF_HUB_CACHE, HF_HOME/hub, "
+                          "~/.cache/huggingface/hub), chat/instruct first; qwen-moe falls back to the embedded "
+                          "default when none is found")
+    src.add_argument("--model-path", type=Path, help="a local Hugging Face checkpoint directory "
+                                                     "(qwen2_moe, qwen3_moe, mixtral, deepseek_v2)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype on CPU (default float32); experts stay in the checkpoint's dtype in host "
+                        "memory")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="where the model runs and the cache slots live (default: cuda if available, else cpu)")
     p.add_argument("--policy", choices=POLICIES, default="promoe", help="cache policy (default promoe)")
@@ -62,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every process under py-spy; one speedscope profile per role lands in DIR")
     p.add_argument("--prompt", help="one-shot mode: prompt text")
     p.add_argument("--prompt-ids", help="one-shot mode: comma-separated token ids")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap --prompt as a user turn in the checkpoint's chat template")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -83,12 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_checkpoint(args: argparse.Namespace) -> Path:
     from models.default_model import ensure_default_checkpoint
+    from models.registry import ModelNotFound, resolve_model
 
     if args.model_path is not None:
         return args.model_path
-    if args.model != "qwen-moe":
-        raise SystemExit(f"unknown model {args.model!r}: use qwen-moe or --model-path DIR")
-    return ensure_default_checkpoint()
+    try:
+        return resolve_model(args.model, default=ensure_default_checkpoint)
+    except ModelNotFound as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def cache_slots(args: argparse.Namespace, n_experts: int, top_k: int, slot_nbytes: int) -> int:
@@ -123,17 +134,21 @@ def make_config(args: argparse.Namespace, run_dir: Path, one_shot: bool):  # -> 
     device = resolve_device(args.device)
     try:
         ckpt = open_checkpoint(resolve_checkpoint(args))
-        # CPU computes in float32; the GPU computes in the checkpoint's own dtype (bf16 for real checkpoints), so
-        # a chunk crosses the link once and lands in its slot as is
-        compute_dtype = ckpt.storage_dtype() if device == "cuda" else "float32"
+        # CPU computes in --dtype (float32 by default); the GPU in the checkpoint's own dtype (bf16 for real
+        # checkpoints), so a chunk crosses the link once and lands in its slot as is
+        compute_dtype = ckpt.storage_dtype() if device == "cuda" else args.dtype
         probe = ckpt.layout(n_slots=ckpt.config["num_experts_per_tok"], n_chunks=args.chunks_per_expert,
                             compute_dtype=compute_dtype)
-    except (CheckpointError, ValueError) as exc:
+        ckpt.validate(probe)  # every shard whole, every expert and router key there: before any worker starts
+    except (CheckpointError, ValueError, KeyError) as exc:
         raise SystemExit(f"cannot serve this checkpoint: {exc}") from None
     if args.predictor is not None and not args.predictor.is_file():
         raise SystemExit(f"--predictor {args.predictor}: no such file (make one with --train-predictor)")
     n_slots = cache_slots(args, probe.n_experts, probe.top_k, probe.slot_nbytes)
     layout = ckpt.layout(n_slots=n_slots, n_chunks=args.chunks_per_expert, compute_dtype=compute_dtype)
+    log.info("%s (%s): %d MoE layers x %d experts of %.2f MB in %s; computing in %s on %s", ckpt.path,
+             ckpt.config["model_type"], len(layout.moe_layers), layout.experts_per_layer, layout.expert_nbytes / 1e6,
+             layout.storage_dtype, layout.compute_dtype, device)
     bind = args.bind or (f"ipc://{run_dir / 'client.sock'}" if one_shot else DEFAULT_BIND)
     return RuntimeConfig(
         run_id=uuid.uuid4().hex[:10], run_dir=str(run_dir), checkpoint=str(ckpt.path), layout=layout,
@@ -146,6 +161,7 @@ def make_config(args: argparse.Namespace, run_dir: Path, one_shot: bool):  # -> 
 
 def one_shot(args: argparse.Namespace, address: str, while_waiting=None) -> int:
     from coordinator.client import PromoeClient, RequestFailed
+    from protocol.messages import TokenStreamed
 
     prompt_ids = None
     if args.prompt_ids is not None:
@@ -153,11 +169,19 @@ def one_shot(args: argparse.Namespace, address: str, while_waiting=None) -> int:
             prompt_ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
         except ValueError:
             raise SystemExit(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    printed: list[str] = []
+
+    def print_text(token: TokenStreamed) -> None:  # text as it completes; multi-byte characters only whole
+        if token.text:
+            printed.append(token.text)
+            print(token.text, end="", flush=True)
+
     with PromoeClient(address) as client:
         try:
             done = client.generate(prompt=args.prompt, prompt_ids=prompt_ids, max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                   while_waiting=while_waiting)
+                                   while_waiting=while_waiting, chat=args.chat,
+                                   on_token=None if args.json else print_text)
         except RequestFailed as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -167,7 +191,13 @@ def one_shot(args: argparse.Namespace, address: str, while_waiting=None) -> int:
         out.update({k: v for k, v in done.metrics.items() if k not in out})
         print(json.dumps(out))
     else:
-        print(done.text if done.text is not None else ",".join(map(str, done.token_ids)))
+        shown = "".join(printed)
+        if done.text is None:
+            print(",".join(map(str, done.token_ids)))
+        elif done.text.startswith(shown):
+            print(done.text[len(shown):])
+        else:  # cannot happen with a consistent tokenizer; say the whole text again rather than garble it
+            print("\n" + done.text)
         m = done.metrics
         hit = m.get("hit_rate")
         print(f"[{len(done.token_ids)} tokens | TTFT {m['ttft_ms']:.1f} ms | TPOT {m['tpot_ms']:.1f} ms | "

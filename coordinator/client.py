@@ -81,9 +81,10 @@ class PromoeClient:
         on_token: Callable[[TokenStreamed], None] | None = None,
         timeout_s: float | None = None,
         while_waiting: Callable[[], None] | None = None,
+        chat: bool = False,
     ) -> GenerationDone:
         request = Generate(max_new_tokens=max_new_tokens, prompt=prompt, prompt_ids=prompt_ids,
-                           temperature=temperature, top_p=top_p, seed=seed, stream=on_token is not None)
+                           temperature=temperature, top_p=top_p, seed=seed, stream=on_token is not None, chat=chat)
         self.socket.send(encode(request))
         while True:
             reply = self.receive(timeout_s, while_waiting)

@@ -182,7 +182,8 @@ class Coordinator:
         running = self.running
         if running is not None and running.pending.request.stream and running.pending.request_id == msg.request_id:
             self._reply(running.pending.envelope,
-                        TokenStreamed(request_id=msg.request_id, index=msg.index, token_id=msg.token_id))
+                        TokenStreamed(request_id=msg.request_id, index=msg.index, token_id=msg.token_id,
+                                      text=msg.text))
 
     def on_generation_finished(self, msg: GenerationFinished) -> None:
         running = self._finish(msg.request_id)
@@ -334,7 +335,8 @@ class Coordinator:
         self.cache.begin_request(pending.request_id)
         send(self.send_to["inference"], StartGeneration(
             request_id=pending.request_id, max_new_tokens=req.max_new_tokens, prompt=req.prompt,
-            prompt_ids=req.prompt_ids, temperature=req.temperature, top_p=req.top_p, seed=req.seed))
+            prompt_ids=req.prompt_ids, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+            chat=req.chat))
         self._count()
 
     def _reply(self, envelope: list[bytes], msg: Message) -> None:

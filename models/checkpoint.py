@@ -1,35 +1,54 @@
-"""A checkpoint on disk: where it is, what its experts look like, and reading it tensor by tensor.
+"""A checkpoint on disk: where it is, what its experts look like, where each tensor lies, and checking all of it
+before any worker starts.
 
-Only ``qwen2_moe`` is supported for now. Experts are read expert by expert straight from the memory-mapped
-safetensors files into the host store; the other tensors go to the inference worker. Nothing materialises the
-whole model in memory.
+Supported architectures are those of ``models.adapters``. Opening a checkpoint reads config.json and the
+safetensors headers only (a few KB per shard): the tensors are read later, tensor by tensor, by whoever needs them
+(``models.streaming`` for the experts, ``load_non_expert_state`` for the inference worker, ``load_router_weights``
+for the predictor). Nothing materialises the whole model in memory.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
+import os
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from models.adapters import MATRICES, SUPPORTED_ARCHITECTURES, CheckpointError, MoeAdapter, adapter_for
 from shm.layout import ExpertLayout
+
+__all__ = ["MATRICES", "SUPPORTED_ARCHITECTURES", "Checkpoint", "CheckpointError", "TensorLocation",
+           "load_non_expert_state", "load_router_weights", "open_checkpoint", "read_safetensors_header"]
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("qwen2_moe",)
-MATRICES = ("gate", "up", "down")
-_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
-_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+MAX_HEADER_NBYTES = 100 * 2**20
 
 
-class CheckpointError(ValueError):
-    """The checkpoint cannot be served; the message names the file or key."""
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one tensor's bytes lie in a safetensors file."""
+
+    file: Path
+    """The shard."""
+    dtype: str
+    """safetensors dtype name (``BF16``...)."""
+    shape: tuple[int, ...]
+    """Shape as stored."""
+    begin: int
+    """Absolute byte offset of the first byte in the file."""
+    end: int
+    """Absolute byte offset one past the last byte."""
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
 
 
 @dataclass(frozen=True)
@@ -40,61 +59,96 @@ class Checkpoint:
     """Parsed config.json."""
     files: tuple[Path, ...]
     """The safetensors files, in index order."""
+    adapter: MoeAdapter
+    """How this architecture names its experts and router."""
+    tensors: dict[str, TensorLocation] = field(repr=False)
+    """Every tensor of every shard, from the headers."""
 
     @property
     def has_tokenizer(self) -> bool:
         return (self.path / "tokenizer.json").is_file() or (self.path / "tokenizer_config.json").is_file()
 
     def moe_layers(self) -> tuple[int, ...]:
-        cfg = self.config
-        sparse_step = int(cfg.get("decoder_sparse_step", 1) or 1)
-        dense = set(cfg.get("mlp_only_layers", []) or [])
-        return tuple(
-            layer
-            for layer in range(int(cfg["num_hidden_layers"]))
-            if layer not in dense and cfg.get("num_experts", 0) > 0 and (layer + 1) % sparse_step == 0
-        )
+        return self.adapter.moe_layers(self.config)
+
+    def locate(self, key: str) -> TensorLocation:
+        if key not in self.tensors:
+            raise CheckpointError(f"{self.path}: missing tensor {key} (in none of {len(self.files)} safetensors files)")
+        return self.tensors[key]
 
     def storage_dtype(self) -> str:
-        """dtype of the first expert tensor, read from the safetensors header."""
-        layer = self.moe_layers()[0]
-        key = f"model.layers.{layer}.mlp.experts.0.gate_proj.weight"
-        for file in self.files:
-            header = read_safetensors_header(file)
-            if key in header:
-                name = header[key]["dtype"]
-                if name not in _SAFETENSORS_DTYPES:
-                    raise CheckpointError(f"{file}: expert dtype {name} is not supported")
-                return _SAFETENSORS_DTYPES[name]
-        raise CheckpointError(f"{self.path}: no file holds {key}")
+        """dtype of the experts (that of the first expert tensor)."""
+        layers = self.moe_layers()
+        if not layers:
+            raise CheckpointError(f"{self.path / 'config.json'}: no MoE layer")
+        loc = self.locate(self.adapter.expert_key(layers[0], 0, "gate"))
+        if loc.dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{loc.file}: expert dtype {loc.dtype} is not supported")
+        return SAFETENSORS_DTYPES[loc.dtype]
 
     def layout(self, n_slots: int, n_chunks: int, compute_dtype: str) -> ExpertLayout:
         cfg = self.config
         return ExpertLayout(
             moe_layers=self.moe_layers(),
-            experts_per_layer=int(cfg["num_experts"]),
+            experts_per_layer=self.adapter.experts_per_layer(cfg),
             top_k=int(cfg["num_experts_per_tok"]),
             hidden_size=int(cfg["hidden_size"]),
-            intermediate_size=int(cfg["moe_intermediate_size"]),
+            intermediate_size=self.adapter.intermediate_size(cfg),
             storage_dtype=self.storage_dtype(),
             compute_dtype=compute_dtype,
             n_chunks=n_chunks,
             n_slots=n_slots,
         )
 
+    def expert_locations(self, layout: ExpertLayout) -> list[tuple[int, str, TensorLocation]]:
+        """``(expert id, matrix, location)`` of every routed-expert matrix, checked for shape."""
+        hidden, ffn = layout.hidden_size, layout.intermediate_size
+        out = []
+        for moe_layer, layer in enumerate(layout.moe_layers):
+            for expert in range(layout.experts_per_layer):
+                for matrix in MATRICES:
+                    key = self.adapter.expert_key(layer, expert, matrix)
+                    loc = self.locate(key)
+                    expected = (hidden, ffn) if matrix == "down" else (ffn, hidden)
+                    if loc.shape != expected:
+                        raise CheckpointError(f"{loc.file}: {key} has shape {list(loc.shape)}, expected "
+                                              f"{list(expected)}")
+                    if loc.dtype not in SAFETENSORS_DTYPES:
+                        raise CheckpointError(f"{loc.file}: {key} has dtype {loc.dtype}, not one of "
+                                              f"{sorted(SAFETENSORS_DTYPES)}")
+                    out.append((int(layout.expert_id(moe_layer, expert)), matrix, loc))
+        return out
+
+    def validate(self, layout: ExpertLayout) -> None:
+        """Everything the workers will read is there, whole and of the right shape (headers only: fast)."""
+        self.expert_locations(layout)
+        for layer in layout.moe_layers:
+            key = self.adapter.router_key(layer)
+            loc = self.locate(key)
+            if loc.shape != (layout.experts_per_layer, layout.hidden_size):
+                raise CheckpointError(f"{loc.file}: {key} has shape {list(loc.shape)}, expected "
+                                      f"{[layout.experts_per_layer, layout.hidden_size]}")
+        for key, loc in self.tensors.items():
+            layer_expert = self.adapter.parse_expert_key(key)
+            if layer_expert is not None and (layer_expert[0] not in layout.moe_layers
+                                             or layer_expert[1] >= layout.experts_per_layer):
+                raise CheckpointError(f"{loc.file}: unexpected expert tensor {key} (not a routed expert of "
+                                      f"this config)")
+
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Read config.json and every shard's header; raise ``CheckpointError`` naming the file for anything amiss."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
-    config = json.loads(config_file.read_text())
-    arch = config.get("model_type")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise CheckpointError(
-            f"{config_file}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-        )
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_file}: not valid JSON ({exc})") from None
+    adapter = adapter_for(config, str(config_file))
     index = path / "model.safetensors.index.json"
+    weight_map: dict[str, str] = {}
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         files = tuple(dict.fromkeys(path / name for name in weight_map.values()))
@@ -102,75 +156,65 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         files = tuple(sorted(path.glob("*.safetensors")))
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors files")
+    tensors: dict[str, TensorLocation] = {}
     for file in files:
         if not file.is_file():
-            raise CheckpointError(f"{file}: shard named by the index is missing")
-    return Checkpoint(path=path, config=config, files=files)
+            raise CheckpointError(f"{file}: shard named by {index.name} is missing")
+        tensors.update(_locations(file))
+    for key, name in weight_map.items():
+        if key not in tensors or tensors[key].file != path / name:
+            raise CheckpointError(f"{path / name}: does not hold {key}, which {index.name} says it does")
+    return Checkpoint(path=path, config=config, files=files, adapter=adapter, tensors=tensors)
 
 
-def read_safetensors_header(file: Path) -> dict:
+def read_safetensors_header(file: Path) -> tuple[dict, int]:
+    """The header (``__metadata__`` dropped) and the offset where the data begins."""
     with open(file, "rb") as fh:
         raw = fh.read(8)
         if len(raw) != 8:
             raise CheckpointError(f"{file}: truncated (no safetensors header)")
         (size,) = struct.unpack("<Q", raw)
+        if size > MAX_HEADER_NBYTES:
+            raise CheckpointError(f"{file}: not a safetensors file (header length {size})")
         body = fh.read(size)
         if len(body) != size:
             raise CheckpointError(f"{file}: truncated safetensors header")
-    header = json.loads(body)
+    try:
+        header = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: corrupt safetensors header ({exc})") from None
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + size
 
 
-def expert_key(decoder_layer: int, expert: int, matrix: str) -> str:
-    return f"model.layers.{decoder_layer}.mlp.experts.{expert}.{matrix}_proj.weight"
-
-
-def iter_expert_tensors(ckpt: Checkpoint, layout: ExpertLayout) -> Iterator[tuple[int, int, str, torch.Tensor]]:
-    """Yield ``(moe_layer, expert, matrix, tensor)`` for every expert matrix, file by file, memory-mapped."""
-    moe_index = {layer: i for i, layer in enumerate(layout.moe_layers)}
-    seen = set()
-    for file in ckpt.files:
-        with safe_open(str(file), framework="pt") as fh:
-            for key in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                match = _EXPERT_KEY.match(key)
-                if match is None:
-                    continue
-                layer, expert, matrix = int(match[1]), int(match[2]), match[3]
-                if layer not in moe_index or expert >= layout.experts_per_layer:
-                    raise CheckpointError(f"{file}: unexpected expert tensor {key}")
-                seen.add((layer, expert, matrix))
-                yield moe_index[layer], expert, matrix, fh.get_tensor(key)
-    for layer in layout.moe_layers:
-        for expert in range(layout.experts_per_layer):
-            for matrix in MATRICES:
-                if (layer, expert, matrix) not in seen:
-                    raise CheckpointError(f"{ckpt.path}: missing tensor {expert_key(layer, expert, matrix)}")
+def _locations(file: Path) -> dict[str, TensorLocation]:
+    header, data_start = read_safetensors_header(file)
+    file_nbytes = os.stat(file).st_size
+    out = {}
+    for key, entry in header.items():
+        begin, end = (data_start + int(o) for o in entry["data_offsets"])
+        if end > file_nbytes:
+            raise CheckpointError(f"{file}: truncated: {key} ends at byte {end}, the file has {file_nbytes}")
+        out[key] = TensorLocation(file=file, dtype=entry["dtype"], shape=tuple(entry["shape"]), begin=begin, end=end)
+    return out
 
 
 def load_router_weights(ckpt: Checkpoint, layout: ExpertLayout) -> torch.Tensor:
     """The gate (router) weight of every MoE layer, float32: ``[n_moe_layers, E, H]``."""
-    keys = {f"model.layers.{layer}.mlp.gate.weight": i for i, layer in enumerate(layout.moe_layers)}
-    routers = torch.empty(len(keys), layout.experts_per_layer, layout.hidden_size)
-    found = set()
-    for file in ckpt.files:
-        with safe_open(str(file), framework="pt") as fh:
-            for key in fh.keys():  # noqa: SIM118
-                if key in keys:
-                    routers[keys[key]].copy_(fh.get_tensor(key))
-                    found.add(key)
-    missing = sorted(set(keys) - found)
-    if missing:
-        raise CheckpointError(f"{ckpt.path}: missing router tensor {missing[0]}")
+    routers = torch.empty(len(layout.moe_layers), layout.experts_per_layer, layout.hidden_size)
+    for i, layer in enumerate(layout.moe_layers):
+        loc = ckpt.locate(ckpt.adapter.router_key(layer))
+        with safe_open(str(loc.file), framework="pt") as fh:
+            routers[i].copy_(fh.get_tensor(ckpt.adapter.router_key(layer)))
     return routers
 
 
 def load_non_expert_state(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor that is not a routed expert, cast to ``dtype`` (the compute dtype)."""
+    """Every tensor that is not a routed expert, under its transformers 5 name, cast to ``dtype``."""
     state = {}
     for file in ckpt.files:
         with safe_open(str(file), framework="pt") as fh:
-            for key in fh.keys():  # noqa: SIM118
-                if not _EXPERT_KEY.match(key):
-                    state[key] = fh.get_tensor(key).to(dtype)
+            for key in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if ckpt.adapter.parse_expert_key(key) is None:
+                    state[ckpt.adapter.model_key(key)] = fh.get_tensor(key).to(dtype)
     return state

@@ -195,6 +195,7 @@ class StartGeneration(Message):
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    chat: bool = False
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,8 @@ class TokenGenerated(Message):
     request_id: RequestId
     index: int
     token_id: int
+    text: str = ""
+    """Text completed by this token (empty while a multi-byte character is still incomplete)."""
 
 
 @dataclass(frozen=True)
@@ -291,6 +294,8 @@ class Generate(Message):
     top_p: float = 1.0
     seed: int | None = None
     stream: bool = False
+    chat: bool = False
+    """Wrap ``prompt`` as one user message in the checkpoint's chat template."""
 
 
 @dataclass(frozen=True)
@@ -301,6 +306,8 @@ class TokenStreamed(Message):
     request_id: RequestId
     index: int
     token_id: int
+    text: str = ""
+    """Text completed by this token; the concatenation over a request is its text."""
 
 
 @dataclass(frozen=True)

@@ -33,16 +33,26 @@ class HostExpertStore:
         lo, hi = self.layout.chunk_bounds(chunk)
         return self.experts[expert, lo:hi]
 
+    def matrix(self, expert: ExpertId, which: str) -> torch.Tensor:
+        """The flat buffer ``[I*H]`` of one of ``gate``/``up``/``down`` (row-major ``[out, in]``, as on disk)."""
+        size = self.layout.intermediate_size * self.layout.hidden_size
+        offset = {"gate": 0, "up": size, "down": 2 * size}[which]
+        return self.experts[expert, offset : offset + size]
+
+    def populate(self, expert: ExpertId, which: str) -> None:
+        """Map the pages of one matrix's buffer before writing it (see ``Segment.populate``)."""
+        size = self.layout.intermediate_size * self.layout.hidden_size * self.experts.element_size()
+        offset = int(expert) * self.layout.expert_nbytes + ("gate", "up", "down").index(which) * size
+        self.segment.populate(offset, size)
+
     def write_matrix(self, expert: ExpertId, which: str, tensor: torch.Tensor) -> None:
         """Copy one of ``gate``/``up``/``down`` (as stored on disk, ``[out, in]``) into the expert's buffer."""
         lay = self.layout
-        size = lay.intermediate_size * lay.hidden_size
-        offset = {"gate": 0, "up": size, "down": 2 * size}[which]
         expected = (lay.hidden_size, lay.intermediate_size) if which == "down" else (
             lay.intermediate_size, lay.hidden_size)
         if tuple(tensor.shape) != expected:
             raise ValueError(f"expert {expert} {which}: shape {tuple(tensor.shape)}, expected {expected}")
-        self.experts[expert, offset : offset + size].copy_(tensor.reshape(-1))
+        self.matrix(expert, which).copy_(tensor.reshape(-1))
 
     def close(self) -> None:
         del self.experts

@@ -9,6 +9,7 @@ unlinks what it created.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
@@ -18,6 +19,8 @@ from shm import SEGMENT_PREFIX
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+"""Linux's value where Python's mmap module does not name it (before 3.13)."""
 
 
 def segment_name(run_id: str, what: str) -> str:
@@ -53,6 +56,19 @@ class Segment:
         buf = self._shm.buf
         assert buf is not None, f"segment {self.name} is closed"
         return buf
+
+    def populate(self, offset: int, nbytes: int) -> bool:
+        """Allocate and map the pages of ``[offset, offset + nbytes)`` for writing in one call (Linux 5.14+
+        ``MADV_POPULATE_WRITE``): far cheaper than faulting them in one by one inside a large ``read``. Returns
+        False where the kernel lacks it (nothing else changes: the pages then fault in as usual)."""
+        page = mmap.PAGESIZE
+        start = offset - offset % page
+        end = min(self.nbytes, -(-(offset + nbytes) // page) * page)
+        try:
+            self._shm._mmap.madvise(MADV_POPULATE_WRITE, start, end - start)  # type: ignore[attr-defined]
+        except OSError:
+            return False
+        return True
 
     def close(self) -> None:
         """Drop this process's mapping. Views into it must be gone; if not, the OS unmaps at exit."""

@@ -28,6 +28,15 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny sharded save_pretrained checkpoint of every supported architecture (tests/checkpoints.py)."""
+    from tests.checkpoints import ARCHITECTURES, write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny-checkpoints")
+    return {arch: write_tiny_checkpoint(arch, root / arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
 def reference(checkpoint: Path) -> dict[str, list[int]]:
     """Greedy tokens of the plain transformers model (eager experts) on the same checkpoint: the oracle."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

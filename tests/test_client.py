@@ -115,3 +115,12 @@ def test_request_failed_is_raised_by_the_client(shared_runtime):
         client.generate(prompt_ids=[10**6], max_new_tokens=2)
     assert info.value.code == "bad_token_ids"
     assert decode(encode(Generate(prompt="x"))) == Generate(prompt="x")
+
+
+def test_chat_without_a_template_or_with_ids_is_refused_and_serving_goes_on(shared_runtime):
+    with shared_runtime.client() as client:
+        with pytest.raises(RequestFailed, match="no_chat_template"):  # the default model has no chat template
+            client.generate(prompt="hi", chat=True, max_new_tokens=2)
+        with pytest.raises(RequestFailed, match="chat needs a text prompt"):
+            client.generate(prompt_ids=PROMPT_IDS, chat=True, max_new_tokens=2)
+        assert len(client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=2).token_ids) == 2

@@ -17,6 +17,7 @@ import zmq
 
 from models.checkpoint import open_checkpoint
 from models.skeleton import build_skeleton, experts_modules
+from models.text import IncrementalDetokenizer, NoChatTemplate, encode_prompt, load_tokenizer
 from protocol.config import RuntimeConfig
 from protocol.ids import ExpertId, RequestId
 from protocol.messages import (
@@ -51,8 +52,9 @@ class BadRequest(ValueError):
 class TokenStreamer:
     """transformers streamer: forwards each new token one-way and timestamps the first and the last."""
 
-    def __init__(self, request_id: RequestId, send_to_coordinator: zmq.Socket) -> None:
+    def __init__(self, request_id: RequestId, send_to_coordinator: zmq.Socket, tokenizer: Any) -> None:
         self.request_id = request_id
+        self.detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
         self.send_to_coordinator = send_to_coordinator
         self.prompt_seen = False
         self.count = 0
@@ -68,8 +70,9 @@ class TokenStreamer:
             self.first_ns = stamp
         self.last_ns = stamp
         for token in value.reshape(-1).tolist():
+            text = self.detokenizer.push(int(token)) if self.detokenizer is not None else ""
             send(self.send_to_coordinator, TokenGenerated(request_id=self.request_id, index=self.count,
-                                                          token_id=int(token)))
+                                                          token_id=int(token), text=text))
             self.count += 1
 
     def end(self) -> None:
@@ -106,6 +109,8 @@ class InferenceWorker:
 
     def prompt_ids(self, msg: StartGeneration) -> list[int]:
         if msg.prompt_ids is not None:
+            if msg.chat:
+                raise BadRequest("bad_request", "chat needs a text prompt, not prompt_ids")
             ids = list(msg.prompt_ids)
             bad = [i for i in ids if not 0 <= i < self.vocab_size]
             if bad:
@@ -114,7 +119,10 @@ class InferenceWorker:
         elif msg.prompt is not None:
             if self.tokenizer is None:
                 raise BadRequest("no_tokenizer", "this checkpoint has no tokenizer: send prompt_ids")
-            ids = self.tokenizer(msg.prompt, add_special_tokens=False)["input_ids"]
+            try:
+                ids = encode_prompt(self.tokenizer, msg.prompt, msg.chat)
+            except NoChatTemplate as exc:
+                raise BadRequest("no_chat_template", str(exc)) from None
         else:
             raise BadRequest("bad_request", "give prompt or prompt_ids")
         if not ids:
@@ -132,7 +140,7 @@ class InferenceWorker:
             kwargs.update(do_sample=False)
         if self.model.generation_config.pad_token_id is None:
             kwargs["pad_token_id"] = self.model.generation_config.eos_token_id or 0
-        streamer = TokenStreamer(msg.request_id, self.send_to_coordinator)
+        streamer = TokenStreamer(msg.request_id, self.send_to_coordinator, self.tokenizer)
         self.backend.begin_request(msg.request_id)
         started = time.perf_counter_ns()
         with torch.inference_mode():
@@ -182,11 +190,7 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
         model = build_skeleton(ckpt, DTYPES[lay.compute_dtype], lay.moe_layers)
         if cfg.device == "cuda":
             model.to(slots.slots.device)
-        tokenizer = None
-        if ckpt.has_tokenizer:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
+        tokenizer = load_tokenizer(ckpt.path)
 
         def on_gate(request_id: int, moe_layer: int, step: int, experts: list[ExpertId],
                     ready: list[ExpertId]) -> None:

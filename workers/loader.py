@@ -15,7 +15,8 @@ import time
 import torch
 import zmq
 
-from models.checkpoint import iter_expert_tensors, open_checkpoint
+from models.checkpoint import open_checkpoint
+from models.streaming import fill_store as stream_experts
 from protocol.codec import dispatch
 from protocol.config import RuntimeConfig
 from protocol.messages import (
@@ -152,14 +153,10 @@ class Loader:
 
 
 def fill_store(cfg: RuntimeConfig, store: HostExpertStore) -> None:
-    """Read every expert straight from the checkpoint's safetensors files into the host store."""
-    started = time.perf_counter()
-    ckpt = open_checkpoint(cfg.checkpoint)
-    for moe_layer, expert, matrix, tensor in iter_expert_tensors(ckpt, cfg.layout):
-        store.write_matrix(cfg.layout.expert_id(moe_layer, expert), matrix, tensor)
-    nbytes = store.nbytes_for(cfg.layout)
-    elapsed = time.perf_counter() - started
-    log.info("host store filled: %d experts, %.1f MB in %.2f s", cfg.layout.n_experts, nbytes / 1e6, elapsed)
+    """Read every expert straight from the checkpoint's safetensors files into the host store (models.streaming)."""
+    report = stream_experts(open_checkpoint(cfg.checkpoint), cfg.layout, store)
+    log.info("host store filled: %d experts, %.1f MB in %.2f s (%.2f GB/s)", cfg.layout.n_experts,
+             report.nbytes / 1e6, report.seconds, report.nbytes / 1e9 / max(report.seconds, 1e-9))
 
 
 def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
