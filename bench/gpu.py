@@ -48,6 +48,7 @@ import torch
 from bench.offload import ABLATION, belady_misses
 from tests.runtime import RuntimeProcess
 from training.predictor_training import TrainingConfig, collect_trace, train_from_trace
+from training.routing_stats import consecutive_overlap, top_quarter_share
 
 ROUTER_LOGIT_STD = 4.0
 """Router rows scaled so that a token's logits have about this std: routing follows the token, not the init."""
@@ -185,18 +186,6 @@ def write_checkpoint(model: Any, spec: BenchSpec, regime: str, work: Path) -> Pa
 
 
 # ---------------------------------------------------------------- routing, predictor, reference
-def routing_stats(chosen: torch.Tensor, n_experts: int) -> dict[str, float]:
-    """``chosen`` [L, W, S, k]: consecutive-token top-k overlap and the top quarter's share of uses."""
-    n_layers = chosen.shape[0]
-    a, b = chosen[:, :, :-1], chosen[:, :, 1:]
-    overlap = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).float().mean().item()  # share of k kept
-    shares = []
-    for layer in range(n_layers):
-        counts = torch.bincount(chosen[layer].reshape(-1), minlength=n_experts).sort(descending=True).values
-        shares.append(counts[: max(1, n_experts // 4)].sum().item() / counts.sum().item())
-    return {"topk_overlap_consecutive": overlap, "top_quarter_share": sum(shares) / len(shares)}
-
-
 def train_and_measure(model: Any, spec: BenchSpec, out: Path, trace_tokens: int, window: int) -> dict:
     gen = torch.Generator().manual_seed(spec.seed + 1)
     ids = torch.randint(0, spec.vocab, (trace_tokens,), generator=gen).tolist()
@@ -206,7 +195,8 @@ def train_and_measure(model: Any, spec: BenchSpec, out: Path, trace_tokens: int,
     routers = torch.stack([model.model.layers[i].mlp.gate.weight.float().cpu() for i in moe_layers])  # [L, E, H]
     cfg = TrainingConfig(tokens=trace_tokens, window=window, distances=(2,))
     rows = train_from_trace(trace, routers, spec.top_k, out, cfg)
-    stats = routing_stats(trace.chosen, spec.experts)
+    stats: dict[str, float] = {"topk_overlap_consecutive": consecutive_overlap(trace.chosen),
+                               "top_quarter_share": top_quarter_share(trace.chosen, spec.experts)}
     stats["skip_layer_gate_accuracy_d2"] = sum(r["gate_reuse"] for r in rows) / len(rows)
     stats["learned_predictor_accuracy_d2"] = sum(r["learned"] for r in rows) / len(rows)
     stats["trace_and_train_s"] = time.perf_counter() - started
