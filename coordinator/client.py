@@ -8,11 +8,17 @@ from typing import Any
 
 import zmq
 
+from coordinator.auth import ClientKeys
 from protocol.codec import MAX_MESSAGE_NBYTES, decode, encode
+from protocol.ids import RequestId
 from protocol.messages import (
+    CancelGeneration,
     ErrorReported,
     Generate,
+    GenerationCancelled,
     GenerationDone,
+    GenerationQueued,
+    GenerationStarted,
     GetHealth,
     GetStats,
     HealthReported,
@@ -33,15 +39,20 @@ class RequestFailed(RuntimeError):
 
 
 class PromoeClient:
-    """``with PromoeClient("tcp://127.0.0.1:5555") as c: c.generate(prompt="def f(", max_new_tokens=16)``."""
+    """``with PromoeClient("tcp://127.0.0.1:5555") as c: c.generate(prompt="def f(", max_new_tokens=16)``.
 
-    def __init__(self, address: str, timeout_s: float = 300.0) -> None:
+    ``curve``: the client's keys and the server's public key, for a server started with ``--curve-keys``.
+    """
+
+    def __init__(self, address: str, timeout_s: float = 300.0, curve: ClientKeys | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self._ctx = zmq.Context()
         self.socket = self._ctx.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_NBYTES)
+        if curve is not None:
+            curve.apply(self.socket)
         self.socket.connect(address)
 
     def __enter__(self) -> PromoeClient:
@@ -81,17 +92,32 @@ class PromoeClient:
         on_token: Callable[[TokenStreamed], None] | None = None,
         timeout_s: float | None = None,
         while_waiting: Callable[[], None] | None = None,
+        stop_ids: list[int] | None = None,
+        deadline_s: float | None = None,
+        on_queued: Callable[[GenerationQueued], None] | None = None,
     ) -> GenerationDone:
+        """Send one request and wait for its final reply; ``RequestFailed`` carries an error reply's code.
+
+        ``on_queued`` gets the request id (for ``send_cancel``) as soon as the server accepts the request.
+        """
         request = Generate(max_new_tokens=max_new_tokens, prompt=prompt, prompt_ids=prompt_ids,
-                           temperature=temperature, top_p=top_p, seed=seed, stream=on_token is not None)
+                           temperature=temperature, top_p=top_p, seed=seed, stream=on_token is not None,
+                           stop_ids=stop_ids, deadline_s=deadline_s)
         self.socket.send(encode(request))
         while True:
             reply = self.receive(timeout_s, while_waiting)
             if isinstance(reply, TokenStreamed):
                 if on_token is not None:
                     on_token(reply)
-                continue
-            return self._expect(reply, GenerationDone)
+            elif isinstance(reply, GenerationQueued):
+                if on_queued is not None:
+                    on_queued(reply)
+            elif not isinstance(reply, (GenerationStarted, GenerationCancelled)):
+                return self._expect(reply, GenerationDone)
+
+    def send_cancel(self, request_id: RequestId) -> None:
+        """Ask, without waiting, to cancel a request sent on this connection (usable while ``generate`` waits)."""
+        self.socket.send(encode(CancelGeneration(request_id=request_id)))
 
     def health(self, timeout_s: float = 5.0) -> HealthReported:
         self.socket.send(encode(GetHealth()))
