@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
@@ -23,21 +22,10 @@ from protocol.messages import (
     Message,
     TokenStreamed,
 )
-from tests.conftest import NEW_TOKENS, PROMPT_IDS
-from tests.runtime import RuntimeProcess
+from tests.conftest import MAX_QUEUE, NEW_TOKENS, PROMPT_IDS
 
-MAX_QUEUE = 2
 LONG = 3000
 """max_new_tokens of a request that would run for minutes here: only cancellation ends it in a test's time."""
-
-
-@pytest.fixture(scope="module")
-def serving(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterator[RuntimeProcess]:
-    rt = RuntimeProcess(tmp_path_factory.mktemp("serving"), checkpoint, "--policy", "lru", "--cache-experts", "48",
-                        "--max-queue", str(MAX_QUEUE))
-    yield rt
-    rt.stop()
-    rt.assert_nothing_left()
 
 
 def send(client: PromoeClient, msg: Message) -> None:
