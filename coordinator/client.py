@@ -51,6 +51,7 @@ class PromoeClient:
         self.socket = self._ctx.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_NBYTES)
+        self.socket.setsockopt(zmq.SNDTIMEO, max(int(timeout_s * 1000), 1))  # no peer (yet): a send gives up
         if curve is not None:
             curve.apply(self.socket)
         self.socket.connect(address)
@@ -67,7 +68,14 @@ class PromoeClient:
 
     def send_raw(self, payload: bytes) -> None:
         """Send any bytes as a request frame (for tests of hostile input)."""
-        self.socket.send(payload)
+        try:
+            self.socket.send(payload)
+        except zmq.Again:
+            raise TimeoutError(f"could not send to {self.address} within {self.timeout_s:.1f} s (no connection "
+                               "completed: is the server there, and does it accept this client's key?)") from None
+
+    def send(self, message: Message) -> None:
+        self.send_raw(encode(message))
 
     def receive(self, timeout_s: float | None = None, while_waiting: Callable[[], None] | None = None) -> Message:
         """The next reply, within ``timeout_s``; ``while_waiting`` runs every 100 ms (it may raise to give up)."""
@@ -103,7 +111,7 @@ class PromoeClient:
         request = Generate(max_new_tokens=max_new_tokens, prompt=prompt, prompt_ids=prompt_ids,
                            temperature=temperature, top_p=top_p, seed=seed, stream=on_token is not None,
                            stop_ids=stop_ids, deadline_s=deadline_s)
-        self.socket.send(encode(request))
+        self.send(request)
         while True:
             reply = self.receive(timeout_s, while_waiting)
             if isinstance(reply, TokenStreamed):
@@ -117,15 +125,15 @@ class PromoeClient:
 
     def send_cancel(self, request_id: RequestId) -> None:
         """Ask, without waiting, to cancel a request sent on this connection (usable while ``generate`` waits)."""
-        self.socket.send(encode(CancelGeneration(request_id=request_id)))
+        self.send(CancelGeneration(request_id=request_id))
 
     def health(self, timeout_s: float = 5.0) -> HealthReported:
-        self.socket.send(encode(GetHealth()))
+        self.send(GetHealth())
         return self._expect(self.receive(timeout_s), HealthReported)
 
     def stats(self, timeout_s: float = 5.0) -> dict[str, float | int | None]:
         """Totals since the runtime started (the per-request metrics, summed)."""
-        self.socket.send(encode(GetStats()))
+        self.send(GetStats())
         reply: StatsReported = self._expect(self.receive(timeout_s), StatsReported)
         return reply.totals
 
