@@ -214,12 +214,11 @@ class Coordinator:
         if running is None:
             return
         self.totals.requests_failed += 1
-        running.pending.disarm()
         self.cache.end_request()
         self.cache.forget_request()
         self._send_to_loader()
         if running.pending.abandoned != "peer_gone":
-                self._reply(running.pending.envelope, ErrorReported(code=msg.code, message=msg.message,
+            self._reply(running.pending.envelope, ErrorReported(code=msg.code, message=msg.message,
                                                                 request_id=msg.request_id))
         self._start_next()
 

@@ -24,12 +24,12 @@ class RuntimeProcess:
     """``python launch.py`` serving on an ``ipc://`` socket under ``root``."""
 
     def __init__(self, root: Path, checkpoint: Path, *extra: str, ready_timeout_s: float = 120.0,
-                 curve: ClientKeys | None = None) -> None:
+                 curve: ClientKeys | None = None, address: str | None = None) -> None:
         self.root = root
         self.curve = curve
         """Keys of the harness's own client when the runtime runs with --curve-keys."""
         root.mkdir(parents=True, exist_ok=True)
-        self.address = f"ipc://{root / 'client.sock'}"
+        self.address = address or f"ipc://{root / 'client.sock'}"
         self.log_path = root / "runtime.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(

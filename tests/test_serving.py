@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -23,6 +26,7 @@ from protocol.messages import (
     TokenStreamed,
 )
 from tests.conftest import MAX_QUEUE, NEW_TOKENS, PROMPT_IDS
+from tests.runtime import PROJECT_ROOT
 
 LONG = 3000
 """max_new_tokens of a request that would run for minutes here: only cancellation ends it in a test's time."""
@@ -180,3 +184,15 @@ def test_client_generate_raises_on_cancel(serving):
         with pytest.raises(RequestFailed) as info:
             client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=LONG, on_queued=cancel)
     assert info.value.code == "cancelled"
+
+
+def test_load_bench_answers_every_request(serving):
+    done = subprocess.run([sys.executable, str(PROJECT_ROOT / "bench" / "load.py"), "--connect", serving.address,
+                           "--clients", "4", "--requests", "2", "--max-new-tokens", "2", "--timeout-s", "120"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["answered"] == result["requests"] == 8
+    # 4 clients, 1 running + at most 3 queued > --max-queue 2: some may be refused with busy, none dropped
+    assert result["completed"] + result["errors"].get("busy", 0) == 8 and result["dropped"] == 0
+    assert result["latency_p50_s"] > 0 and result["tokens_per_s"] > 0
