@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         print(f"launch.py: error: {problem}", file=sys.stderr)
         return 2
+    if args.insecure and args.curve_keys is None:
+        log.warning("--insecure: clients are served without authentication or encryption")
 
     from coordinator.supervisor import Supervisor
     from workers.bootstrap import WorkerDead

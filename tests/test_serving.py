@@ -196,3 +196,16 @@ def test_load_bench_answers_every_request(serving):
     # 4 clients, 1 running + at most 3 queued > --max-queue 2: some may be refused with busy, none dropped
     assert result["completed"] + result["errors"].get("busy", 0) == 8 and result["dropped"] == 0
     assert result["latency_p50_s"] > 0 and result["tokens_per_s"] > 0
+
+
+def test_serving_flags_reach_the_runtime_config(tmp_path, checkpoint):
+    from launch import build_parser, check_serving_flags, make_config
+
+    args = build_parser().parse_args(["--model-path", str(checkpoint), "--max-queue", "3",
+                                      "--request-timeout-s", "7.5"])
+    cfg = make_config(args, tmp_path, one_shot=False)
+    assert (cfg.max_queue, cfg.request_timeout_s, cfg.vocab_size, cfg.curve_keys_dir) == (3, 7.5, 257, None)
+    for flags, problem in ((["--max-queue", "-1"], "--max-queue must be >= 0"),
+                           (["--request-timeout-s", "0"], "--request-timeout-s must be > 0")):
+        assert problem in (check_serving_flags(build_parser().parse_args(flags), "tcp://127.0.0.1:1") or "")
+    assert check_serving_flags(build_parser().parse_args(["--insecure"]), "tcp://0.0.0.0:1") is None
