@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model name: qwen-moe (without a real checkpoint, the embedded default is generated)")
     src.add_argument("--model-path", type=Path, help="a local Hugging Face checkpoint directory")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="where experts are computed (default: cuda if available; only cpu is implemented)")
+                   help="where the model runs and the cache slots live (default: cuda if available, else cpu)")
     p.add_argument("--policy", choices=POLICIES, default="promoe", help="cache policy (default promoe)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--cache-experts", type=int, help="cache slots, from one layer's top-k to all experts "
@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deadline for one layer's experts to arrive before the request fails")
     p.add_argument("--run-root", type=Path, default=None,
                    help="where the run directory (ipc:// sockets, runtime.json) is made (default: $TMPDIR)")
+    p.add_argument("--drain-timeout-s", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, how long accepted requests may take to finish (default 30)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -110,26 +112,41 @@ def cache_slots(args: argparse.Namespace, n_experts: int, top_k: int, slot_nbyte
     return n
 
 
+def resolve_device(requested: str | None) -> str:
+    """``--device``: cuda if available unless told otherwise (DESIGN.md section 5); cuda without a GPU is an error."""
+    import torch
+
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available to this torch build (use --device cpu)")
+    return requested
+
+
 def make_config(args: argparse.Namespace, run_dir: Path, one_shot: bool):  # -> RuntimeConfig
     import os
 
     from models.checkpoint import CheckpointError, open_checkpoint
     from protocol.config import RuntimeConfig
 
+    device = resolve_device(args.device)
     try:
         ckpt = open_checkpoint(resolve_checkpoint(args))
+        # CPU computes in float32; the GPU computes in the checkpoint's own dtype (bf16 for real checkpoints), so
+        # a chunk crosses the link once and lands in its slot as is
+        compute_dtype = ckpt.storage_dtype() if device == "cuda" else "float32"
         probe = ckpt.layout(n_slots=ckpt.config["num_experts_per_tok"], n_chunks=args.chunks_per_expert,
-                            compute_dtype="float32")
+                            compute_dtype=compute_dtype)
     except (CheckpointError, ValueError) as exc:
         raise SystemExit(f"cannot serve this checkpoint: {exc}") from None
     if args.predictor is not None and not args.predictor.is_file():
         raise SystemExit(f"--predictor {args.predictor}: no such file (make one with --train-predictor)")
     n_slots = cache_slots(args, probe.n_experts, probe.top_k, probe.slot_nbytes)
-    layout = ckpt.layout(n_slots=n_slots, n_chunks=args.chunks_per_expert, compute_dtype="float32")
+    layout = ckpt.layout(n_slots=n_slots, n_chunks=args.chunks_per_expert, compute_dtype=compute_dtype)
     bind = args.bind or (f"ipc://{run_dir / 'client.sock'}" if one_shot else DEFAULT_BIND)
     return RuntimeConfig(
         run_id=uuid.uuid4().hex[:10], run_dir=str(run_dir), checkpoint=str(ckpt.path), layout=layout,
-        policy=args.policy, device="cpu", bind=bind, link_gbps=args.link_gbps, lookahead=args.lookahead,
+        policy=args.policy, device=device, bind=bind, link_gbps=args.link_gbps, lookahead=args.lookahead,
         predictor_path=str(args.predictor) if args.predictor else None, load_timeout_s=args.load_timeout_s,
         supervisor_pid=os.getpid(), early_preemption=not args.no_early_preemption,
         reordered_inference=not args.no_reordered_inference, max_queue=args.max_queue,
@@ -220,8 +237,6 @@ def main(argv: list[str] | None = None) -> int:
         print("held-out top-k accuracy (share of predicted experts the gate chose):")
         print(format_table(rows))
         return 0
-    if args.device == "cuda":
-        raise SystemExit("--device cuda is not implemented yet: use --device cpu")
     problem = check_serving_flags(args, args.bind or DEFAULT_BIND)
     if problem is not None:
         print(f"launch.py: error: {problem}", file=sys.stderr)
@@ -239,9 +254,13 @@ def main(argv: list[str] | None = None) -> int:
         supervisor.start(args.ready_timeout_s)
         if wants_one_shot:
             return one_shot(args, cfg.bind, while_waiting=supervisor.check)
-        log.info("ready: serving on %s (Ctrl-C to stop)", cfg.bind)
-        while True:
-            supervisor.wait(3600)
+        log.info("ready: serving on %s (Ctrl-C or SIGTERM drains and stops; twice stops at once)", cfg.bind)
+        try:
+            while True:
+                supervisor.wait(3600)
+        except KeyboardInterrupt:
+            supervisor.drain(args.drain_timeout_s)
+            return 0
     except WorkerDead as exc:
         log.error("%s", exc)
         return 1

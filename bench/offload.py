@@ -1,6 +1,6 @@
 """Every policy, ``all_resident`` and the ablation steps over the same prompts, on CPU with an emulated link.
 
-    python bench/offload.py [--link-gbps 0.25] [--cache-fractions 0.125,0.25,0.5] [--predictor FILE]
+    python bench/offload.py [--link-gbps 0.25] [--cache-fractions 0.125,0.25,0.5] [--predictor FILE] [--model-path DIR]
                             [--new-tokens 32] [--json PATH] [--plot PATH]
 
 Each configuration starts the runtime, runs one warm-up request, then the measured prompts (greedy). For
@@ -119,10 +119,12 @@ def main() -> None:
     p.add_argument("--cache-fractions", default="0.125,0.25,0.5")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--predictor", type=Path, default=None, help="also run promoe with this trained predictor")
+    p.add_argument("--model-path", type=Path, default=None,
+                   help="checkpoint to run (default: the embedded default model)")
     p.add_argument("--json", type=Path, default=None, help="write the rows here")
     p.add_argument("--plot", type=Path, default=Path("bench/results/offload-tpot.png"), help="PNG of TPOT vs cache")
     args = p.parse_args()
-    checkpoint = ensure_default_checkpoint()
+    checkpoint = args.model_path or ensure_default_checkpoint()
     lay = open_checkpoint(checkpoint).layout(n_slots=4, n_chunks=1, compute_dtype="float32")
     n_experts, expert_nbytes = lay.n_experts, lay.expert_nbytes
     sizes = [max(lay.top_k, round(n_experts * float(f))) for f in args.cache_fractions.split(",")]

@@ -211,6 +211,19 @@ class CacheDirectory:
         self._protected.clear()
         self._predictions.clear()
 
+    def reissue_loads(self) -> None:
+        """The loader was restarted and its queue is lost: loads it was asked to preempt count as preempted (what
+        landed is wasted); every other load is sent again, precise ones first, from its first chunk not landed."""
+        preempting = [load for load in self._in_flight.values() if load.load_id in self._preempting]
+        for load in sorted(self._in_flight.values(), key=lambda load: load.target is not None):
+            if load.load_id not in self._preempting:
+                priority = PRIORITY_PRECISE if load.target is None else PRIORITY_SPECULATIVE
+                self.outbox.append(LoadExpert(load_id=load.load_id, expert=load.expert, slot=load.slot, seq=load.seq,
+                                              priority=priority, first_chunk=int(self.table.slot_ready[load.slot])))
+        if preempting:  # after the re-issue: freeing their slots may start loads or preempt re-issued ones
+            self.on_preempted([load.load_id for load in preempting],
+                              [int(self.table.slot_ready[load.slot]) for load in preempting])
+
     def forget_request(self) -> None:
         """After a failed request nothing is in use or waited for any more."""
         self.table.expert_pin[:] = 0

@@ -113,6 +113,11 @@ class RequestQueue:
             pending.disarm()
         return pending
 
+    def clear(self) -> None:
+        for pending in self._queued.values():
+            pending.disarm()
+        self._queued.clear()
+
     def of_peer(self, peer: bytes) -> list[PendingRequest]:
         return [p for p in self._queued.values() if p.peer == peer]
 
@@ -138,3 +143,10 @@ def validate_generate(msg: Generate) -> str | None:
     if msg.deadline_s is not None and not (math.isfinite(msg.deadline_s) and 0 < msg.deadline_s <= MAX_DEADLINE_S):
         return f"deadline_s must be in (0, {MAX_DEADLINE_S:g}], got {msg.deadline_s}"
     return None
+
+
+def split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """ROUTER frames -> (identity [+ the empty delimiter of a REQ client], the request frames)."""
+    if len(frames) > 2 and frames[1] == b"":
+        return frames[:2], frames[2:]
+    return frames[:1], frames[1:]

@@ -25,12 +25,14 @@ from coordinator.auth import serve_curve
 from coordinator.cache import CacheDirectory
 from coordinator.metrics import Totals, cache_metrics
 from coordinator.policies import make_policy
-from coordinator.requests import PendingRequest, Rejected, RequestQueue
+from coordinator.requests import PendingRequest, Rejected, RequestQueue, split_envelope
 from protocol.codec import MAX_MESSAGE_NBYTES, ProtocolError, decode, dispatch, encode
 from protocol.config import RuntimeConfig
 from protocol.ids import RequestId
 from protocol.messages import (
     CancelGeneration,
+    Drained,
+    DrainRequested,
     ErrorReported,
     ExpertLoaded,
     ExpertsPredicted,
@@ -54,6 +56,8 @@ from protocol.messages import (
     StatsReported,
     TokenGenerated,
     TokenStreamed,
+    WorkerDied,
+    WorkerRestarted,
     WorkerStarted,
 )
 from shm.segment import Segment
@@ -121,7 +125,16 @@ class Coordinator:
             GenerationFinished: self.on_generation_finished,
             GenerationFailed: self.on_generation_failed,
             PingAnswered: self.on_ping_answered,
+            WorkerDied: self.on_worker_died,
+            WorkerRestarted: self.on_worker_restarted,
+            DrainRequested: self.on_drain_requested,
         }
+        self.draining = False
+        """Set by ``DrainRequested``: new requests are refused, accepted ones finish."""
+        self._drained_sent = False
+        self.down: set[str] = set()
+        """Workers that died and have not reported ready again."""
+        self.restarts: dict[str, int] = dict.fromkeys(WORKER_ROLES, 0)
         self.totals = Totals()
         self.client_handlers: dict[type[Message], Any] = {
             Generate: self.on_generate, GetHealth: self.on_get_health, GetStats: self.on_get_stats,
@@ -227,6 +240,62 @@ class Coordinator:
         if msg.role in self.round_trip_ns:
             self.round_trip_ns[msg.role].append(now_ns() - msg.sent_ns)
 
+    def on_worker_died(self, msg: WorkerDied) -> None:
+        """From the supervisor, which is restarting it. A dead inference worker takes the running request with it:
+        that client gets an error now; the queue waits for the restart. A dead loader's queue is re-issued when its
+        successor reports ready; meanwhile the inference worker waits on the slot table as for any slow load."""
+        log.error("%s (pid %d) died with exit code %d; the supervisor restarts it", msg.role, msg.pid, msg.exit_code)
+        self.down.add(msg.role)
+        running = self.running
+        if msg.role == "inference" and running is not None:
+            self.running = None
+            self.totals.requests_failed += 1
+            self.cache.end_request()
+            self.cache.forget_request()
+            self._send_to_loader()
+            message = (f"the inference worker died (exit code {msg.exit_code}) during this request; it is being "
+                       "restarted, later requests will be served")
+            self._reply(running.pending.envelope, ErrorReported(code="worker_died", message=message,
+                                                                request_id=running.pending.request_id))
+        self._report_if_drained()
+
+    def on_worker_restarted(self, msg: WorkerRestarted) -> None:
+        log.info("%s is back (pid %d)", msg.role, msg.pid)
+        self.down.discard(msg.role)
+        self.restarts[msg.role] = self.restarts.get(msg.role, 0) + 1
+        if msg.role == "loader":
+            self.cache.reissue_loads()
+            self._send_to_loader()
+        elif msg.role == "inference":
+            self._start_next()
+
+    def on_drain_requested(self, msg: DrainRequested) -> None:
+        log.info("draining: %d running, %d queued; new requests are refused", self.running is not None,
+                 len(self.queue))
+        self.draining = True
+        asyncio.get_running_loop().call_later(msg.timeout_s, self._drain_expired)
+        self._report_if_drained()
+
+    def _drain_expired(self) -> None:
+        if not self._drained_sent:
+            log.warning("drain deadline passed: answering what is left with shutting_down")
+            self.answer_all("shutting_down", "the runtime is stopping (drain deadline passed)")
+            self._report_if_drained()
+
+    def _report_if_drained(self) -> None:
+        if self.draining and not self._drained_sent and self.running is None and not self.queue:
+            self._drained_sent = True
+            send(self.send_to_supervisor, Drained())
+
+    def answer_all(self, code: str, message: str) -> None:
+        """Answer the running request and every queued one with an error (none is left unanswered)."""
+        held = ([self.running.pending] if self.running is not None else []) + list(self.queue)
+        self.running = None
+        self.queue.clear()
+        for pending in held:
+            pending.disarm()
+            self._reply(pending.envelope, ErrorReported(code=code, message=message, request_id=pending.request_id))
+
     def _finish(self, request_id: RequestId) -> RunningRequest | None:
         running = self.running
         if running is None or running.pending.request_id != request_id:
@@ -238,6 +307,9 @@ class Coordinator:
 
     # ------------------------------------------------------------ client requests
     def on_generate(self, envelope: list[bytes], msg: Generate) -> None:
+        if self.draining:
+            self._reply(envelope, ErrorReported(code="shutting_down", message="the runtime is stopping"))
+            return
         try:
             pending = self.queue.admit(envelope, msg, RequestId(self._next_request_id))
         except Rejected as exc:
@@ -312,6 +384,8 @@ class Coordinator:
             queued=len(self.queue),
             running=self.running.pending.request_id if self.running else None,
             round_trip_us={r: statistics.median(v) / 1e3 for r, v in self.round_trip_ns.items() if v},
+            restarts=dict(self.restarts),
+            draining=self.draining,
         ))
 
     def on_get_stats(self, envelope: list[bytes], msg: GetStats) -> None:
@@ -320,15 +394,16 @@ class Coordinator:
 
     def _start_next(self) -> None:
         pending = None
-        while self.running is None and pending is None:
+        while pending is None and self.running is None and "inference" not in self.down:
             pending = self.queue.pop_next()
             if pending is None:
-                return
+                break
             if not self._reply(pending.envelope, GenerationStarted(request_id=pending.request_id)):
                 pending.disarm()  # nobody to answer: not worth running
                 self.totals.count_abandoned("peer_gone")
                 pending = None
         if pending is None:
+            self._report_if_drained()
             return
         req = pending.request
         self.running = RunningRequest(pending, asyncio.get_running_loop().time())
@@ -403,7 +478,9 @@ class Coordinator:
         for task in done:
             if task is not stopper and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
-        log.info("coordinator stopping (SIGTERM); %d queued request(s) dropped with the runtime", len(self.queue))
+        log.info("coordinator stopping (SIGTERM); answering %d request(s) with shutting_down",
+                 len(self.queue) + (self.running is not None))
+        self.answer_all("shutting_down", "the runtime is stopping")
 
     def close(self) -> None:
         if self.authenticator is not None:
@@ -414,13 +491,6 @@ class Coordinator:
             sock.close(linger=0)
         self.actx.term()
         self.ctx.term()
-
-
-def split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
-    """ROUTER frames -> (identity [+ the empty delimiter of a REQ client], the request frames)."""
-    if len(frames) > 2 and frames[1] == b"":
-        return frames[:2], frames[2:]
-    return frames[:1], frames[1:]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,9 +1,18 @@
 """The supervisor: the ``launch.py`` process. It owns every shared-memory segment, starts the four processes, waits
-for each to report ready, watches them, and stops them all through one shutdown path.
+for each to report ready, watches them, restarts the workers that die, and stops them all through one shutdown path.
 
 Child deaths are seen through pidfds (no polling of ``waitpid``); SIGINT/SIGTERM wake the same poller through the
-signal wake-up fd. ``shutdown`` is the only way out: SIGTERM every child, wait with a deadline, SIGKILL what is
-left, then unlink every segment and remove the run directory.
+signal wake-up fd.
+
+- A worker (inference, predictor, loader) that dies after it reported ready is restarted at once: the coordinator
+  is told (``WorkerDied``: it fails the request in progress if the inference worker died), the new process attaches
+  to the same segments, and when it reports ready the coordinator is told again (``WorkerRestarted``: it re-issues
+  the loads a dead loader had queued, or starts the next request).
+- A process that dies before reporting ready (a crash loop, a bad checkpoint), a restart that does not report ready
+  within the start-up deadline, or the death of the coordinator (which owns the cache directory and the clients'
+  requests) stops the runtime with ``WorkerDead``.
+- ``shutdown`` is the only way out: SIGTERM every child, wait with a deadline, SIGKILL what is left, then unlink
+  every segment and remove the run directory.
 """
 
 from __future__ import annotations
@@ -23,13 +32,13 @@ import zmq
 
 from protocol.codec import MAX_MESSAGE_NBYTES, ProtocolError, decode
 from protocol.config import ROLES, RuntimeConfig
-from protocol.messages import WorkerStarted
+from protocol.messages import Drained, DrainRequested, WorkerDied, WorkerRestarted, WorkerStarted
 from shm.cache_slots import CacheSlots
 from shm.expert_store import HostExpertStore
 from shm.hidden_exchange import HiddenExchange
 from shm.segment import Segment, unlink_leftovers
 from shm.slot_table import SlotTable
-from workers.bootstrap import WorkerDead
+from workers.bootstrap import WorkerDead, push_socket, send
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,10 @@ MODULES = {
     "predictor": "workers.predictor",
     "loader": "workers.loader",
 }
+RESTARTABLE = ("inference", "predictor", "loader")
+HURRIED_STOP_S = 1.0
+"""After a second signal, how long processes get to exit on SIGTERM before SIGKILL (the coordinator answers the
+requests it holds with ``shutting_down`` on its way out)."""
 
 
 class Supervisor:
@@ -48,10 +61,17 @@ class Supervisor:
         self.profile_dir = profile_dir
         self.stop_timeout_s = stop_timeout_s
         self.children: dict[str, subprocess.Popen] = {}
-        self.profilers: dict[str, subprocess.Popen] = {}
+        self.profilers: list[tuple[str, subprocess.Popen]] = []
         self.segments: list[Segment] = []
-        self._pidfds: dict[int, str] = {}
-        self.stop_signal: int | None = None
+        self._pidfds: dict[str, int] = {}
+        self._starting: dict[str, float] = {}
+        """Role -> deadline (monotonic) for its ``WorkerStarted``."""
+        self.ready_timeout_s = 180.0
+        self.restarts: dict[str, int] = dict.fromkeys(RESTARTABLE, 0)
+        self.send_to_coordinator: zmq.Socket | None = None
+        self.signals: list[int] = []
+        """SIGINT/SIGTERM received, in order: the first drains (when serving), a second stops at once."""
+        self._drained = False
         self._stopped = False
         self._ctx = zmq.Context()
         self.recv_from_workers: zmq.Socket | None = None
@@ -63,6 +83,7 @@ class Supervisor:
     def start(self, ready_timeout_s: float) -> None:
         """Create the segments, start the four processes, and wait until each reports ready."""
         self._install_signal_handlers()
+        self.ready_timeout_s = ready_timeout_s
         try:
             self._create_segments()
             self.cfg.write()
@@ -70,9 +91,11 @@ class Supervisor:
             self.recv_from_workers.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_NBYTES)
             self.recv_from_workers.setsockopt(zmq.LINGER, 0)
             self.recv_from_workers.bind(self.cfg.endpoint("supervisor"))
+            self.send_to_coordinator = push_socket(self._ctx, self.cfg.endpoint("coordinator"))
             for role in ROLES:
                 self._spawn(role)
-            self._wait_ready(ready_timeout_s)
+            while self._starting:
+                self.wait(min(self._starting.values()) - time.monotonic())
         except BaseException:
             self.shutdown("start-up failed")
             raise
@@ -81,15 +104,16 @@ class Supervisor:
         lay = self.cfg.layout
         store = Segment.create(self.cfg.segment("store"), HostExpertStore.nbytes_for(lay))
         self.segments.append(store)
-        slots = Segment.create(self.cfg.segment("slots"), CacheSlots.nbytes_for(lay))
-        self.segments.append(slots)
+        slots_nbytes = CacheSlots.nbytes_for(lay)
+        if self.cfg.device != "cuda":  # on the CUDA path the slots live in the inference worker's GPU memory
+            self.segments.append(Segment.create(self.cfg.segment("slots"), slots_nbytes))
         table = Segment.create(self.cfg.segment("table"), SlotTable.nbytes_for(lay.n_slots, lay.n_experts))
         self.segments.append(table)
         SlotTable(table, lay.n_slots, lay.n_experts, lay.n_chunks, init=True).close()
         self.segments.append(Segment.create(self.cfg.segment("hidden"), HiddenExchange.nbytes_for(
             len(lay.moe_layers), lay.hidden_size, self.cfg.hidden_max_tokens)))
-        log.info("run %s: shared memory store %.1f MB, slots %.1f MB (%d experts of %d)", self.cfg.run_id,
-                 store.nbytes / 1e6, slots.nbytes / 1e6, lay.n_slots, lay.n_experts)
+        log.info("run %s: shared memory store %.1f MB, slots %.1f MB on %s (%d experts of %d)", self.cfg.run_id,
+                 store.nbytes / 1e6, slots_nbytes / 1e6, self.cfg.device, lay.n_slots, lay.n_experts)
 
     def _spawn(self, role: str) -> None:
         env = dict(os.environ)
@@ -97,41 +121,52 @@ class Supervisor:
         cmd = [sys.executable, "-m", MODULES[role], "--run-dir", self.cfg.run_dir]
         child = subprocess.Popen(cmd, env=env, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL)
         self.children[role] = child
-        self._pidfds[os.pidfd_open(child.pid)] = role
+        self._pidfds[role] = os.pidfd_open(child.pid)
+        self._starting[role] = time.monotonic() + self.ready_timeout_s
         log.debug("started %s as pid %d", role, child.pid)
         if self.profile_dir is not None:
             self.profile_dir.mkdir(parents=True, exist_ok=True)
-            out = self.profile_dir / f"{role}.speedscope.json"
-            self.profilers[role] = subprocess.Popen(
+            restarts = self.restarts.get(role, 0)
+            out = self.profile_dir / (f"{role}.speedscope.json" if not restarts else
+                                      f"{role}.restart{restarts}.speedscope.json")
+            self.profilers.append((role, subprocess.Popen(
                 ["py-spy", "record", "--pid", str(child.pid), "--format", "speedscope", "--output", str(out),
                  "--rate", "200"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)))
 
-    def _wait_ready(self, timeout_s: float) -> None:
-        waiting = set(ROLES)
-        deadline = time.monotonic() + timeout_s
-        while waiting:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise WorkerDead(f"no ready report within {timeout_s:.0f} s from: {', '.join(sorted(waiting))}")
-            self.wait(remaining)
-            assert self.recv_from_workers is not None
-            while self.recv_from_workers.poll(0):
-                try:
-                    msg = decode(self.recv_from_workers.recv())
-                except ProtocolError as exc:
-                    log.error("dropped a frame on the supervisor socket: %s", exc)
-                    continue
-                if isinstance(msg, WorkerStarted):
-                    waiting.discard(msg.role)
-                    log.debug("%s ready (pid %d)", msg.role, msg.pid)
+    def _restart(self, role: str, child: subprocess.Popen, code: int) -> None:
+        log.error("%s (pid %d) exited with code %d: restarting it", role, child.pid, code)
+        os.close(self._pidfds.pop(role))
+        assert self.send_to_coordinator is not None
+        send(self.send_to_coordinator, WorkerDied(role=role, pid=child.pid, exit_code=code))
+        self.restarts[role] += 1
+        self._spawn(role)
+
+    def _drain_inbox(self) -> None:
+        if self.recv_from_workers is None:
+            return
+        while self.recv_from_workers.poll(0):
+            try:
+                msg = decode(self.recv_from_workers.recv())
+            except ProtocolError as exc:
+                log.error("dropped a frame on the supervisor socket: %s", exc)
+                continue
+            if isinstance(msg, Drained):
+                self._drained = True
+                continue
+            if not isinstance(msg, WorkerStarted) or self._starting.pop(msg.role, None) is None:
+                log.error("unexpected %s on the supervisor socket", type(msg).__name__)
+                continue
+            log.debug("%s ready (pid %d)", msg.role, msg.pid)
+            if self.restarts.get(msg.role):
+                log.info("%s restarted (pid %d, restart %d)", msg.role, msg.pid, self.restarts[msg.role])
+                assert self.send_to_coordinator is not None
+                send(self.send_to_coordinator, WorkerRestarted(role=msg.role, pid=msg.pid))
 
     # ------------------------------------------------------------ watch
     def _install_signal_handlers(self) -> None:
         def on_signal(signum: int, frame: FrameType | None) -> None:
-            if self.stop_signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C: stop waiting politely
-            self.stop_signal = signum
+            self.signals.append(signum)
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
@@ -141,7 +176,7 @@ class Supervisor:
         """Block until a child dies, a signal or a message arrives, or ``timeout_s``; raise if a child died or a
         stop signal came."""
         poller = zmq.Poller()
-        for fd in self._pidfds:
+        for fd in self._pidfds.values():
             poller.register(fd, zmq.POLLIN)
         poller.register(self._wakeup_r, zmq.POLLIN)
         if self.recv_from_workers is not None:
@@ -152,23 +187,53 @@ class Supervisor:
         self.check()
 
     def check(self) -> None:
-        """Raise ``WorkerDead`` if any child has exited, ``KeyboardInterrupt`` if a stop signal arrived."""
+        """Restart the workers that died after start-up; take ready reports; raise ``WorkerDead`` for a death that
+        is not restarted or a start-up past its deadline, ``KeyboardInterrupt`` if a stop signal arrived."""
         with contextlib.suppress(BlockingIOError):
             os.read(self._wakeup_r, 512)  # drain the signal wake-up bytes
-        for role, child in self.children.items():
+        for role, child in list(self.children.items()):
             code = child.poll()
-            if code is not None:
-                raise WorkerDead(f"{role} (pid {child.pid}) exited with code {code}")
-        if self.stop_signal is not None:
-            raise KeyboardInterrupt(f"signal {self.stop_signal}")
+            if code is None:
+                continue
+            if role in self._starting or role not in RESTARTABLE:
+                during = " during start-up" if role in self._starting else ""
+                raise WorkerDead(f"{role} (pid {child.pid}) exited with code {code}{during}")
+            self._restart(role, child, code)
+        self._drain_inbox()
+        late = sorted(role for role, deadline in self._starting.items() if time.monotonic() > deadline)
+        if late:
+            raise WorkerDead(f"no ready report within {self.ready_timeout_s:.0f} s from: {', '.join(late)}")
+        if self.signals:
+            raise KeyboardInterrupt(f"signal {self.signals[0]}")
+
+    def drain(self, timeout_s: float) -> None:
+        """Ask the coordinator to finish the accepted requests and refuse new ones; return when it reports
+        ``Drained``, when ``timeout_s`` (plus a grace second) has passed, on a second signal, or if a process died."""
+        signals = len(self.signals)
+        assert self.send_to_coordinator is not None
+        send(self.send_to_coordinator, DrainRequested(timeout_s=timeout_s))
+        log.info("draining: finishing accepted requests (at most %.0f s; signal again to stop at once)", timeout_s)
+        deadline = time.monotonic() + timeout_s + 1.0
+        while not self._drained and len(self.signals) == signals:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("the coordinator did not report drained within %.0f s", timeout_s)
+                return
+            try:
+                self.wait(remaining)
+            except WorkerDead as exc:
+                log.error("%s while draining", exc)
+                return
+            except KeyboardInterrupt:
+                pass  # the first signal is still recorded; the loop condition looks for a second one
 
     # ------------------------------------------------------------ the one shutdown path
     def shutdown(self, reason: str) -> None:
         if self._stopped:
             return
         self._stopped = True
-        log.info("shutting down: %s", reason)
-        hurry = False
+        hurry = len(self.signals) > 1  # a second signal: do not wait politely
+        log.info("shutting down%s: %s", " at once" if hurry else "", reason)
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             nonlocal hurry
@@ -179,16 +244,17 @@ class Supervisor:
         for child in self.children.values():
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.stop_timeout_s
+        started = time.monotonic()
         for role, child in self.children.items():
-            while child.poll() is None and not hurry and time.monotonic() < deadline:
+            while child.poll() is None and time.monotonic() - started < (HURRIED_STOP_S if hurry else
+                                                                         self.stop_timeout_s):
                 time.sleep(0.02)
             if child.poll() is None:
                 log.warning("%s (pid %d) still running after SIGTERM: killing it", role, child.pid)
                 child.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     child.wait(timeout=5)
-        for role, profiler in self.profilers.items():
+        for role, profiler in self.profilers:
             try:
                 profiler.wait(timeout=1 if hurry else 30)  # py-spy writes its profile once the target has exited
             except subprocess.TimeoutExpired:
@@ -196,11 +262,13 @@ class Supervisor:
                 profiler.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     profiler.wait(timeout=5)
-        for fd in self._pidfds:
+        for fd in self._pidfds.values():
             os.close(fd)
         self._pidfds.clear()
         if self.recv_from_workers is not None:
             self.recv_from_workers.close(linger=0)
+        if self.send_to_coordinator is not None:
+            self.send_to_coordinator.close(linger=0)
         self._ctx.term()
         for segment in self.segments:
             segment.close()

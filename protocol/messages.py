@@ -36,6 +36,41 @@ class WorkerStarted(Message):
 
 
 @dataclass(frozen=True)
+class WorkerDied(Message):
+    """Supervisor -> coordinator: ``role`` exited (``exit_code``, negative for a signal); it is being restarted."""
+
+    TAG: ClassVar[str] = "worker_died"
+    role: str
+    pid: int
+    exit_code: int
+
+
+@dataclass(frozen=True)
+class WorkerRestarted(Message):
+    """Supervisor -> coordinator: the restarted ``role`` reported ready (it attached to the same shared memory)."""
+
+    TAG: ClassVar[str] = "worker_restarted"
+    role: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class DrainRequested(Message):
+    """Supervisor -> coordinator (first SIGTERM/SIGINT): refuse new requests, finish the accepted ones within
+    ``timeout_s``, answer what is left with ``shutting_down``, then report ``Drained``."""
+
+    TAG: ClassVar[str] = "drain_requested"
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class Drained(Message):
+    """Coordinator -> supervisor: no request is running or queued any more; the runtime may stop."""
+
+    TAG: ClassVar[str] = "drained"
+
+
+@dataclass(frozen=True)
 class Ping(Message):
     """Asks a worker to answer; used for health and to measure a ZeroMQ round trip."""
 
@@ -102,6 +137,40 @@ class LoadsPreempted(Message):
     TAG: ClassVar[str] = "loads_preempted"
     load_ids: list[LoadId]
     chunks_done: list[int]
+
+
+# ---------------------------------------------------------------- inference -> loader (CUDA path, once at start-up)
+@dataclass(frozen=True)
+class SlotsExported(Message):
+    """The inference worker's GPU cache slots, exported by CUDA IPC: the fields of torch's
+    ``UntypedStorage._share_cuda_()`` tuple, one typed field each (no pickle), plus the geometry to check them by.
+
+    The loader rebuilds the storage with ``UntypedStorage._new_shared_cuda`` over these eight values in this order.
+    """
+
+    TAG: ClassVar[str] = "slots_exported"
+    device: int
+    """CUDA device index of the allocation."""
+    handle: bytes
+    """``cudaIpcMemHandle_t`` of the caching allocator's block that holds the slots."""
+    storage_nbytes: int
+    """Bytes of the slots' storage."""
+    storage_offset_nbytes: int
+    """Where the storage begins inside that block."""
+    ref_counter_handle: bytes
+    """Name of torch's shared reference-counter file for this export."""
+    ref_counter_offset: int
+    """This export's counter in that file."""
+    event_handle: bytes
+    """``cudaIpcEventHandle_t`` recorded after the producer's last write before export."""
+    event_sync_required: bool
+    """Whether the loader must wait on that event before touching the slots."""
+    n_slots: int
+    """Rows of the slot array."""
+    slot_numel: int
+    """Elements per slot (one expert)."""
+    dtype: str
+    """Slot dtype (a name of ``shm.layout.DTYPES``)."""
 
 
 # ---------------------------------------------------------------- coordinator <-> inference
@@ -290,6 +359,10 @@ class HealthReported(Message):
     queued: int
     running: int | None
     round_trip_us: dict[str, float]
+    restarts: dict[str, int] = field(default_factory=dict)
+    """Role -> times the supervisor restarted it since start."""
+    draining: bool = False
+    """True once the runtime was asked to stop: new requests are refused with ``shutting_down``."""
 
 
 @dataclass(frozen=True)
@@ -319,6 +392,10 @@ class ErrorReported(Message):
 
 ALL_MESSAGES: tuple[type[Message], ...] = (
     WorkerStarted,
+    WorkerDied,
+    WorkerRestarted,
+    DrainRequested,
+    Drained,
     Ping,
     PingAnswered,
     LoadExpert,
@@ -326,6 +403,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     Reorder,
     ExpertLoaded,
     LoadsPreempted,
+    SlotsExported,
     StartGeneration,
     CancelGeneration,
     GateDecided,

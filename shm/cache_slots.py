@@ -1,6 +1,9 @@
-"""The device cache slots of the CPU path: a shared region of ``n_slots`` expert buffers in the compute dtype.
+"""The cache slots: ``n_slots`` expert buffers in the compute dtype, one row per slot.
 
-On the CUDA path the slots live in the inference worker's GPU memory instead; the slot table is the same.
+``SlotArray`` is what every user of the slots sees (chunk views for the loader, ``gate_up``/``down`` views for the
+experts backend, a read fence for the inference worker). ``CacheSlots`` is the CPU path's storage, a shared
+segment; on the CUDA path ``workers.gpu_slots.GpuSlots`` keeps the same rows in the inference worker's GPU memory.
+The slot table is the same for both.
 """
 
 from __future__ import annotations
@@ -12,20 +15,28 @@ from shm.layout import DTYPES, ExpertLayout
 from shm.segment import Segment
 
 
-class CacheSlots:
-    def __init__(self, segment: Segment, layout: ExpertLayout) -> None:
-        if segment.nbytes < self.nbytes_for(layout):
-            raise ValueError(f"segment {segment.name} holds {segment.nbytes} bytes, slots need more")
-        self.segment = segment
-        self.layout = layout
-        flat = torch.frombuffer(
-            segment.buf, dtype=DTYPES[layout.compute_dtype], count=layout.n_slots * layout.expert_numel
-        )
-        self.slots = flat.view(layout.n_slots, layout.expert_numel)  # [n_slots, 3*I*H]
+class ReadFence:
+    """Says when the computation that read a slot has finished reading it.
 
-    @staticmethod
-    def nbytes_for(layout: ExpertLayout) -> int:
-        return layout.n_slots * layout.slot_nbytes
+    On the CPU the computation is synchronous, so it has finished when ``forward`` returns: this fence is always
+    done. The CUDA path overrides it with an event recorded on the compute stream.
+    """
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        """Block until ``done()``."""
+
+
+COMPLETED = ReadFence()
+
+
+class SlotArray:
+    """Views into ``slots`` (``[n_slots, expert_numel]``, compute dtype); subclasses own the memory."""
+
+    slots: torch.Tensor
+    layout: ExpertLayout
 
     def chunk(self, slot: SlotId, chunk: int) -> torch.Tensor:
         lo, hi = self.layout.chunk_bounds(chunk)
@@ -45,6 +56,31 @@ class CacheSlots:
             lay.hidden_size, lay.intermediate_size
         )
 
+    def read_fence(self) -> ReadFence:
+        """A fence behind every computation issued so far on these slots (CPU: already done)."""
+        return COMPLETED
+
     def close(self) -> None:
         del self.slots
+
+
+class CacheSlots(SlotArray):
+    """The CPU path's slots: a shared segment that the loader writes and the inference worker reads."""
+
+    def __init__(self, segment: Segment, layout: ExpertLayout) -> None:
+        if segment.nbytes < self.nbytes_for(layout):
+            raise ValueError(f"segment {segment.name} holds {segment.nbytes} bytes, slots need more")
+        self.segment = segment
+        self.layout = layout
+        flat = torch.frombuffer(
+            segment.buf, dtype=DTYPES[layout.compute_dtype], count=layout.n_slots * layout.expert_numel
+        )
+        self.slots = flat.view(layout.n_slots, layout.expert_numel)  # [n_slots, 3*I*H]
+
+    @staticmethod
+    def nbytes_for(layout: ExpertLayout) -> int:
+        return layout.n_slots * layout.slot_nbytes
+
+    def close(self) -> None:
+        super().close()
         self.segment.close()

@@ -117,6 +117,15 @@ class SlotTable:
     def waiting_for_slot(self, value: bool) -> None:
         self._header[3] = int(value)
 
+    @property
+    def store_filled(self) -> bool:
+        """Set by the loader once the host store holds every expert: a restarted loader does not read it again."""
+        return bool(self._header[4])
+
+    @store_filled.setter
+    def store_filled(self, value: bool) -> None:
+        self._header[4] = int(value)
+
     # ------------------------------------------------------------ loader side
     def publish_ready(self, slot: SlotId, seq: int, chunks_ready: int) -> bool:
         """Record that ``chunks_ready`` chunks of the load with ``seq`` are in ``slot``; False if reassigned."""

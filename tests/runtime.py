@@ -31,12 +31,17 @@ class RuntimeProcess:
         root.mkdir(parents=True, exist_ok=True)
         self.address = address or f"ipc://{root / 'client.sock'}"
         self.log_path = root / "runtime.log"
+        # the CPU path unless a test asks for cuda: on a GPU machine launch.py would otherwise default to cuda, and
+        # the CPU oracle compares against float32 transformers
+        device = [] if "--device" in extra else ["--device", "cpu"]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
             [sys.executable, str(PROJECT_ROOT / "launch.py"), "--model-path", str(checkpoint), "--bind", self.address,
-             "--run-root", str(root), "--ready-timeout-s", str(ready_timeout_s), *extra],
+             "--run-root", str(root), "--ready-timeout-s", str(ready_timeout_s), *device, *extra],
             cwd=PROJECT_ROOT, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.children: dict[str, psutil.Process] = {}
+        self.former: list[psutil.Process] = []
+        """Processes of roles that were restarted since."""
         self.run_id: str | None = None
         try:
             self._wait_ready(ready_timeout_s)
@@ -60,14 +65,34 @@ class RuntimeProcess:
                 if all(health.workers.values()):
                     break
                 time.sleep(0.2)
+        self.find_children()
+        (config,) = self.root.glob("promoe-run-*/runtime.json")
+        self.run_id = json.loads(config.read_text())["run_id"]
+
+    def find_children(self) -> None:
+        """The current process of each role (again after a restart: every process ever seen stays checked)."""
+        self.former.extend(self.children.values())
+        self.children = {}
         for child in psutil.Process(self.proc.pid).children(recursive=False):
             title = " ".join(child.cmdline())
             for role in ROLES:
                 if title.startswith(f"promoe::{role}"):
                     self.children[role] = child
         assert sorted(self.children) == sorted(ROLES), f"children found: {self.children}"
-        (config,) = self.root.glob("promoe-run-*/runtime.json")
-        self.run_id = json.loads(config.read_text())["run_id"]
+
+    def wait_restarted(self, role: str, restarts: int, timeout_s: float = 90.0) -> None:
+        """Until the coordinator counts ``restarts`` restarts of ``role`` and the new process answers pings."""
+        deadline = time.monotonic() + timeout_s
+        with self.client() as client:
+            while True:
+                health = client.health(timeout_s=5.0)
+                if health.restarts.get(role, 0) >= restarts and health.workers[role]:
+                    break
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"{role} not restarted {restarts} time(s) within {timeout_s} s "
+                                         f"(health: {health}):\n{self.log()}")
+                time.sleep(0.1)
+        self.find_children()
 
     def client(self, timeout_s: float = 120.0) -> PromoeClient:
         return PromoeClient(self.address, timeout_s=timeout_s, curve=self.curve)
@@ -98,7 +123,7 @@ class RuntimeProcess:
         deadline = time.monotonic() + 5
         alive = []
         while time.monotonic() < deadline:
-            alive = [role for role, p in self.children.items()
+            alive = [f"{p.pid}" for p in [*self.children.values(), *self.former]
                      if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
             if not alive:
                 break

@@ -919,3 +919,31 @@ def test_end_request_preempts_its_speculation_and_nothing_else(make_rig) -> None
     assert not rig.cache.is_protected(ExpertId(2 * E))
     rig.cache.end_request()
     assert rig.drain() == [], "a pending preemption is not asked for twice"
+
+
+def test_reissue_after_a_loader_restart(make_rig) -> None:
+    """The loader's queue died with it: loads in flight are sent again (precise first, from the first chunk not
+    landed); loads it had been asked to preempt count as preempted, their landed chunks wasted."""
+    rig = make_rig(n_slots=6, policy="promoe")
+    rig.cache.begin_request(RequestId(1))
+    rig.use(0, at=(0, 0))
+    spec = by_expert(rig.predict(0, 2, 2 * E, 2 * E + 1))
+    rig.ready(spec[2 * E], 2)
+    (precise,) = loads_in(rig.gate(E, at=(0, 1)))
+    rig.ready(precise, 1)
+    rig.cache.end_request()
+    assert rig.drain() == [Preempt(load_ids=ids(spec[2 * E], spec[2 * E + 1]))]  # lost with the loader
+    (later,) = loads_in(rig.predict(0, 3, 3 * E))
+    rig.cache.reissue_loads()
+    commands = rig.cache.drain()
+    assert commands == [
+        LoadExpert(load_id=precise.load_id, expert=precise.expert, slot=precise.slot, seq=precise.seq,
+                   priority=PRIORITY_PRECISE, first_chunk=1),
+        LoadExpert(load_id=later.load_id, expert=later.expert, slot=later.slot, seq=later.seq,
+                   priority=PRIORITY_SPECULATIVE, first_chunk=0),
+    ]
+    assert rig.slot_of(2 * E) is None and rig.slot_of(2 * E + 1) is None
+    assert rig.cache.counters.preempted == 2
+    assert rig.cache.counters.wasted_bytes == 2 * rig.chunk_nbytes
+    rig.loaded(precise)
+    assert rig.slot_of(E) is not None and rig.resident() == {0, E}

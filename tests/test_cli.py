@@ -20,7 +20,8 @@ JSON_FIELDS = {"token_ids", "text", "ttft_ms", "tpot_ms", "hit_rate", "stall_ms"
 
 
 def launch(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(PROJECT_ROOT / "launch.py"), *args], cwd=PROJECT_ROOT,
+    device = () if "--device" in args else ("--device", "cpu")  # the CPU oracle, also on a GPU machine
+    return subprocess.run([sys.executable, str(PROJECT_ROOT / "launch.py"), *device, *args], cwd=PROJECT_ROOT,
                           capture_output=True, text=True, timeout=timeout_s)
 
 

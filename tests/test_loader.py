@@ -334,6 +334,30 @@ def test_resumed_load_copies_only_the_remaining_chunks(rig: Rig) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_a_load_sent_twice_is_copied_once(rig: Rig) -> None:
+    """After a restart the coordinator re-issues loads that may also still sit in the old socket's queue."""
+    msg = rig.load(1, slot=0, expert=3)
+    send(rig.to_loader, msg)
+    rig.deliver()
+    assert rig.run_until_idle() == LAYOUT.n_chunks
+    assert len(rig.events(ExpertLoaded)) == 1
+    rig.assert_slot_holds(0, 3)
+
+
+@pytest.mark.timeout(30)
+def test_a_reissued_load_whose_chunks_all_landed_is_only_reported(rig: Rig) -> None:
+    seq = rig.assign(1, 6)
+    assert rig.table.publish_ready(SlotId(1), seq, LAYOUT.n_chunks)  # the old loader copied it, then died
+    send(rig.to_loader, LoadExpert(load_id=LoadId(4), expert=ExpertId(6), slot=SlotId(1), seq=seq,
+                                   first_chunk=LAYOUT.n_chunks))
+    rig.deliver()
+    assert rig.run_until_idle() == 0
+    assert torch.all(rig.slots.slots[1] == SENTINEL), "nothing was copied again"
+    (loaded,) = rig.events(ExpertLoaded)
+    assert (loaded.load_id, loaded.seq, loaded.nbytes) == (4, seq, 0)
+
+
+@pytest.mark.timeout(30)
 def test_loaded_order_follows_priority_and_reorder(rig: Rig) -> None:
     rig.load(1, slot=0, expert=0)
     rig.load(2, slot=1, expert=1, priority=S)

@@ -35,6 +35,8 @@ def _sample(hint: Any, seed: int, *, prefer_none: bool) -> Any:
         return seed + 0.25
     if hint is str:
         return f"text-{seed}-\u00e9"
+    if hint is bytes:
+        return bytes(range(seed % 7, seed % 7 + 64))  # like a 64-byte CUDA IPC handle
     if origin is list:
         (item,) = typing.get_args(hint)
         return [_sample(item, seed + i, prefer_none=False) for i in range(3)]

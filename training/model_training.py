@@ -31,6 +31,8 @@ class ModelTrainingConfig:
 
     minutes: float = 5.0
     """Wall-clock budget for the optimiser steps."""
+    max_steps: int | None = None
+    """Stop after this many steps even if time is left (None: the time budget alone)."""
     window: int = 128
     """Tokens per sequence."""
     batch: int = 8
@@ -58,7 +60,7 @@ def train_model(checkpoint: Path, out: Path, corpus: Path | None, cfg: ModelTrai
     losses: list[float] = []
     order = torch.randperm(n_windows, generator=generator)
     step = 0
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (cfg.max_steps is None or step < cfg.max_steps):
         start = (step * cfg.batch) % max(1, n_windows - cfg.batch)
         batch = windows[order[start : start + cfg.batch]]  # [B, S]
         for group in optimiser.param_groups:
@@ -83,9 +85,10 @@ def train_model(checkpoint: Path, out: Path, corpus: Path | None, cfg: ModelTrai
     for name in TOKENIZER_FILES:
         if (checkpoint / name).is_file():
             shutil.copy(checkpoint / name, out / name)
-    head = sum(losses[:10]) / max(1, len(losses[:10]))
-    tail = sum(losses[-10:]) / max(1, len(losses[-10:]))
-    log.info("trained %d steps in %.1f min: loss %.3f -> %.3f; written to %s", step, cfg.minutes, head, tail, out)
+    window = max(1, min(10, len(losses) // 2))  # first and last steps, never overlapping
+    head = sum(losses[:window]) / window
+    tail = sum(losses[-window:]) / window
+    log.info("trained %d steps: loss %.3f -> %.3f; written to %s", step, head, tail, out)
     return {"steps": step, "loss_first": head, "loss_last": tail}
 
 

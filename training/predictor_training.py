@@ -45,6 +45,8 @@ class TrainingConfig:
     """Passes over the training part per MLP."""
     seed: int = 0
     """Seed of the split and of the MLPs."""
+    distances: tuple[int, ...] = DISTANCES
+    """Distances to train an MLP for (the runtime asks for ``--lookahead`` only)."""
 
 
 @dataclass
@@ -85,6 +87,7 @@ def corpus_ids(checkpoint: Path, corpus: Path | None, tokens: int, vocab_size: i
 def collect_trace(model: nn.Module, moe_layers: tuple[int, ...], ids: list[int], window: int) -> Trace:
     n_windows = len(ids) // window
     token_ids = torch.tensor(ids[: n_windows * window]).view(n_windows, window)
+    device = next(model.parameters()).device
     records: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in range(len(moe_layers))}
     handles = []
     for i, layer in enumerate(moe_layers):
@@ -95,12 +98,13 @@ def collect_trace(model: nn.Module, moe_layers: tuple[int, ...], ids: list[int],
     try:
         with torch.inference_mode():
             for w in range(n_windows):
-                model(token_ids[w : w + 1], use_cache=False)
+                model(token_ids[w : w + 1].to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
-    hidden = torch.stack([torch.stack([h for h, _ in records[i]]) for i in records])  # [L, W, S, H]
-    chosen = torch.stack([torch.stack([c for _, c in records[i]]) for i in records])  # [L, W, S, k]
+    # float32 on the CPU whatever the model's device and dtype: the MLPs are trained there
+    hidden = torch.stack([torch.stack([h for h, _ in records[i]]) for i in records]).float().cpu()  # [L, W, S, H]
+    chosen = torch.stack([torch.stack([c for _, c in records[i]]) for i in records]).cpu()  # [L, W, S, k]
     return Trace(token_ids, hidden, chosen)
 
 
@@ -161,7 +165,15 @@ def train_predictor(checkpoint: Path, out: Path, corpus: Path | None, cfg: Train
     trace = collect_trace(model, layout.moe_layers, ids, cfg.window)
     log.info("traced %d tokens in %.1f s", trace.token_ids.numel(), time.perf_counter() - started)
     routers = load_router_weights(ckpt, layout)  # [L, E, H]
-    n_layers, k, n_experts = len(layout.moe_layers), layout.top_k, layout.experts_per_layer
+    rows = train_from_trace(trace, routers, layout.top_k, out, cfg)
+    log.info("predictor written to %s in %.1f s total", out, time.perf_counter() - started)
+    return rows
+
+
+def train_from_trace(trace: Trace, routers: torch.Tensor, top_k: int, out: Path, cfg: TrainingConfig) -> list[dict]:
+    """Train, evaluate and save the MLPs of a recorded trace; ``routers`` [L, E, H] float32 for gate reuse."""
+    n_layers, n_experts, hidden_size = routers.shape
+    k = top_k
     generator = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(trace.token_ids.shape[0], generator=generator)
     n_test = max(1, len(order) // 10)
@@ -169,7 +181,7 @@ def train_predictor(checkpoint: Path, out: Path, corpus: Path | None, cfg: Train
     tensors: dict[str, torch.Tensor] = {}
     rows = []
     for source in range(n_layers):
-        for distance in DISTANCES:
+        for distance in cfg.distances:
             x, y, t = pairs(trace, source, distance)
             target_layer = (source + distance) % n_layers
             x_train, y_train = x[train_w].reshape(-1, x.shape[-1]), y[train_w].reshape(-1, k)
@@ -184,12 +196,11 @@ def train_predictor(checkpoint: Path, out: Path, corpus: Path | None, cfg: Train
                          "token_frequency": frequency, "test_tokens": len(y_test)})
             for name, value in mlp.state_dict().items():
                 tensors[f"{source}.{distance}.{name}"] = value.contiguous()
-    meta = {"hidden_size": str(layout.hidden_size), "experts_per_layer": str(n_experts), "top_k": str(k),
-            "n_layers": str(n_layers), "distances": json.dumps(DISTANCES), "units": str(cfg.hidden_units),
+    meta = {"hidden_size": str(hidden_size), "experts_per_layer": str(n_experts), "top_k": str(k),
+            "n_layers": str(n_layers), "distances": json.dumps(cfg.distances), "units": str(cfg.hidden_units),
             "evaluation": json.dumps(rows)}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata=meta)
-    log.info("predictor written to %s in %.1f s total", out, time.perf_counter() - started)
     return rows
 
 
@@ -209,7 +220,7 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"{r['layer']:>5} {r['distance']:>4} {r['learned']:>8.3f} {r['gate_reuse']:>10.3f} "
                      f"{r['token_frequency']:>10.3f} {r['test_tokens']:>11}")
-    for d in DISTANCES:
+    for d in sorted({r["distance"] for r in rows}):
         sel = [r for r in rows if r["distance"] == d]
         mean = {key: sum(r[key] for r in sel) / len(sel) for key in ("learned", "gate_reuse", "token_frequency")}
         lines.append(f"{'mean':>5} {d:>4} {mean['learned']:>8.3f} {mean['gate_reuse']:>10.3f} "

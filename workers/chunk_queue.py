@@ -45,6 +45,9 @@ class ChunkQueue:
         self._classes[load.priority].append(load)
         self._queued[load.load_id] = load
 
+    def holds(self, load_id: LoadId) -> bool:
+        return load_id in self._queued
+
     def pop_chunk(self) -> tuple[QueuedLoad, int] | None:
         """The next chunk to copy: the head load of the most urgent non-empty class."""
         for priority in (PRIORITY_PRECISE, PRIORITY_SPECULATIVE):

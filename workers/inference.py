@@ -31,7 +31,7 @@ from protocol.messages import (
     StartGeneration,
     TokenGenerated,
 )
-from shm.cache_slots import CacheSlots
+from shm.cache_slots import CacheSlots, SlotArray
 from shm.hidden_exchange import HiddenExchange
 from shm.layout import DTYPES
 from shm.segment import Segment
@@ -102,7 +102,7 @@ class CancelCheck(StoppingCriteria):
                 self.sockets.answer_ping(msg)
             else:
                 self.sockets.inbox.defer(msg)
-        return torch.full((input_ids.shape[0],), self.cancelled, dtype=torch.bool)
+        return torch.full((input_ids.shape[0],), self.cancelled, dtype=torch.bool, device=input_ids.device)
 
 
 class InferenceWorker:
@@ -114,6 +114,7 @@ class InferenceWorker:
         self.send_to_coordinator = sockets.send_to_coordinator
         self.vocab_size = int(model.config.vocab_size)
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 62)
+        self.device = next(model.parameters()).device
 
     def on_start_generation(self, msg: StartGeneration) -> None:
         try:
@@ -161,7 +162,7 @@ class InferenceWorker:
 
     def generate(self, msg: StartGeneration) -> GenerationFinished:
         ids = self.prompt_ids(msg)
-        input_ids = torch.tensor([ids], dtype=torch.long)  # [1, prompt_tokens]
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)  # [1, prompt_tokens]
         kwargs: dict[str, Any] = {"max_new_tokens": msg.max_new_tokens}
         if msg.temperature > 0:
             kwargs.update(do_sample=True, temperature=msg.temperature, top_p=msg.top_p)
@@ -215,9 +216,22 @@ class InferenceWorker:
         return stop
 
 
+def open_slots(cfg: RuntimeConfig, sockets: WorkerSockets) -> tuple[SlotArray, zmq.Socket | None]:
+    """CPU: attach the shared slot segment. CUDA: allocate the slots on the GPU once and export them to the loader
+    (one ``SlotsExported``; the socket stays open until shutdown so that the message is never dropped unsent)."""
+    if cfg.device != "cuda":
+        return CacheSlots(Segment.attach(cfg.segment("slots")), cfg.layout), None
+    from workers.gpu_slots import GpuSlots
+
+    gpu_slots = GpuSlots.allocate(cfg.layout, torch.device("cuda", torch.cuda.current_device()))
+    send_to_loader = push_socket(sockets.ctx, cfg.endpoint("loader"))
+    send(send_to_loader, gpu_slots.export())
+    return gpu_slots, send_to_loader
+
+
 def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
     lay = cfg.layout
-    slots = CacheSlots(Segment.attach(cfg.segment("slots")), lay)
+    slots, send_to_loader = open_slots(cfg, sockets)
     table = SlotTable(Segment.attach(cfg.segment("table")), lay.n_slots, lay.n_experts, lay.n_chunks, init=False)
     hidden_exchange = HiddenExchange(Segment.attach(cfg.segment("hidden")), len(lay.moe_layers), lay.hidden_size,
                                      cfg.hidden_max_tokens)
@@ -226,6 +240,8 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
     try:
         ckpt = open_checkpoint(cfg.checkpoint)
         model = build_skeleton(ckpt, DTYPES[lay.compute_dtype], lay.moe_layers)
+        if cfg.device == "cuda":
+            model.to(slots.slots.device)
         tokenizer = None
         if ckpt.has_tokenizer:
             from transformers import AutoTokenizer
@@ -256,6 +272,8 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
                        CancelGeneration: worker.on_cancel_generation})
     finally:
         send_to_predictor.close(linger=0)
+        if send_to_loader is not None:
+            send_to_loader.close(linger=0)
         slots.close()
         table.close()
         hidden_exchange.close()

@@ -1,8 +1,10 @@
 """The loader process (``promoe::loader``): fills the host store from the checkpoint, then copies expert chunks into
 cache slots in the order of its chunk queue, reading Load/Preempt/Reorder between chunks.
 
-On the CPU path a copy is a memcpy between shared segments, paced to ``link_gbps`` when given so that a PCIe link
-is emulated. Readiness is published in the slot table after each chunk's copy has completed.
+The copy itself is the engine's (``workers.copy_engine``): on the CPU path a memcpy between shared segments, paced
+to ``link_gbps`` when given so that a PCIe link is emulated; on the CUDA path an asynchronous copy from the pinned
+host store into the inference worker's GPU slots on the loader's own stream. Either way readiness is published in
+the slot table only once a chunk's copy has completed, and only while the slot still belongs to that load.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import zmq
 from models.checkpoint import iter_expert_tensors, open_checkpoint
 from protocol.codec import dispatch
 from protocol.config import RuntimeConfig
-from protocol.ids import ExpertId, SlotId
 from protocol.messages import (
     ExpertLoaded,
     LoadExpert,
@@ -26,45 +27,26 @@ from protocol.messages import (
     PingAnswered,
     Preempt,
     Reorder,
+    SlotsExported,
 )
 from shm.cache_slots import CacheSlots
 from shm.expert_store import HostExpertStore
-from shm.layout import DTYPES
 from shm.segment import Segment
 from shm.slot_table import SlotTable
 from workers.bootstrap import IDLE_POLL_S, Inbox, WorkerSockets, now_ns, run_worker, send
 from workers.chunk_queue import ChunkQueue, QueuedLoad
+from workers.copy_engine import CopyEngine, CopyTicket, CpuCopyEngine
+
+__all__ = ["CpuCopyEngine", "Loader", "fill_store", "serve"]
+
+SLOTS_EXPORT_TIMEOUT_S = 300.0
+"""CUDA path: how long the loader waits for the inference worker's ``SlotsExported`` after filling the store."""
 
 log = logging.getLogger(__name__)
 
 
-class CpuCopyEngine:
-    """Copies chunks between shared segments, optionally paced to an emulated link bandwidth."""
-
-    def __init__(self, store: HostExpertStore, slots: CacheSlots, link_gbps: float | None) -> None:
-        self.store = store
-        self.slots = slots
-        self.ns_per_byte = None if not link_gbps else 1.0 / link_gbps  # 1 GB/s = 1 byte/ns
-        self.itemsize = DTYPES[store.layout.storage_dtype].itemsize
-
-    def copy_chunk(self, expert: ExpertId, slot: SlotId, chunk: int) -> int:
-        """Copy one chunk; returns the bytes that crossed the (emulated) link."""
-        start_ns = time.perf_counter_ns()
-        src = self.store.chunk(expert, chunk)  # [chunk_numel], storage dtype
-        self.slots.chunk(slot, chunk).copy_(src)  # converts to the compute dtype if they differ
-        nbytes = src.numel() * self.itemsize
-        if self.ns_per_byte is not None:
-            deadline_ns = start_ns + int(nbytes * self.ns_per_byte)
-            remaining_s = (deadline_ns - time.perf_counter_ns()) / 1e9
-            if remaining_s > 200e-6:
-                time.sleep(remaining_s - 100e-6)
-            while time.perf_counter_ns() < deadline_ns:
-                pass
-        return nbytes
-
-
 class Loader:
-    def __init__(self, cfg: RuntimeConfig, table: SlotTable, engine: CpuCopyEngine, inbox: Inbox,
+    def __init__(self, cfg: RuntimeConfig, table: SlotTable, engine: CopyEngine, inbox: Inbox,
                  send_to_coordinator: zmq.Socket) -> None:
         self.cfg = cfg
         self.table = table
@@ -83,6 +65,14 @@ class Loader:
         }
 
     def on_load_expert(self, msg: LoadExpert) -> None:
+        if self.queue.holds(msg.load_id):
+            log.debug("load %d is already queued (re-issued after a restart)", msg.load_id)
+            return
+        if msg.first_chunk == self.n_chunks:  # re-issued after a restart, every chunk had landed: only report it
+            if self.table.slot_seq[msg.slot] == msg.seq and self.table.slot_ready[msg.slot] >= self.n_chunks:
+                send(self.send_to_coordinator, ExpertLoaded(load_id=msg.load_id, expert=msg.expert, slot=msg.slot,
+                                                            seq=msg.seq, nbytes=0, copy_ns=0))
+            return
         self.queue.push(QueuedLoad.from_message(msg, self.n_chunks))
         self._load_started_ns[msg.load_id] = now_ns()
         self._load_nbytes[msg.load_id] = 0
@@ -112,9 +102,18 @@ class Loader:
             msg = self.inbox.poll(0)
 
     def step(self) -> bool:
-        """Copy one chunk if one is queued; returns False when idle."""
+        """Do one unit of work: publish completed chunks, and submit the next chunk if the engine has room or wait
+        for the oldest copy in flight if it has not. Returns False when there is nothing queued and nothing in
+        flight."""
+        self.publish_completed(wait=False)
+        if self.engine.in_flight() >= self.engine.max_in_flight:
+            self.publish_completed(wait=True)
+            return True
         item = self.queue.pop_chunk()
         if item is None:
+            if self.engine.in_flight():
+                self.publish_completed(wait=True)
+                return True
             return False
         load, chunk = item
         if self.table.slot_seq[load.slot] != load.seq:  # checked before copying: never write a reassigned slot
@@ -123,15 +122,27 @@ class Loader:
             self._load_started_ns.pop(load.load_id, None)
             self._load_nbytes.pop(load.load_id, None)
             return True
-        nbytes = self.engine.copy_chunk(load.expert, load.slot, chunk)
-        self._load_nbytes[load.load_id] = self._load_nbytes.get(load.load_id, 0) + nbytes
-        self.table.publish_ready(load.slot, load.seq, chunk + 1)
-        if chunk + 1 == load.n_chunks:
-            started = self._load_started_ns.pop(load.load_id, now_ns())
-            send(self.send_to_coordinator, ExpertLoaded(
-                load_id=load.load_id, expert=load.expert, slot=load.slot, seq=load.seq,
-                nbytes=self._load_nbytes.pop(load.load_id, nbytes), copy_ns=now_ns() - started))
+        self.engine.submit(CopyTicket(load.expert, load.slot, chunk, token=load))
+        self.publish_completed(wait=False)  # CPU: the copy is done already, so readiness goes out in this step
         return True
+
+    def publish_completed(self, wait: bool) -> None:
+        """Publish readiness of every chunk whose copy has completed (in order), and report finished loads."""
+        for ticket in self.engine.completed(wait=wait):
+            load = ticket.token
+            assert isinstance(load, QueuedLoad)
+            if load.load_id in self._load_nbytes:
+                self._load_nbytes[load.load_id] += ticket.nbytes
+            # False if the slot was reassigned while the copy was in flight: the new owner's readiness is not ours
+            published = self.table.publish_ready(load.slot, load.seq, ticket.chunk + 1)
+            if ticket.chunk + 1 < load.n_chunks:
+                continue
+            started = self._load_started_ns.pop(load.load_id, None)
+            nbytes = self._load_nbytes.pop(load.load_id, None)
+            if published and started is not None and nbytes is not None:
+                send(self.send_to_coordinator, ExpertLoaded(
+                    load_id=load.load_id, expert=load.expert, slot=load.slot, seq=load.seq, nbytes=nbytes,
+                    copy_ns=now_ns() - started))
 
     def serve(self) -> None:
         while True:
@@ -155,18 +166,57 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
     torch.set_num_threads(1)
     lay = cfg.layout
     store = HostExpertStore(Segment.attach(cfg.segment("store")), lay)
-    slots = CacheSlots(Segment.attach(cfg.segment("slots")), lay)
     table = SlotTable(Segment.attach(cfg.segment("table")), lay.n_slots, lay.n_experts, lay.n_chunks, init=False)
+    slots: CacheSlots | None = None
+    engine: CopyEngine | None = None
     try:
-        fill_store(cfg, store)
-        loader = Loader(cfg, table, CpuCopyEngine(store, slots, cfg.link_gbps), sockets.inbox,
-                        sockets.send_to_coordinator)
+        if table.store_filled:
+            log.info("restarted: the host store is already filled")
+        else:
+            fill_store(cfg, store)
+            table.store_filled = True
+        early: list[Message] = []
+        if cfg.device == "cuda":
+            from workers.copy_engine import CudaCopyEngine
+            from workers.gpu_slots import GpuSlots
+
+            if cfg.link_gbps:
+                log.warning("--link-gbps %.2f is ignored on the CUDA path: copies run at the link's own speed",
+                            cfg.link_gbps)
+            exported = wait_for_slots(sockets.inbox, SLOTS_EXPORT_TIMEOUT_S, early)
+            engine = CudaCopyEngine(store, GpuSlots.attach(exported, lay))
+        else:
+            slots = CacheSlots(Segment.attach(cfg.segment("slots")), lay)
+            engine = CpuCopyEngine(store, slots, cfg.link_gbps)
+        loader = Loader(cfg, table, engine, sockets.inbox, sockets.send_to_coordinator)
+        for msg in early:  # what arrived while waiting for the slots, in arrival order
+            dispatch(loader.handlers, msg)  # type: ignore[arg-type]
         sockets.announce_ready()
         loader.serve()
     finally:
+        if engine is not None:
+            try:
+                engine.close()
+            except RuntimeError:  # e.g. a CUDA error after the inference worker died: still unmap the rest
+                log.exception("closing the copy engine failed")
         store.close()
-        slots.close()
+        if slots is not None:
+            slots.close()
         table.close()
+
+
+def wait_for_slots(inbox: Inbox, timeout_s: float, early: list[Message]) -> SlotsExported:
+    """CUDA path: the inference worker's ``SlotsExported``; other messages are kept in ``early`` for later."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no SlotsExported from the inference worker within {timeout_s:.0f} s")
+        msg = inbox.poll(min(remaining, IDLE_POLL_S))
+        if isinstance(msg, SlotsExported):
+            return msg
+        if msg is not None:
+            early.append(msg)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,6 +5,13 @@ Per MoE layer and step: pin the experts the gate chose, report them to the coord
 as soon as the slot table says all its chunks have landed, in whatever order they become ready. Outputs are kept
 per expert and summed in ascending expert order at the end, exactly as transformers' eager implementation adds
 them, so that the order of computation never changes a single bit of the result.
+
+An expert's computation is accepted (and the expert unpinned, so that its slot may be reused) only once the
+computation has finished reading the slot and the slot's sequence number is still the one read before: on the CPU
+that is at once, since the computation is synchronous; on the GPU kernels run later than Python issues them, so
+each expert's kernels are followed by a read fence (a CUDA event on the compute stream) and the check waits for it.
+Validating before the fence would let a slot be reassigned, and a copy land in it, while a queued kernel has yet
+to read it.
 """
 
 from __future__ import annotations
@@ -19,9 +26,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from protocol.ids import ExpertId, SlotId
-from shm.cache_slots import CacheSlots
+from shm.cache_slots import ReadFence, SlotArray
 from shm.layout import ExpertLayout
-from shm.slot_table import SlotTable
+from shm.slot_table import SlotTable, SlotView
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +37,17 @@ IMPLEMENTATION_NAME = "promoe_offload"
 
 class LoadTimedOut(RuntimeError):
     """The experts of a layer did not become ready within the load deadline (recoverable: the request fails)."""
+
+
+@dataclass
+class Reading:
+    """An expert whose kernels were issued, waiting for its read fence before its result is accepted."""
+
+    local: int
+    expert: ExpertId
+    view: SlotView
+    result: tuple[torch.Tensor, torch.Tensor]
+    fence: ReadFence
 
 
 @dataclass
@@ -49,7 +67,7 @@ class OffloadedExperts:
         self,
         layout: ExpertLayout,
         table: SlotTable,
-        slots: CacheSlots,
+        slots: SlotArray,
         experts_modules: list[nn.Module],
         on_gate: Callable[[int, int, int, list[ExpertId], list[ExpertId]], None],
         on_released: Callable[[list[ExpertId]], None],
@@ -108,26 +126,23 @@ class OffloadedExperts:
         expert_mask = F.one_hot(top_k_index, num_classes=lay.experts_per_layer + 1).permute(2, 1, 0)
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         pending = dict(zip(chosen, expert_ids, strict=True))
+        reading: list[Reading] = []
         wait_started: int | None = None
         deadline = time.monotonic() + self.load_timeout_s
         backoff_s = 0.0
-        while pending:
+        while pending or reading:
             progressed = False
-            candidates = list(pending.items()) if self.reordered else [next(iter(pending.items()))]
+            candidates = list(pending.items()) if self.reordered else list(pending.items())[:1]
             for local, eid in candidates:
                 view = self.table.lookup(eid)
                 if view is None or not self.table.is_ready(view):
                     continue
                 result = self._compute(module, local, view.slot, hidden_states, expert_mask, top_k_weights)
-                if not self.table.still_valid(view):  # the slot was reassigned while we read it
-                    self.stats.retries += 1
-                    continue
-                outputs[local] = result
                 del pending[local]
-                self.table.unpin(eid)
-                progressed = True
-                if self.table.waiting_for_slot:
-                    self.on_released([eid])
+                reading.append(Reading(local, eid, view, result, self.slots.read_fence()))
+                progressed |= self._retire(reading, pending, outputs, wait=False)
+            if not progressed and reading:  # nothing else to do: let the GPU finish what it reads
+                progressed = self._retire(reading, pending, outputs, wait=True)
             if pending and not progressed:
                 now = time.monotonic()
                 if wait_started is None:
@@ -152,6 +167,33 @@ class OffloadedExperts:
             token_idx, contribution = outputs[local]
             final.index_add_(0, token_idx, contribution.to(final.dtype))
         return final
+
+    def _retire(self, reading: list[Reading], pending: dict[int, ExpertId],
+                outputs: dict[int, tuple[torch.Tensor, torch.Tensor]], wait: bool) -> bool:
+        """Accept the computations whose fence is done (``wait``: all of them, waiting); returns True if any was
+        accepted. One whose slot was reassigned meanwhile goes back to ``pending`` and is computed again."""
+        accepted = False
+        while reading:
+            entry = reading[0]
+            if wait:
+                entry.fence.wait()
+            elif not entry.fence.done():
+                break  # fences complete in issue order on one stream
+            reading.pop(0)
+            if not self.table.still_valid(entry.view):  # the slot was reassigned while the kernels read it
+                self.stats.retries += 1
+                pending[entry.local] = entry.expert
+                continue
+            outputs[entry.local] = entry.result
+            self.table.unpin(entry.expert)
+            accepted = True
+            if self.table.waiting_for_slot:
+                self.on_released([entry.expert])
+        if pending:
+            ordered = sorted(pending.items())  # a retried expert keeps its place (ascending) for the ablation order
+            pending.clear()
+            pending.update(ordered)
+        return accepted
 
     def _compute(
         self,
