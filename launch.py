@@ -65,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "socket in one-shot mode)")
     p.add_argument("--connect", metavar="ADDR", default=None,
                    help="send the one-shot request to a runtime already serving at ADDR")
+    p.add_argument("--curve-keys", type=Path, metavar="DIR", default=None,
+                   help="ZeroMQ CURVE: serving, the server keypair and DIR/authorized_clients/*.key (only those "
+                        "clients are served); with --connect, DIR/client.key_secret and DIR/server.key")
+    p.add_argument("--make-curve-keys", type=Path, metavar="DIR", default=None,
+                   help="write a server and a client keypair into DIR, authorise the client, and exit")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --bind without CURVE keys (anyone who reaches it is served)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting behind the running one; past it, new ones get a 'busy' error (default 64)")
+    p.add_argument("--request-timeout-s", type=float, default=None,
+                   help="deadline of every request from its arrival, queued or running (default: none); "
+                        "a request's own deadline_s may only be shorter")
     p.add_argument("--profile", type=Path, metavar="DIR", default=None,
                    help="run every process under py-spy; one speedscope profile per role lands in DIR")
     p.add_argument("--prompt", help="one-shot mode: prompt text")
@@ -156,7 +168,29 @@ def make_config(args: argparse.Namespace, run_dir: Path, one_shot: bool):  # -> 
         predictor_path=str(args.predictor) if args.predictor else None, load_timeout_s=args.load_timeout_s,
         heartbeat_timeout_s=args.heartbeat_timeout_s,
         supervisor_pid=os.getpid(), early_preemption=not args.no_early_preemption,
-        reordered_inference=not args.no_reordered_inference)
+        reordered_inference=not args.no_reordered_inference, max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout_s, vocab_size=int(ckpt.config["vocab_size"]),
+        curve_keys_dir=str(args.curve_keys.resolve()) if args.curve_keys else None)
+
+
+def check_serving_flags(args: argparse.Namespace, bind: str) -> str | None:
+    """Why the runtime must not start with these flags, or None (checked before any process starts)."""
+    from coordinator.auth import KeysMissing, check_server_keys, is_loopback
+
+    if args.max_queue < 0:
+        return f"--max-queue must be >= 0, got {args.max_queue}"
+    if args.request_timeout_s is not None and not args.request_timeout_s > 0:
+        return f"--request-timeout-s must be > 0, got {args.request_timeout_s}"
+    if args.curve_keys is not None:
+        try:
+            check_server_keys(args.curve_keys)
+        except KeysMissing as exc:
+            return f"--curve-keys: {exc}"
+    elif not is_loopback(bind) and not args.insecure:
+        return (f"refusing to bind {bind}: it is not a loopback address, and clients would be served without "
+                "authentication. Give --curve-keys DIR (make keys with --make-curve-keys DIR) or, on a trusted "
+                "network, --insecure")
+    return None
 
 
 def one_shot(args: argparse.Namespace, address: str, while_waiting=None) -> int:
@@ -176,7 +210,15 @@ def one_shot(args: argparse.Namespace, address: str, while_waiting=None) -> int:
             printed.append(token.text)
             print(token.text, end="", flush=True)
 
-    with PromoeClient(address) as client:
+    curve = None
+    if args.curve_keys is not None and args.connect is not None:
+        from coordinator.auth import ClientKeys, KeysMissing
+
+        try:
+            curve = ClientKeys.load(args.curve_keys)
+        except KeysMissing as exc:
+            raise SystemExit(f"--curve-keys: {exc}") from None
+    with PromoeClient(address, curve=curve) as client:
         try:
             done = client.generate(prompt=args.prompt, prompt_ids=prompt_ids, max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
@@ -211,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s launch[%(process)d] %(levelname)s %(name)s: %(message)s")
     wants_one_shot = args.prompt is not None or args.prompt_ids is not None
+    if args.make_curve_keys is not None:
+        from coordinator.auth import make_keys
+
+        for path in make_keys(args.make_curve_keys):
+            print(path)
+        return 0
     if args.connect is not None:
         if not wants_one_shot:
             raise SystemExit("--connect needs --prompt or --prompt-ids")
@@ -223,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         print("held-out top-k accuracy (share of predicted experts the gate chose):")
         print(format_table(rows))
         return 0
+    problem = check_serving_flags(args, args.bind or DEFAULT_BIND)
+    if problem is not None:
+        print(f"launch.py: error: {problem}", file=sys.stderr)
+        return 2
+    if args.insecure and args.curve_keys is None:
+        log.warning("--insecure: clients are served without authentication or encryption")
 
     from coordinator.supervisor import Supervisor
     from workers.bootstrap import WorkerDead

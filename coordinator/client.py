@@ -8,11 +8,17 @@ from typing import Any
 
 import zmq
 
+from coordinator.auth import ClientKeys
 from protocol.codec import MAX_MESSAGE_NBYTES, decode, encode
+from protocol.ids import RequestId
 from protocol.messages import (
+    CancelGeneration,
     ErrorReported,
     Generate,
+    GenerationCancelled,
     GenerationDone,
+    GenerationQueued,
+    GenerationStarted,
     GetHealth,
     GetStats,
     HealthReported,
@@ -33,15 +39,21 @@ class RequestFailed(RuntimeError):
 
 
 class PromoeClient:
-    """``with PromoeClient("tcp://127.0.0.1:5555") as c: c.generate(prompt="def f(", max_new_tokens=16)``."""
+    """``with PromoeClient("tcp://127.0.0.1:5555") as c: c.generate(prompt="def f(", max_new_tokens=16)``.
 
-    def __init__(self, address: str, timeout_s: float = 300.0) -> None:
+    ``curve``: the client's keys and the server's public key, for a server started with ``--curve-keys``.
+    """
+
+    def __init__(self, address: str, timeout_s: float = 300.0, curve: ClientKeys | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self._ctx = zmq.Context()
         self.socket = self._ctx.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_NBYTES)
+        self.socket.setsockopt(zmq.SNDTIMEO, max(int(timeout_s * 1000), 1))  # no peer (yet): a send gives up
+        if curve is not None:
+            curve.apply(self.socket)
         self.socket.connect(address)
 
     def __enter__(self) -> PromoeClient:
@@ -56,7 +68,14 @@ class PromoeClient:
 
     def send_raw(self, payload: bytes) -> None:
         """Send any bytes as a request frame (for tests of hostile input)."""
-        self.socket.send(payload)
+        try:
+            self.socket.send(payload)
+        except zmq.Again:
+            raise TimeoutError(f"could not send to {self.address} within {self.timeout_s:.1f} s (no connection "
+                               "completed: is the server there, and does it accept this client's key?)") from None
+
+    def send(self, message: Message) -> None:
+        self.send_raw(encode(message))
 
     def receive(self, timeout_s: float | None = None, while_waiting: Callable[[], None] | None = None) -> Message:
         """The next reply, within ``timeout_s``; ``while_waiting`` runs every 100 ms (it may raise to give up)."""
@@ -82,25 +101,40 @@ class PromoeClient:
         timeout_s: float | None = None,
         while_waiting: Callable[[], None] | None = None,
         chat: bool = False,
+        stop_ids: list[int] | None = None,
+        deadline_s: float | None = None,
+        on_queued: Callable[[GenerationQueued], None] | None = None,
     ) -> GenerationDone:
+        """Send one request and wait for its final reply; ``RequestFailed`` carries an error reply's code.
+
+        ``on_queued`` gets the request id (for ``send_cancel``) as soon as the server accepts the request.
+        """
         request = Generate(max_new_tokens=max_new_tokens, prompt=prompt, prompt_ids=prompt_ids,
-                           temperature=temperature, top_p=top_p, seed=seed, stream=on_token is not None, chat=chat)
-        self.socket.send(encode(request))
+                           temperature=temperature, top_p=top_p, seed=seed, stream=on_token is not None,
+                           chat=chat, stop_ids=stop_ids, deadline_s=deadline_s)
+        self.send(request)
         while True:
             reply = self.receive(timeout_s, while_waiting)
             if isinstance(reply, TokenStreamed):
                 if on_token is not None:
                     on_token(reply)
-                continue
-            return self._expect(reply, GenerationDone)
+            elif isinstance(reply, GenerationQueued):
+                if on_queued is not None:
+                    on_queued(reply)
+            elif not isinstance(reply, (GenerationStarted, GenerationCancelled)):
+                return self._expect(reply, GenerationDone)
+
+    def send_cancel(self, request_id: RequestId) -> None:
+        """Ask, without waiting, to cancel a request sent on this connection (usable while ``generate`` waits)."""
+        self.send(CancelGeneration(request_id=request_id))
 
     def health(self, timeout_s: float = 5.0) -> HealthReported:
-        self.socket.send(encode(GetHealth()))
+        self.send(GetHealth())
         return self._expect(self.receive(timeout_s), HealthReported)
 
     def stats(self, timeout_s: float = 5.0) -> dict[str, float | int | None]:
         """Totals since the runtime started (the per-request metrics, summed)."""
-        self.socket.send(encode(GetStats()))
+        self.send(GetStats())
         reply: StatsReported = self._expect(self.receive(timeout_s), StatsReported)
         return reply.totals
 

@@ -6,7 +6,8 @@ prediction counts from the cache directory; wall time and messages from the coor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from coordinator.cache import CacheCounters
 from protocol.messages import GenerationFinished
@@ -64,9 +65,20 @@ class Totals:
     stall_ms: float = 0.0
     busy_s: float = 0.0
     """Wall time with a request running."""
+    requests_rejected: int = 0
+    """Refused on admission (``bad_request``, ``busy``)."""
+    abandoned: Counter[str] = field(default_factory=Counter)
+    """Requests ended early, by why: ``cancelled``, ``deadline_exceeded``, ``peer_gone`` (client left)."""
 
-    def add(self, msg: GenerationFinished, wall_s: float) -> None:
-        self.requests_done += 1
+    def count_abandoned(self, code: str) -> None:
+        self.abandoned[code] += 1
+
+    def add(self, msg: GenerationFinished, wall_s: float, abandoned: str | None = None) -> None:
+        """A request the inference worker finished; ``abandoned``: it was stopped early, and why."""
+        if abandoned is None:
+            self.requests_done += 1
+        else:
+            self.count_abandoned(abandoned)
         self.tokens_generated += len(msg.token_ids)
         self.expert_uses += msg.expert_uses
         self.expert_hits += msg.expert_hits
@@ -77,6 +89,8 @@ class Totals:
         return {
             "requests_done": self.requests_done,
             "requests_failed": self.requests_failed,
+            "requests_rejected": self.requests_rejected,
+            **{f"requests_{code}": self.abandoned[code] for code in ("cancelled", "deadline_exceeded", "peer_gone")},
             "tokens_generated": self.tokens_generated,
             "hit_rate": self.expert_hits / self.expert_uses if self.expert_uses else None,
             "stall_ms": self.stall_ms,

@@ -15,18 +15,22 @@ import signal
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
 
+from coordinator.auth import serve_curve
 from coordinator.cache import CacheDirectory
 from coordinator.metrics import Totals, cache_metrics
 from coordinator.policies import make_policy
+from coordinator.requests import PendingRequest, Rejected, RequestQueue, split_envelope
 from protocol.codec import MAX_MESSAGE_NBYTES, ProtocolError, decode, dispatch, encode
 from protocol.config import RuntimeConfig
 from protocol.ids import RequestId
 from protocol.messages import (
+    CancelGeneration,
     Drained,
     DrainRequested,
     ErrorReported,
@@ -35,9 +39,12 @@ from protocol.messages import (
     ExpertsReleased,
     GateDecided,
     Generate,
+    GenerationCancelled,
     GenerationDone,
     GenerationFailed,
     GenerationFinished,
+    GenerationQueued,
+    GenerationStarted,
     GetHealth,
     GetStats,
     HealthReported,
@@ -60,21 +67,13 @@ from workers.bootstrap import become, now_ns, parse_run_dir, push_socket, send
 
 log = logging.getLogger(__name__)
 
-MAX_NEW_TOKENS = 4096
-MAX_PROMPT_TOKENS = 16384
 PING_INTERVAL_S = 1.0
 WORKER_SILENT_AFTER_S = 3.0
 WORKER_ROLES = ("inference", "predictor", "loader")
+CLIENT_SNDHWM = 100_000
+"""Replies queued per client connection before the ROUTER refuses more (a token stream of a slow reader)."""
 WAITING_RETRY_S = 0.002
 """While experts wait for a slot, how often the coordinator looks for one without being told."""
-
-
-@dataclass
-class PendingRequest:
-    request_id: RequestId
-    envelope: list[bytes]
-    """ROUTER routing frames (identity, and the empty delimiter of a REQ client)."""
-    request: Generate
 
 
 @dataclass
@@ -95,6 +94,13 @@ class Coordinator:
         self.client_router = self.actx.socket(zmq.ROUTER)
         self.client_router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_NBYTES)
         self.client_router.setsockopt(zmq.LINGER, 0)
+        # A reply to a connection that is gone raises EHOSTUNREACH instead of vanishing: that is how a client that
+        # left mid-request is noticed (and its request cancelled). A slow reader gets a deep queue, not drops.
+        self.client_router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.client_router.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)
+        self.authenticator = None
+        if cfg.curve_keys_dir is not None:  # before bind: no connection is ever accepted without the key check
+            self.authenticator = serve_curve(self.actx, self.client_router, Path(cfg.curve_keys_dir))
         self.client_router.bind(cfg.bind)
         self.recv_from_workers = self.actx.socket(zmq.PULL)
         self.recv_from_workers.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_NBYTES)
@@ -103,7 +109,7 @@ class Coordinator:
         self.send_to = {role: push_socket(self.ctx, cfg.endpoint(role)) for role in WORKER_ROLES}
         self.send_to_supervisor = push_socket(self.ctx, cfg.endpoint("supervisor"))
         self.cache = CacheDirectory(table, cfg.layout, make_policy(cfg.policy), cfg.early_preemption)
-        self.queue: deque[PendingRequest] = deque()
+        self.queue = RequestQueue(cfg.max_queue, cfg.request_timeout_s, self.on_deadline, cfg.vocab_size)
         self.running: RunningRequest | None = None
         self._next_request_id = 1
         self._ping_nonce = 0
@@ -134,7 +140,8 @@ class Coordinator:
         """Workers reported to the supervisor as silent, until their death is reported back."""
         self.totals = Totals()
         self.client_handlers: dict[type[Message], Any] = {
-            Generate: self.on_generate, GetHealth: self.on_get_health, GetStats: self.on_get_stats}
+            Generate: self.on_generate, GetHealth: self.on_get_health, GetStats: self.on_get_stats,
+            CancelGeneration: self.on_cancel_generation}
 
     # ------------------------------------------------------------ worker events
     def _count(self) -> None:
@@ -180,7 +187,8 @@ class Coordinator:
 
     def on_token_generated(self, msg: TokenGenerated) -> None:
         running = self.running
-        if running is not None and running.pending.request.stream and running.pending.request_id == msg.request_id:
+        if (running is not None and running.pending.request.stream and running.pending.request_id == msg.request_id
+                and running.pending.abandoned is None):
             self._reply(running.pending.envelope,
                         TokenStreamed(request_id=msg.request_id, index=msg.index, token_id=msg.token_id,
                                       text=msg.text))
@@ -193,7 +201,12 @@ class Coordinator:
         self.cache.end_request()
         self._send_to_loader()
         wall_s = asyncio.get_running_loop().time() - running.started_s
-        self.totals.add(msg, wall_s)
+        abandoned = running.pending.abandoned
+        self.totals.add(msg, wall_s, abandoned)
+        if abandoned is not None:  # cancelled, past its deadline, or its client left: stopped at a token boundary
+            self._reply_abandoned(running.pending, f"stopped after {len(msg.token_ids)} token(s)")
+            self._start_next()
+            return
         latencies = running.gate_latency_ns
         metrics: dict[str, float | int | None] = {
             "prompt_tokens": msg.prompt_tokens,
@@ -221,8 +234,9 @@ class Coordinator:
         self.cache.end_request()
         self.cache.forget_request()
         self._send_to_loader()
-        self._reply(running.pending.envelope, ErrorReported(code=msg.code, message=msg.message,
-                                                            request_id=msg.request_id))
+        if running.pending.abandoned != "peer_gone":
+            self._reply(running.pending.envelope, ErrorReported(code=msg.code, message=msg.message,
+                                                                request_id=msg.request_id))
         self._start_next()
 
     def on_ping_answered(self, msg: PingAnswered) -> None:
@@ -285,6 +299,7 @@ class Coordinator:
         self.running = None
         self.queue.clear()
         for pending in held:
+            pending.disarm()
             self._reply(pending.envelope, ErrorReported(code=code, message=message, request_id=pending.request_id))
 
     def _finish(self, request_id: RequestId) -> RunningRequest | None:
@@ -293,6 +308,7 @@ class Coordinator:
             log.error("result for request %d, which is not running", request_id)
             return None
         self.running = None
+        running.pending.disarm()
         return running
 
     # ------------------------------------------------------------ client requests
@@ -300,15 +316,72 @@ class Coordinator:
         if self.draining:
             self._reply(envelope, ErrorReported(code="shutting_down", message="the runtime is stopping"))
             return
-        problem = validate_generate(msg)
-        if problem is not None:
-            self._reply(envelope, ErrorReported(code="bad_request", message=problem))
+        try:
+            pending = self.queue.admit(envelope, msg, RequestId(self._next_request_id))
+        except Rejected as exc:
+            self.totals.requests_rejected += 1
+            self._reply(envelope, ErrorReported(code=exc.code, message=str(exc)))
             return
-        request_id = RequestId(self._next_request_id)
         self._next_request_id += 1
-        self.queue.append(PendingRequest(request_id, envelope, msg))
+        ahead = len(self.queue) - 1 + (self.running is not None)
+        self._reply(envelope, GenerationQueued(request_id=pending.request_id, position=ahead))
         if self.running is None:
             self._start_next()
+
+    def on_cancel_generation(self, envelope: list[bytes], msg: CancelGeneration) -> None:
+        """Only the connection that sent a request may cancel it; to any other it is unknown."""
+        queued = self.queue.get(msg.request_id)
+        running = self.running.pending if self.running is not None else None
+        if queued is not None and queued.peer == envelope[0]:
+            self.queue.remove(msg.request_id)
+            self._reply(envelope, GenerationCancelled(request_id=msg.request_id))
+            queued.abandoned = "cancelled"
+            self.totals.count_abandoned("cancelled")
+            self._reply_abandoned(queued, "cancelled while queued")
+        elif running is not None and running.request_id == msg.request_id and running.peer == envelope[0] \
+                and running.abandoned is None:
+            self._cancel_running("cancelled")
+            self._reply(envelope, GenerationCancelled(request_id=msg.request_id))
+        else:
+            self._reply(envelope, ErrorReported(
+                code="unknown_request", request_id=msg.request_id,
+                message=f"request {msg.request_id} is not queued or running for this connection"))
+
+    def on_deadline(self, pending: PendingRequest) -> None:
+        pending.timer = None
+        if self.queue.remove(pending.request_id) is not None:
+            pending.abandoned = "deadline_exceeded"
+            self.totals.count_abandoned("deadline_exceeded")
+            self._reply_abandoned(pending, "deadline passed while queued")
+        elif self.running is not None and self.running.pending is pending and pending.abandoned is None:
+            self._cancel_running("deadline_exceeded")
+
+    def _cancel_running(self, code: str) -> None:
+        """Tell the inference worker, one-way, to stop the running request at its next token boundary."""
+        assert self.running is not None
+        pending = self.running.pending
+        pending.abandoned = code
+        pending.disarm()
+        send(self.send_to["inference"], CancelGeneration(request_id=pending.request_id))
+        self._count()
+
+    def _peer_gone(self, peer: bytes) -> None:
+        """A client connection closed: drop its queued requests and stop its running one."""
+        for pending in self.queue.of_peer(peer):
+            self.queue.remove(pending.request_id)
+            self.totals.count_abandoned("peer_gone")
+        running = self.running.pending if self.running is not None else None
+        if running is not None and running.peer == peer:
+            if running.abandoned is None:
+                self._cancel_running("peer_gone")
+            running.abandoned = "peer_gone"
+        log.info("a client left; its requests are dropped")
+
+    def _reply_abandoned(self, pending: PendingRequest, detail: str) -> None:
+        code = pending.abandoned
+        if code is not None and code != "peer_gone":
+            self._reply(pending.envelope, ErrorReported(code=code, message=f"request {pending.request_id}: {detail}",
+                                                        request_id=pending.request_id))
 
     def on_get_health(self, envelope: list[bytes], msg: GetHealth) -> None:
         now = asyncio.get_running_loop().time()
@@ -326,24 +399,40 @@ class Coordinator:
             self.cache.counters, self.cache.policy.prefetches, self.cfg.link_gbps)))
 
     def _start_next(self) -> None:
-        self._report_if_drained()
-        if self.running is not None or not self.queue or "inference" in self.down:
+        pending = None
+        while pending is None and self.running is None and "inference" not in self.down:
+            pending = self.queue.pop_next()
+            if pending is None:
+                break
+            if not self._reply(pending.envelope, GenerationStarted(request_id=pending.request_id)):
+                pending.disarm()  # nobody to answer: not worth running
+                self.totals.count_abandoned("peer_gone")
+                pending = None
+        if pending is None:
+            self._report_if_drained()
             return
-        pending = self.queue.popleft()
         req = pending.request
         self.running = RunningRequest(pending, asyncio.get_running_loop().time())
         self.cache.begin_request(pending.request_id)
         send(self.send_to["inference"], StartGeneration(
             request_id=pending.request_id, max_new_tokens=req.max_new_tokens, prompt=req.prompt,
             prompt_ids=req.prompt_ids, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-            chat=req.chat))
+            chat=req.chat, stop_ids=req.stop_ids))
         self._count()
 
-    def _reply(self, envelope: list[bytes], msg: Message) -> None:
-        try:
-            self.client_router.send_multipart([*envelope, encode(msg)], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # the client is gone: nothing to deliver to
+    def _reply(self, envelope: list[bytes], msg: Message) -> bool:
+        """Send to a client; False if it could not be delivered (a client that is gone is forgotten)."""
+        # zmq.asyncio resolves a NOBLOCK send at once: its future is done here, with the send's error if any.
+        sent = cast("asyncio.Future[Any]",
+                    self.client_router.send_multipart([*envelope, encode(msg)], flags=zmq.NOBLOCK))
+        exc = sent.exception() if sent.done() else None
+        if exc is None:
+            return True
+        if isinstance(exc, zmq.ZMQError) and exc.errno == zmq.EHOSTUNREACH:
+            self._peer_gone(envelope[0])
+        else:
             log.warning("could not reply %s to a client: %s", type(msg).__name__, exc)
+        return False
 
     # ------------------------------------------------------------ loops
     async def serve_workers(self) -> None:
@@ -360,9 +449,11 @@ class Coordinator:
     async def serve_clients(self) -> None:
         while True:
             frames = await self.client_router.recv_multipart()
-            envelope, payload = frames[:-1], frames[-1]
+            envelope, body = split_envelope(frames)
             try:
-                msg = decode(payload)
+                if len(body) != 1:
+                    raise ProtocolError("malformed", f"a request is one frame, got {len(body)}")
+                msg = decode(body[0])
                 if type(msg) not in self.client_handlers:
                     raise ProtocolError("unexpected_type", f"{msg.TAG!r} is not a client request")
             except ProtocolError as exc:
@@ -408,29 +499,14 @@ class Coordinator:
         self.answer_all("shutting_down", "the runtime is stopping")
 
     def close(self) -> None:
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.client_router.close(linger=0)
         self.recv_from_workers.close(linger=0)
         for sock in [*self.send_to.values(), self.send_to_supervisor]:
             sock.close(linger=0)
         self.actx.term()
         self.ctx.term()
-
-
-def validate_generate(msg: Generate) -> str | None:
-    """Why the request is not acceptable, or None."""
-    if (msg.prompt is None) == (msg.prompt_ids is None):
-        return "give exactly one of prompt and prompt_ids"
-    if msg.prompt_ids is not None and not 1 <= len(msg.prompt_ids) <= MAX_PROMPT_TOKENS:
-        return f"prompt_ids must hold 1..{MAX_PROMPT_TOKENS} ids"
-    if msg.prompt is not None and not msg.prompt:
-        return "prompt is empty"
-    if not 1 <= msg.max_new_tokens <= MAX_NEW_TOKENS:
-        return f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}, got {msg.max_new_tokens}"
-    if not (math.isfinite(msg.temperature) and msg.temperature >= 0):
-        return f"temperature must be a finite number >= 0, got {msg.temperature}"
-    if not (math.isfinite(msg.top_p) and 0 < msg.top_p <= 1):
-        return f"top_p must be in (0, 1], got {msg.top_p}"
-    return None
 
 
 def main(argv: list[str] | None = None) -> None:

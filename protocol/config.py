@@ -50,6 +50,14 @@ class RuntimeConfig:
     """A worker that answers no ping for this long is killed by the supervisor (and so restarted)."""
     reordered_inference: bool = True
     """Compute experts as they become ready; off: strictly in ascending expert order (ablations)."""
+    max_queue: int = 64
+    """Requests waiting (not counting the running one) before new ones get an immediate ``busy`` error."""
+    request_timeout_s: float | None = None
+    """Server-wide deadline of a request from its arrival, queued or running (None: none); caps ``deadline_s``."""
+    vocab_size: int | None = None
+    """Token ids a request may carry (checked on admission; None: left to the inference worker)."""
+    curve_keys_dir: str | None = None
+    """ZeroMQ CURVE on the client socket: server keypair and ``authorized_clients/`` here (None: no encryption)."""
 
     @property
     def prefetch(self) -> bool:

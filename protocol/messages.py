@@ -196,6 +196,17 @@ class StartGeneration(Message):
     top_p: float = 1.0
     seed: int | None = None
     chat: bool = False
+    stop_ids: list[int] | None = None
+    """Generation ends (finish_reason "stop") right after any of these ids is generated."""
+
+
+@dataclass(frozen=True)
+class CancelGeneration(Message):
+    """Stop request ``request_id``: from a client to the coordinator (a queued or running request of its own), and
+    from the coordinator to the inference worker, one-way, which checks its inbox for it between tokens."""
+
+    TAG: ClassVar[str] = "cancel_generation"
+    request_id: RequestId
 
 
 @dataclass(frozen=True)
@@ -296,6 +307,36 @@ class Generate(Message):
     stream: bool = False
     chat: bool = False
     """Wrap ``prompt`` as one user message in the checkpoint's chat template."""
+    stop_ids: list[int] | None = None
+    """Stop right after generating any of these ids (the id is included; finish_reason "stop")."""
+    deadline_s: float | None = None
+    """Seconds from arrival until the request is abandoned (queued or running) with ``deadline_exceeded``."""
+
+
+@dataclass(frozen=True)
+class GenerationQueued(Message):
+    """First reply to an accepted ``Generate``: its id (to cancel it) and how many requests wait before it."""
+
+    TAG: ClassVar[str] = "generation_queued"
+    request_id: RequestId
+    position: int
+
+
+@dataclass(frozen=True)
+class GenerationStarted(Message):
+    """The request left the queue and runs on the inference worker."""
+
+    TAG: ClassVar[str] = "generation_started"
+    request_id: RequestId
+
+
+@dataclass(frozen=True)
+class GenerationCancelled(Message):
+    """Reply to ``CancelGeneration``: the request is out of the queue, or stops at its next token; the request
+    itself then ends with an ``error`` of code ``cancelled``."""
+
+    TAG: ClassVar[str] = "generation_cancelled"
+    request_id: RequestId
 
 
 @dataclass(frozen=True)
@@ -381,6 +422,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     LoadsPreempted,
     SlotsExported,
     StartGeneration,
+    CancelGeneration,
     GateDecided,
     ExpertsReleased,
     TokenGenerated,
@@ -389,6 +431,9 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     HiddenStateWritten,
     ExpertsPredicted,
     Generate,
+    GenerationQueued,
+    GenerationStarted,
+    GenerationCancelled,
     TokenStreamed,
     GenerationDone,
     GetHealth,

@@ -12,6 +12,8 @@ from tests.runtime import RuntimeProcess
 PROMPT_TEXT = "def fibonacci(n):\n    return"
 PROMPT_IDS = [35, 80, 111, 109, 111, 69, 32, 40]
 NEW_TOKENS = 12
+MAX_QUEUE = 2
+"""--max-queue of the ``serving`` runtime."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -79,6 +81,16 @@ def runtime(runtime_factory) -> RuntimeProcess:
 def shared_runtime(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterator[RuntimeProcess]:
     """One runtime for a whole test module (tests that must leave it serving); checked clean at the end."""
     rt = RuntimeProcess(tmp_path_factory.mktemp("shared"), checkpoint, "--policy", "lru", "--cache-experts", "48")
+    yield rt
+    rt.stop()
+    rt.assert_nothing_left()
+
+
+@pytest.fixture(scope="session")
+def serving(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterator[RuntimeProcess]:
+    """One runtime with a small queue bound for the serving and fuzz modules; checked clean at the end."""
+    rt = RuntimeProcess(tmp_path_factory.mktemp("serving"), checkpoint, "--policy", "lru", "--cache-experts", "48",
+                        "--max-queue", str(MAX_QUEUE))
     yield rt
     rt.stop()
     rt.assert_nothing_left()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 
+from coordinator.auth import ClientKeys
 from coordinator.client import PromoeClient
 from shm.segment import leftover_segments
 
@@ -22,10 +23,13 @@ ROLES = ("coordinator", "inference", "predictor", "loader")
 class RuntimeProcess:
     """``python launch.py`` serving on an ``ipc://`` socket under ``root``."""
 
-    def __init__(self, root: Path, checkpoint: Path, *extra: str, ready_timeout_s: float = 120.0) -> None:
+    def __init__(self, root: Path, checkpoint: Path, *extra: str, ready_timeout_s: float = 120.0,
+                 curve: ClientKeys | None = None, address: str | None = None) -> None:
         self.root = root
+        self.curve = curve
+        """Keys of the harness's own client when the runtime runs with --curve-keys."""
         root.mkdir(parents=True, exist_ok=True)
-        self.address = f"ipc://{root / 'client.sock'}"
+        self.address = address or f"ipc://{root / 'client.sock'}"
         self.log_path = root / "runtime.log"
         # the CPU path unless a test asks for cuda: on a GPU machine launch.py would otherwise default to cuda, and
         # the CPU oracle compares against float32 transformers
@@ -48,7 +52,7 @@ class RuntimeProcess:
     def _wait_ready(self, timeout_s: float) -> None:
         """Ready = every worker answers the coordinator's pings (each answers only once it serves)."""
         deadline = time.monotonic() + timeout_s
-        with PromoeClient(self.address) as client:
+        with self.client() as client:
             while True:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"launch.py exited with {self.proc.returncode}:\n{self.log()}")
@@ -91,7 +95,7 @@ class RuntimeProcess:
         self.find_children()
 
     def client(self, timeout_s: float = 120.0) -> PromoeClient:
-        return PromoeClient(self.address, timeout_s=timeout_s)
+        return PromoeClient(self.address, timeout_s=timeout_s, curve=self.curve)
 
     def log(self) -> str:
         self._log.flush()

@@ -9,7 +9,7 @@ import pytest
 
 from coordinator.client import PromoeClient, RequestFailed
 from protocol.codec import decode, encode
-from protocol.messages import ErrorReported, Generate, GenerationDone
+from protocol.messages import ErrorReported, Generate, GenerationDone, GenerationQueued, GenerationStarted
 from tests.conftest import NEW_TOKENS, PROMPT_IDS
 
 
@@ -55,7 +55,11 @@ def test_pipelined_requests_on_one_socket_are_answered_in_order(shared_runtime):
     with shared_runtime.client() as client:
         for n in (3, 1, 2):
             client.socket.send(encode(Generate(prompt_ids=PROMPT_IDS, max_new_tokens=n)))
-        replies = [client.receive(timeout_s=120) for _ in range(3)]
+        replies = [client.receive(timeout_s=120) for _ in range(9)]
+    kinds = [type(r) for r in replies]
+    assert kinds[:2] == [GenerationQueued, GenerationStarted]  # the first one starts at once
+    assert kinds.count(GenerationQueued) == kinds.count(GenerationStarted) == 3
+    replies = [r for r in replies if isinstance(r, GenerationDone)]
     assert [len(r.token_ids) for r in replies] == [3, 1, 2]
     assert [r.request_id for r in replies] == sorted(r.request_id for r in replies)
 

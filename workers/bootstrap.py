@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -85,9 +86,20 @@ class Inbox:
         self.socket.bind(endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.socket, zmq.POLLIN)
+        self.deferred: deque[Message] = deque()
+        """Messages taken out early (by a check between tokens) that are not for that check: served first."""
+
+    def defer(self, message: Message) -> None:
+        self.deferred.append(message)
 
     def poll(self, timeout_s: float) -> Message | None:
         """Next message within ``timeout_s`` (0: do not wait), or None. Undecodable frames are logged and dropped."""
+        if self.deferred:
+            return self.deferred.popleft()
+        return self.receive(timeout_s)
+
+    def receive(self, timeout_s: float) -> Message | None:
+        """Like ``poll`` but straight from the socket, past anything deferred."""
         while self.poller.poll(int(timeout_s * 1000)):
             frame = self.socket.recv(zmq.NOBLOCK)
             try:

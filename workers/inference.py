@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import zmq
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from models.checkpoint import open_checkpoint
 from models.skeleton import build_skeleton, experts_modules
@@ -21,6 +22,7 @@ from models.text import IncrementalDetokenizer, NoChatTemplate, encode_prompt, l
 from protocol.config import RuntimeConfig
 from protocol.ids import ExpertId, RequestId
 from protocol.messages import (
+    CancelGeneration,
     ExpertsReleased,
     GateDecided,
     GenerationFailed,
@@ -79,13 +81,42 @@ class TokenStreamer:
         pass
 
 
+class CancelCheck(StoppingCriteria):
+    """transformers stopping criterion: between tokens, drain the inbox without blocking and stop if the
+    coordinator sent ``CancelGeneration`` for this request.
+
+    Why a message and not a flag in shared memory: the inbox is already there and ordered with every other command
+    (a cancel can never overtake the ``StartGeneration`` it refers to, nor leak into the next request), the check is
+    one zero-timeout poll per token (microseconds; never per layer, and never a round trip), and draining the inbox
+    here also answers the coordinator's pings during a long generation. Anything else found is deferred to the
+    serve loop.
+    """
+
+    def __init__(self, request_id: RequestId, sockets: WorkerSockets) -> None:
+        self.request_id = request_id
+        self.sockets = sockets
+        self.cancelled = False
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        while not self.cancelled and (msg := self.sockets.inbox.receive(0)) is not None:
+            if isinstance(msg, CancelGeneration):
+                self.cancelled = msg.request_id == self.request_id  # a stale cancel of an earlier request: ignored
+            elif isinstance(msg, Ping):
+                self.sockets.answer_ping(msg)
+            else:
+                self.sockets.inbox.defer(msg)
+        return torch.full((input_ids.shape[0],), self.cancelled, dtype=torch.bool, device=input_ids.device)
+
+
 class InferenceWorker:
-    def __init__(self, model: Any, tokenizer: Any, backend: OffloadedExperts, send_to_coordinator: zmq.Socket) -> None:
+    def __init__(self, model: Any, tokenizer: Any, backend: OffloadedExperts, sockets: WorkerSockets) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.backend = backend
-        self.send_to_coordinator = send_to_coordinator
+        self.sockets = sockets
+        self.send_to_coordinator = sockets.send_to_coordinator
         self.vocab_size = int(model.config.vocab_size)
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 62)
         self.device = next(model.parameters()).device
 
     def on_start_generation(self, msg: StartGeneration) -> None:
@@ -107,15 +138,20 @@ class InferenceWorker:
         finally:
             self.backend.table.expert_pin[:] = 0
 
+    def on_cancel_generation(self, msg: CancelGeneration) -> None:
+        log.debug("cancel of request %d, which is no longer running", msg.request_id)
+
+    def check_ids(self, ids: list[int], what: str) -> None:
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise BadRequest("bad_token_ids", f"{what} {bad[:5]} outside the vocabulary 0..{self.vocab_size - 1}")
+
     def prompt_ids(self, msg: StartGeneration) -> list[int]:
         if msg.prompt_ids is not None:
             if msg.chat:
                 raise BadRequest("bad_request", "chat needs a text prompt, not prompt_ids")
             ids = list(msg.prompt_ids)
-            bad = [i for i in ids if not 0 <= i < self.vocab_size]
-            if bad:
-                raise BadRequest("bad_token_ids",
-                                 f"token ids {bad[:5]} outside the vocabulary 0..{self.vocab_size - 1}")
+            self.check_ids(ids, "token ids")
         elif msg.prompt is not None:
             if self.tokenizer is None:
                 raise BadRequest("no_tokenizer", "this checkpoint has no tokenizer: send prompt_ids")
@@ -127,6 +163,9 @@ class InferenceWorker:
             raise BadRequest("bad_request", "give prompt or prompt_ids")
         if not ids:
             raise BadRequest("bad_request", "the prompt is empty")
+        if len(ids) + msg.max_new_tokens > self.max_positions:
+            raise BadRequest("bad_request", f"{len(ids)} prompt tokens + {msg.max_new_tokens} new tokens exceed the "
+                                            f"model's {self.max_positions} positions")
         return ids
 
     def generate(self, msg: StartGeneration) -> GenerationFinished:
@@ -138,15 +177,26 @@ class InferenceWorker:
             torch.manual_seed(msg.seed if msg.seed is not None else int.from_bytes(os.urandom(4), "little"))
         else:
             kwargs.update(do_sample=False)
+        model_eos = self.model.generation_config.eos_token_id
         if self.model.generation_config.pad_token_id is None:
-            kwargs["pad_token_id"] = self.model.generation_config.eos_token_id or 0
+            kwargs["pad_token_id"] = model_eos if isinstance(model_eos, int) else 0
+        stop_ids = self.stop_ids(msg, model_eos)
+        if stop_ids:  # transformers' own end-of-sequence handling: it stops right after any of these ids
+            kwargs["eos_token_id"] = sorted(stop_ids)
         streamer = TokenStreamer(msg.request_id, self.send_to_coordinator, self.tokenizer)
+        cancel = CancelCheck(msg.request_id, self.sockets)
         self.backend.begin_request(msg.request_id)
         started = time.perf_counter_ns()
         with torch.inference_mode():
             output = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                                         **kwargs)
+                                         stopping_criteria=StoppingCriteriaList([cancel]), **kwargs)
         new_ids = output[0, len(ids):].tolist()
+        if cancel.cancelled:
+            finish_reason = "cancelled"
+        elif new_ids and new_ids[-1] in stop_ids:
+            finish_reason = "stop"
+        else:
+            finish_reason = "length"
         first = streamer.first_ns or time.perf_counter_ns()
         last = streamer.last_ns or first
         stats = self.backend.stats
@@ -160,8 +210,18 @@ class InferenceWorker:
             stall_ms=stats.stall_ns / 1e6,
             expert_uses=stats.uses,
             expert_hits=stats.hits,
-            finish_reason="length" if len(new_ids) >= msg.max_new_tokens else "stop",
+            finish_reason=finish_reason,
         )
+
+    def stop_ids(self, msg: StartGeneration, model_eos: int | list[int] | None) -> set[int]:
+        """The request's stop ids and the model's own end-of-sequence ids."""
+        stop = set(msg.stop_ids or ())
+        self.check_ids(sorted(stop), "stop_ids")
+        if isinstance(model_eos, int):
+            stop.add(model_eos)
+        elif model_eos:
+            stop.update(model_eos)
+        return stop
 
 
 def open_slots(cfg: RuntimeConfig, sockets: WorkerSockets) -> tuple[SlotArray, zmq.Socket | None]:
@@ -210,9 +270,10 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
                                    reordered=cfg.reordered_inference)
         backend.register()
         model.set_experts_implementation(IMPLEMENTATION_NAME)  # type: ignore[operator]
-        worker = InferenceWorker(model, tokenizer, backend, send_to_coordinator)
+        worker = InferenceWorker(model, tokenizer, backend, sockets)
         sockets.announce_ready()
-        sockets.serve({StartGeneration: worker.on_start_generation, Ping: sockets.answer_ping})
+        sockets.serve({StartGeneration: worker.on_start_generation, Ping: sockets.answer_ping,
+                       CancelGeneration: worker.on_cancel_generation})
     finally:
         send_to_predictor.close(linger=0)
         if send_to_loader is not None:

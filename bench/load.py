@@ -1,0 +1,147 @@
+"""Load test: N concurrent clients x M requests each over loopback; every request must be answered.
+
+    python bench/load.py --clients 32 --requests 4 --max-new-tokens 8 [--connect ADDR] [--json PATH]
+
+Without ``--connect`` it starts a runtime (the embedded default model, ``--policy``, ``--cache-experts``, bound to
+``tcp://127.0.0.1:<free port>``) and stops it afterwards. Each client is a thread with its own connection that sends
+its requests one after another (a closed loop) and times each from send to final reply. A request without a final
+reply within ``--timeout-s`` counts as dropped, which is a failure (exit code 1); error replies are counted by code.
+Prints p50/p99 latency, requests/s and generated tokens/s over the whole run, and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from coordinator.client import PromoeClient, RequestFailed
+from models.default_model import ensure_default_checkpoint
+from tests.runtime import RuntimeProcess
+
+
+@dataclass
+class ClientResult:
+    latencies_s: list[float] = field(default_factory=list)
+    """Send-to-final-reply time of each answered request (errors included)."""
+    tokens: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    dropped: int = 0
+    """Requests without a final reply within the timeout."""
+
+
+def run_client(address: str, index: int, args: argparse.Namespace, result: ClientResult) -> None:
+    rng = random.Random(index)
+    with PromoeClient(address, timeout_s=args.timeout_s) as client:
+        for _ in range(args.requests):
+            prompt_ids = [rng.randrange(32, 127) for _ in range(args.prompt_tokens)]
+            started = time.monotonic()
+            try:
+                done = client.generate(prompt_ids=prompt_ids, max_new_tokens=args.max_new_tokens)
+            except RequestFailed as exc:
+                result.errors[exc.code] += 1
+            except TimeoutError:
+                result.dropped += 1
+                return  # the connection may still get the late reply: do not confuse it with the next one
+            else:
+                result.tokens += len(done.token_ids)
+            result.latencies_s.append(time.monotonic() - started)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def run(address: str, args: argparse.Namespace) -> dict[str, object]:
+    results = [ClientResult() for _ in range(args.clients)]
+    threads = [threading.Thread(target=run_client, args=(address, i, args, results[i]), daemon=True)
+               for i in range(args.clients)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=args.timeout_s * args.requests + 60)
+    wall_s = time.monotonic() - started
+    latencies = [x for r in results for x in r.latencies_s]
+    errors: Counter[str] = sum((r.errors for r in results), Counter())
+    sent = args.clients * args.requests
+    dropped = sum(r.dropped for r in results) + sum(t.is_alive() for t in threads)
+    answered = len(latencies)
+    tokens = sum(r.tokens for r in results)
+    return {
+        "clients": args.clients, "requests_per_client": args.requests, "max_new_tokens": args.max_new_tokens,
+        "prompt_tokens": args.prompt_tokens, "requests": sent, "answered": answered,
+        "unanswered": sent - answered, "dropped": dropped, "errors": dict(errors),
+        "completed": answered - sum(errors.values()), "wall_s": wall_s,
+        "latency_p50_s": statistics.median(latencies) if latencies else None,
+        "latency_p99_s": percentile(latencies, 0.99) if latencies else None,
+        "latency_max_s": max(latencies) if latencies else None,
+        "requests_per_s": answered / wall_s, "tokens_per_s": tokens / wall_s, "tokens": tokens,
+    }
+
+
+def free_tcp_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--requests", type=int, default=4, help="requests per client, one after another")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--timeout-s", type=float, default=600.0, help="a request unanswered after this is dropped")
+    p.add_argument("--connect", metavar="ADDR", help="a runtime already serving (default: start one)")
+    p.add_argument("--policy", default="lru")
+    p.add_argument("--cache-experts", type=int, default=48)
+    p.add_argument("--max-queue", type=int, default=64)
+    p.add_argument("--json", type=Path, help="also write the result here")
+    args = p.parse_args()
+    runtime = None
+    address = args.connect
+    if address is None:
+        root = Path(tempfile.mkdtemp(prefix="promoe-load-"))
+        runtime = RuntimeProcess(root, ensure_default_checkpoint(), "--policy", args.policy, "--cache-experts",
+                                 str(args.cache_experts), "--max-queue", str(args.max_queue), ready_timeout_s=300,
+                                 address=free_tcp_address())
+        address = runtime.address
+    try:
+        result = run(address, args)
+        if runtime is not None:
+            with runtime.client() as client:
+                result["server_totals"] = client.stats()
+    finally:
+        if runtime is not None:
+            runtime.stop()
+            runtime.assert_nothing_left()
+            shutil.rmtree(runtime.root, ignore_errors=True)
+    print(f"{result['clients']} clients x {result['requests_per_client']} requests, {args.max_new_tokens} new tokens: "
+          f"{result['answered']}/{result['requests']} answered ({result['completed']} completed, errors "
+          f"{result['errors'] or 'none'}, dropped {result['dropped']}) in {result['wall_s']:.1f} s")
+    if result["latency_p50_s"] is not None:
+        print(f"latency p50 {result['latency_p50_s']:.2f} s, p99 {result['latency_p99_s']:.2f} s, "
+              f"max {result['latency_max_s']:.2f} s; throughput {result['requests_per_s']:.2f} requests/s, "
+              f"{result['tokens_per_s']:.1f} tokens/s")
+    print(json.dumps(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0 if result["unanswered"] == 0 and result["dropped"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
