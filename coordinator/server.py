@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import signal
 import statistics
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -26,6 +24,7 @@ from coordinator.cache import CacheDirectory
 from coordinator.metrics import Totals, cache_metrics
 from coordinator.policies import make_policy
 from coordinator.requests import PendingRequest, Rejected, RequestQueue, split_envelope
+from coordinator.worker_watch import WORKER_ROLES, WorkerWatch
 from protocol.codec import MAX_MESSAGE_NBYTES, ProtocolError, decode, dispatch, encode
 from protocol.config import RuntimeConfig
 from protocol.ids import RequestId
@@ -68,8 +67,6 @@ from workers.bootstrap import become, now_ns, parse_run_dir, push_socket, send
 log = logging.getLogger(__name__)
 
 PING_INTERVAL_S = 1.0
-WORKER_SILENT_AFTER_S = 3.0
-WORKER_ROLES = ("inference", "predictor", "loader")
 CLIENT_SNDHWM = 100_000
 """Replies queued per client connection before the ROUTER refuses more (a token stream of a slow reader)."""
 WAITING_RETRY_S = 0.002
@@ -114,8 +111,7 @@ class Coordinator:
         self._next_request_id = 1
         self._ping_nonce = 0
         self._retry: asyncio.TimerHandle | None = None
-        self.last_answer: dict[str, float] = {}
-        self.round_trip_ns: dict[str, deque[int]] = {role: deque(maxlen=64) for role in WORKER_ROLES}
+        self.watch = WorkerWatch(cfg.heartbeat_timeout_s)
         self.worker_handlers: dict[type[Message], Any] = {
             GateDecided: self.on_gate_decided,
             ExpertsPredicted: self.on_experts_predicted,
@@ -133,11 +129,6 @@ class Coordinator:
         self.draining = False
         """Set by ``DrainRequested``: new requests are refused, accepted ones finish."""
         self._drained_sent = False
-        self.down: set[str] = set()
-        """Workers that died and have not reported ready again."""
-        self.restarts: dict[str, int] = dict.fromkeys(WORKER_ROLES, 0)
-        self._reported_silent: set[str] = set()
-        """Workers reported to the supervisor as silent, until their death is reported back."""
         self.totals = Totals()
         self.client_handlers: dict[type[Message], Any] = {
             Generate: self.on_generate, GetHealth: self.on_get_health, GetStats: self.on_get_stats,
@@ -240,17 +231,14 @@ class Coordinator:
         self._start_next()
 
     def on_ping_answered(self, msg: PingAnswered) -> None:
-        self.last_answer[msg.role] = asyncio.get_running_loop().time()
-        if msg.role in self.round_trip_ns:
-            self.round_trip_ns[msg.role].append(now_ns() - msg.sent_ns)
+        self.watch.answered(msg.role, asyncio.get_running_loop().time(), now_ns() - msg.sent_ns)
 
     def on_worker_died(self, msg: WorkerDied) -> None:
         """From the supervisor, which is restarting it. A dead inference worker takes the running request with it:
         that client gets an error now; the queue waits for the restart. A dead loader's queue is re-issued when its
         successor reports ready; meanwhile the inference worker waits on the slot table as for any slow load."""
         log.error("%s (pid %d) died with exit code %d; the supervisor restarts it", msg.role, msg.pid, msg.exit_code)
-        self.down.add(msg.role)
-        self._reported_silent.discard(msg.role)
+        self.watch.died(msg.role)
         running = self.running
         if msg.role == "inference" and running is not None:
             self.running = None
@@ -266,9 +254,7 @@ class Coordinator:
 
     def on_worker_restarted(self, msg: WorkerRestarted) -> None:
         log.info("%s is back (pid %d)", msg.role, msg.pid)
-        self.down.discard(msg.role)
-        self.last_answer[msg.role] = asyncio.get_running_loop().time()
-        self.restarts[msg.role] = self.restarts.get(msg.role, 0) + 1
+        self.watch.restarted(msg.role, asyncio.get_running_loop().time())
         if msg.role == "loader":
             self.cache.reissue_loads()
             self._send_to_loader()
@@ -386,11 +372,11 @@ class Coordinator:
     def on_get_health(self, envelope: list[bytes], msg: GetHealth) -> None:
         now = asyncio.get_running_loop().time()
         self._reply(envelope, HealthReported(
-            workers={r: now - self.last_answer.get(r, -math.inf) < WORKER_SILENT_AFTER_S for r in WORKER_ROLES},
+            workers=self.watch.answering(now),
             queued=len(self.queue),
             running=self.running.pending.request_id if self.running else None,
-            round_trip_us={r: statistics.median(v) / 1e3 for r, v in self.round_trip_ns.items() if v},
-            restarts=dict(self.restarts),
+            round_trip_us=self.watch.round_trip_us(),
+            restarts=dict(self.watch.restarts),
             draining=self.draining,
         ))
 
@@ -400,7 +386,7 @@ class Coordinator:
 
     def _start_next(self) -> None:
         pending = None
-        while pending is None and self.running is None and "inference" not in self.down:
+        while pending is None and self.running is None and "inference" not in self.watch.down:
             pending = self.queue.pop_next()
             if pending is None:
                 break
@@ -469,13 +455,9 @@ class Coordinator:
             self._ping_nonce += 1
             for role in WORKER_ROLES:
                 send(self.send_to[role], Ping(nonce=self._ping_nonce, sent_ns=now_ns()))
-                if role not in self.last_answer or role in self.down or role in self._reported_silent:
-                    continue  # still starting (the supervisor's deadline), restarting, or already reported
-                silent_s = loop.time() - self.last_answer[role]
-                if silent_s > self.cfg.heartbeat_timeout_s:
-                    log.error("%s answered no ping for %.0f s: asking the supervisor to restart it", role, silent_s)
-                    self._reported_silent.add(role)
-                    send(self.send_to_supervisor, WorkerSilent(role=role, silent_s=silent_s))
+            for role, silent_s in self.watch.newly_silent(loop.time()):
+                log.error("%s answered no ping for %.0f s: asking the supervisor to restart it", role, silent_s)
+                send(self.send_to_supervisor, WorkerSilent(role=role, silent_s=silent_s))
             await asyncio.sleep(PING_INTERVAL_S)
 
     async def run(self) -> None:
