@@ -50,6 +50,10 @@ MODULES = {
     "loader": "workers.loader",
 }
 RESTARTABLE = ("inference", "predictor", "loader")
+RESTARTABLE_ON_CUDA = ("predictor",)
+"""On the CUDA path the loader maps the inference worker's slots by CUDA IPC once, at start-up: a new inference
+worker would allocate new slots and a new loader would need them exported again, which is not wired (and has never
+run on a GPU), so there the death of either stops the runtime."""
 HURRIED_STOP_S = 1.0
 """After a second signal, how long processes get to exit on SIGTERM before SIGKILL (the coordinator answers the
 requests it holds with ``shutting_down`` on its way out)."""
@@ -67,6 +71,7 @@ class Supervisor:
         self._starting: dict[str, float] = {}
         """Role -> deadline (monotonic) for its ``WorkerStarted``."""
         self.ready_timeout_s = 180.0
+        self.restartable = RESTARTABLE_ON_CUDA if cfg.device == "cuda" else RESTARTABLE
         self.restarts: dict[str, int] = dict.fromkeys(RESTARTABLE, 0)
         self.send_to_coordinator: zmq.Socket | None = None
         self.signals: list[int] = []
@@ -156,7 +161,7 @@ class Supervisor:
                 continue
             if isinstance(msg, WorkerSilent):
                 child = self.children.get(msg.role)
-                if msg.role in RESTARTABLE and child is not None and msg.role not in self._starting:
+                if msg.role in self.restartable and child is not None and msg.role not in self._starting:
                     log.error("%s (pid %d) silent for %.0f s: killing it", msg.role, child.pid, msg.silent_s)
                     child.kill()  # its pidfd wakes the next wait(): the usual death-and-restart path
                 continue
@@ -201,7 +206,7 @@ class Supervisor:
             code = child.poll()
             if code is None:
                 continue
-            if role in self._starting or role not in RESTARTABLE:
+            if role in self._starting or role not in self.restartable:
                 during = " during start-up" if role in self._starting else ""
                 raise WorkerDead(f"{role} (pid {child.pid}) exited with code {code}{during}")
             self._restart(role, child, code)
