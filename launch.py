@@ -160,7 +160,7 @@ def make_config(args: argparse.Namespace, run_dir: Path, one_shot: bool):  # -> 
     layout = ckpt.layout(n_slots=n_slots, n_chunks=args.chunks_per_expert, compute_dtype=compute_dtype)
     log.info("%s (%s): %d MoE layers x %d experts of %.2f MB in %s; computing in %s on %s", ckpt.path,
              ckpt.config["model_type"], len(layout.moe_layers), layout.experts_per_layer, layout.expert_nbytes / 1e6,
-             layout.storage_dtype, layout.compute_dtype, device)
+             layout.storage_dtype, layout.compute_dtype, device.upper())
     bind = args.bind or (f"ipc://{run_dir / 'client.sock'}" if one_shot else DEFAULT_BIND)
     return RuntimeConfig(
         run_id=uuid.uuid4().hex[:10], run_dir=str(run_dir), checkpoint=str(ckpt.path), layout=layout,
