@@ -20,6 +20,8 @@ from shm.segment import leftover_segments
 from tests.conftest import NEW_TOKENS, PROMPT_IDS
 
 RESTART_CYCLES = int(os.environ.get("PROMOE_RESTART_CYCLES", "10"))
+FD_JITTER = 2
+"""Open fds of a process may differ by this much between two quiet moments (ZeroMQ's connection handling)."""
 """Loader crash-restart cycles of the leak test (each costs a process start; 100 were run by hand, see the notes)."""
 
 
@@ -132,7 +134,9 @@ def test_loader_crash_restart_cycles_leak_no_segment_and_no_file_descriptor(runt
         rt.kill_worker("loader")
         rt.wait_restarted("loader", cycle)
     assert sorted(leftover_segments(rt.run_id)) == segments
-    assert {"launch": fd_count(rt.proc.pid), "coordinator": fd_count(rt.children["coordinator"].pid)} == fds
+    after = {"launch": fd_count(rt.proc.pid), "coordinator": fd_count(rt.children["coordinator"].pid)}
+    # ZeroMQ opens and closes connection fds on its own (clients come and go): allow that jitter, not a leak per cycle
+    assert all(after[p] <= fds[p] + FD_JITTER for p in fds), (fds, after)
     with rt.client() as client:
         assert client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=NEW_TOKENS).token_ids == reference["ids"]
     assert rt.stop() == 0
