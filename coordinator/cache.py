@@ -135,7 +135,7 @@ class CacheDirectory:
         self._preempting: set[LoadId] = set()
         self._last_chosen: dict[ExpertId, Position] = {}
         self._resident: set[ExpertId] = set()
-        self.table.waiting_for_slot = False
+        self.table.waiting_for_slot = self._waiting_flag = False
 
     # ------------------------------------------------------------ queries
     def slot_of(self, expert: ExpertId) -> SlotId | None:
@@ -217,7 +217,9 @@ class CacheDirectory:
         if self.table.mark_resident(load.slot, seq):
             self._slot_state[load.slot] = RESIDENT
             self._resident.add(load.expert)
-            self._charge(load.request_id, experts_loaded=1, bytes_loaded=self.layout.expert_nbytes)
+            for counters in self._counters_of(load.request_id):
+                counters.experts_loaded += 1
+                counters.bytes_loaded += self.layout.expert_nbytes
             self.policy.record_load(load.expert)
         self._assign_waiting()
 
@@ -265,15 +267,20 @@ class CacheDirectory:
         """After a failed request nothing is in use or waited for any more."""
         self.table.expert_pin[:] = 0
         self._waiting.clear()
-        self.table.waiting_for_slot = False
+        self.table.waiting_for_slot = self._waiting_flag = False
 
     # ------------------------------------------------------------ internals
     def _charge(self, request_id: RequestId | None, **amounts: int) -> None:
         """Add to the totals and, if ``request_id`` is the current request, to its counters."""
-        targets = [self.counters] + ([self.request_counters] if request_id == self.request_id else [])
-        for counters in targets:
+        for counters in self._counters_of(request_id):
             for name, amount in amounts.items():
                 setattr(counters, name, getattr(counters, name) + amount)
+
+    def _counters_of(self, request_id: RequestId | None) -> tuple[CacheCounters, ...]:
+        """The counters a load of ``request_id`` is charged to: the totals, and the request's own if current."""
+        if request_id == self.request_id:
+            return (self.counters, self.request_counters)
+        return (self.counters,)
 
     def _score_prediction(self, chosen: set[ExpertId], ready: list[ExpertId] | None) -> None:
         predicted = self._predictions.pop(self.position, None)
@@ -318,18 +325,21 @@ class CacheDirectory:
         self.outbox.append(Preempt(load_ids=[load.load_id for load in loads]))
 
     def _assign_waiting(self) -> None:
-        if self._waiting:
-            # Raised before the pin scan: the inference worker unpins, then reads the flag, so a release that
-            # happens during the scan is reported. (Without a fence the two stores and loads may still cross: the
-            # coordinator also retries on a timer while anything waits; see ``Coordinator.retry_waiting``.)
-            self.table.waiting_for_slot = True
+        if not self._waiting:
+            if self._waiting_flag:
+                self.table.waiting_for_slot = self._waiting_flag = False
+            return
+        # Raised before the pin scan: the inference worker unpins, then reads the flag, so a release that happens
+        # during the scan is reported. (Without a fence the two stores and loads may still cross: the coordinator
+        # also retries on a timer while anything waits; see ``Coordinator.retry_waiting``.)
+        self.table.waiting_for_slot = self._waiting_flag = True
         while self._waiting:
             slot = self._take_slot(PRIORITY_PRECISE)
             if slot is None:
                 break
             expert = self._waiting.popleft()
             self._start_load(expert, slot, PRIORITY_PRECISE, None)
-        self.table.waiting_for_slot = bool(self._waiting)
+        self.table.waiting_for_slot = self._waiting_flag = bool(self._waiting)
         missing = len(self._waiting) - len(self._preempting)  # a pending preemption frees a slot either way
         if missing > 0 and self.early_preemption:  # free slots held by speculation, farthest prediction first
             speculative = sorted((load for load in self._in_flight.values()
@@ -371,7 +381,8 @@ class CacheDirectory:
         self._resident.discard(expert)
         self.policy.record_evict(expert)
         self._free_slot(slot)
-        self._charge(self.request_id, evictions=1)
+        for counters in self._counters_of(self.request_id):
+            counters.evictions += 1
 
     def _free_slot(self, slot: SlotId) -> None:
         expert = ExpertId(self._slot_expert[slot])
@@ -391,7 +402,8 @@ class CacheDirectory:
         self._next_load_id += 1
         self._in_flight[load_id] = InFlightLoad(load_id, expert, slot, seq, self.request_id, target)
         self._loading[expert] = load_id
-        self._charge(self.request_id, loads_issued=1)
+        for counters in self._counters_of(self.request_id):
+            counters.loads_issued += 1
         if priority == PRIORITY_SPECULATIVE:
             self._unused_since_load[expert] = self.request_id
         self.outbox.append(LoadExpert(load_id=load_id, expert=expert, slot=slot, seq=seq, priority=priority))

@@ -13,6 +13,7 @@ import mmap
 import os
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
+from typing import cast
 
 from shm import SEGMENT_PREFIX
 
@@ -43,6 +44,12 @@ class Segment:
         shm = shared_memory.SharedMemory(name=name, create=True, size=max(nbytes, 1))
         log.debug("created segment %s (%d bytes)", name, nbytes)
         return cls(shm, owner=True)
+
+    @classmethod
+    def private(cls, nbytes: int) -> Segment:
+        """Memory of this process alone, shaped like a segment (models and tests): no name in /dev/shm, nothing to
+        unlink."""
+        return cls(cast(shared_memory.SharedMemory, _PrivateMemory(max(nbytes, 1))), owner=False)
 
     @classmethod
     def attach(cls, name: str) -> Segment:
@@ -84,6 +91,22 @@ class Segment:
             self._shm.unlink()  # also unregisters it from the resource tracker
         except FileNotFoundError:
             log.warning("segment %s was already gone", self.name)
+
+
+class _PrivateMemory:
+    """What ``Segment`` uses of ``SharedMemory``, over an anonymous private mapping."""
+
+    def __init__(self, nbytes: int) -> None:
+        self._mmap = mmap.mmap(-1, nbytes)
+        self.buf: memoryview | None = memoryview(self._mmap)
+        self.name = "private"
+        self.size = nbytes
+
+    def close(self) -> None:
+        if self.buf is not None:
+            self.buf.release()
+            self.buf = None
+        self._mmap.close()
 
 
 def leftover_segments(run_id: str | None = None) -> list[str]:

@@ -1,0 +1,271 @@
+"""A discrete-event model of one GPU serving decode steps, driven by the runtime's own cache code.
+
+What is the runtime's own: the cache directory (``coordinator.cache.CacheDirectory``) with its policy
+(``coordinator.policies``), over a real slot table (``shm.slot_table.SlotTable``), and the loader's chunk queue
+(``workers.chunk_queue.ChunkQueue``) in its priority order, with early preemption and reordering as the coordinator
+sends them. No policy is written a second time here.
+
+What is modelled (``DeviceProfile``):
+- per MoE layer of one token, ``compute_ms`` with every expert resident: the part before the gate
+  (``gate_fraction``: attention, router, shared experts) then one equal share per chosen expert;
+- a host-to-device link of ``link_gbps`` moving one chunk at a time, in the chunk queue's order; a chunk's readiness
+  is published when its copy completes, exactly as the loader does (refused if the slot was reassigned meanwhile);
+- the inference worker: at the gate it pins the chosen experts, computes those whose chunks have all landed, then
+  each other one as soon as it lands (reordered inference), or in ascending order waiting for each (ablation);
+  it unpins each expert once computed;
+- predictions (``promoe``): the layer's input is known when the layer starts; the prediction for the layer
+  ``lookahead`` ahead reaches the coordinator ``predictor_ms`` later.
+Messages between processes take no time (a ZeroMQ one-way message is tens of microseconds against a 0.7 ms copy).
+
+Every number is a function of the trace and the profile: the same input gives the same output, on any machine.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from coordinator.cache import CacheDirectory
+from coordinator.policies import CachePolicy
+from protocol.ids import ExpertId, RequestId
+from protocol.messages import LoadExpert, Message, Preempt, Reorder
+from shm.layout import ExpertLayout
+from shm.segment import Segment
+from shm.slot_table import SlotTable
+from workers.chunk_queue import ChunkQueue, QueuedLoad
+
+Predict = Callable[[int, int, int], Sequence[int]]
+"""(token index in the trace, MoE layer, distance) -> local experts predicted for the target layer."""
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """The machine the replay models."""
+
+    link_gbps: float
+    """Host-to-device bandwidth of pinned copies, GB/s."""
+    compute_ms: float
+    """One MoE layer of one decode token with every expert resident, ms."""
+    expert_nbytes: int
+    """Bytes of one expert as it crosses the link."""
+    n_chunks: int = 3
+    """Chunks per expert (the loader's unit of copying and preemption)."""
+    gate_fraction: float = 0.5
+    """Share of a layer's compute before its gate decides (attention, router, shared experts)."""
+    predictor_ms: float = 0.2
+    """From a layer's input being known to its prediction reaching the coordinator, ms."""
+
+    @property
+    def chunk_ms(self) -> float:
+        return self.expert_nbytes / self.n_chunks / (self.link_gbps * 1e6)
+
+
+@dataclass
+class ReplayResult:
+    tokens: int = 0
+    uses: int = 0
+    hits: int = 0
+    """Uses whose every chunk had landed when the gate chose."""
+    time_ms: float = 0.0
+    stall_ms: float = 0.0
+    link_bytes: int = 0
+    """Bytes copied over the link, wasted chunks included."""
+    predicted: int = 0
+    predicted_chosen: int = 0
+    predicted_ready: int = 0
+
+
+_PREDICT, _GATE, _CHUNK = 0, 1, 2
+
+
+class ReplayModel:
+    def __init__(self, policy: CachePolicy, n_slots: int, n_layers: int, experts_per_layer: int, top_k: int,
+                 profile: DeviceProfile, *, lookahead: int = 2, predict: Predict | None = None,
+                 early_preemption: bool = True, reordered: bool = True) -> None:
+        self.profile = profile
+        self.n_layers = n_layers
+        self.experts_per_layer = experts_per_layer
+        self.lookahead = lookahead
+        self.predict = predict if policy.prefetches else None
+        self.reordered = reordered
+        self.layout = ExpertLayout(moe_layers=tuple(range(n_layers)), experts_per_layer=experts_per_layer,
+                                   top_k=top_k, hidden_size=1, intermediate_size=profile.n_chunks,
+                                   storage_dtype="bfloat16", compute_dtype="bfloat16", n_chunks=profile.n_chunks,
+                                   n_slots=n_slots)
+        n_experts = self.layout.n_experts
+        self.segment = Segment.private(SlotTable.nbytes_for(n_slots, n_experts))
+        self.table = SlotTable(self.segment, n_slots, n_experts, profile.n_chunks, init=True)
+        self.cache = CacheDirectory(self.table, self.layout, policy, early_preemption)
+        self.queue = ChunkQueue()
+        self.result = ReplayResult()
+        self._events: list[tuple[float, int, int, object]] = []
+        self._seq = 0
+        self._now = 0.0
+        self._link_busy = False
+        self._unpins: list[tuple[float, ExpertId]] = []
+        self._waiting_compute: dict[ExpertId, None] = {}
+        """Chosen experts of the current layer not yet computed, in ascending order."""
+        self._landed_waiting: set[ExpertId] = set()
+        """... of which every chunk has landed."""
+        self._busy_until = 0.0
+        self._finished: float | None = None
+
+    # ------------------------------------------------------------ the event queue
+    def _at(self, time_ms: float, kind: int, payload: object) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (time_ms, self._seq, kind, payload))
+
+    def _run_until_layer_done(self) -> float:
+        """Process events until the current layer's last expert is computed; returns that time."""
+        self._finished = None
+        events, unpins = self._events, self._unpins
+        while self._finished is None:
+            time_ms, _, kind, payload = heapq.heappop(events)
+            self._now = time_ms
+            if unpins and unpins[0][0] <= time_ms:
+                self._apply_unpins()
+            if kind == _CHUNK:
+                self._chunk_done(payload)  # type: ignore[arg-type]
+            elif kind == _PREDICT:
+                step, layer, experts = payload  # type: ignore[misc]
+                self.cache.on_predicted(step, layer, experts)
+                self._send()
+            else:
+                self._gate(payload)  # type: ignore[arg-type]
+        return self._finished
+
+    # ------------------------------------------------------------ the loader
+    def _send(self) -> None:
+        """The coordinator's commands reach the loader (at once)."""
+        if self.cache.outbox:
+            for command in self.cache.drain():
+                self._handle(command)
+        if not self._link_busy:
+            self._pump_link()
+
+    def _handle(self, command: Message) -> None:
+        if isinstance(command, LoadExpert):
+            self.queue.push(QueuedLoad.from_message(command, self.profile.n_chunks))
+        elif isinstance(command, Preempt):
+            dropped = self.queue.preempt(command.load_ids)
+            if dropped:
+                self.cache.on_preempted([d[0] for d in dropped], [d[1] for d in dropped])
+                for more in self.cache.drain():
+                    self._handle(more)
+        elif isinstance(command, Reorder):
+            self.queue.reorder(command.load_ids)
+
+    def _pump_link(self) -> None:
+        """Start the next chunk if the link is free (as ``Loader.step``: never copy into a reassigned slot)."""
+        while not self._link_busy:
+            item = self.queue.pop_chunk()
+            if item is None:
+                return
+            load, chunk = item
+            if self.table.slot_seq[load.slot] != load.seq:
+                self.queue.preempt([load.load_id])
+                continue
+            self._link_busy = True
+            self._at(self._now + self.profile.chunk_ms, _CHUNK, (load, chunk))
+
+    def _chunk_done(self, item: tuple[QueuedLoad, int]) -> None:
+        load, chunk = item
+        self._link_busy = False
+        self.result.link_bytes += self.profile.expert_nbytes // self.profile.n_chunks
+        published = self.table.publish_ready(load.slot, load.seq, chunk + 1)
+        if published and chunk + 1 == load.n_chunks:
+            self.cache.on_loaded(load.load_id, load.seq)
+            self._landed(load.expert)
+        self._send()
+
+    # ------------------------------------------------------------ the inference worker
+    def _apply_unpins(self) -> None:
+        released = False
+        while self._unpins and self._unpins[0][0] <= self._now:
+            _, expert = heapq.heappop(self._unpins)
+            self.table.unpin(expert)
+            released = True
+        if released and self.table.waiting_for_slot:
+            self.cache.on_released()
+            self._send()
+
+    def _compute_ready(self) -> None:
+        """Compute what the worker can compute now: every landed expert (reordered), or the next in ascending order
+        if it has landed; each starts when the worker is free, and is unpinned when done."""
+        while self._waiting_compute:
+            if self.reordered:
+                if not self._landed_waiting:
+                    return
+                expert = min(self._landed_waiting)
+            else:
+                expert = next(iter(self._waiting_compute))
+                if expert not in self._landed_waiting:
+                    return
+            self._landed_waiting.discard(expert)
+            del self._waiting_compute[expert]
+            self._busy_until = max(self._now, self._busy_until) + self._expert_ms
+            heapq.heappush(self._unpins, (self._busy_until, expert))
+        self._finished = self._busy_until
+
+    def _landed(self, expert: ExpertId) -> None:
+        if expert in self._waiting_compute:  # pinned since its gate: it stays landed until computed
+            self._landed_waiting.add(expert)
+            self._compute_ready()
+
+    def _gate(self, payload: tuple[int, int, list[ExpertId]]) -> None:
+        step, layer, experts = payload
+        table = self.table
+        table.pin(experts)
+        landed = {e for e in experts if table.is_ready(table.lookup(e))}
+        self.result.uses += len(experts)
+        self.result.hits += len(landed)
+        self.cache.on_gate(step, layer, experts)  # no message delay: what the worker saw is what the table says
+        self._waiting_compute = dict.fromkeys(sorted(experts))
+        self._landed_waiting = landed
+        self._busy_until = self._now
+        self._send()
+        self._compute_ready()
+
+    # ------------------------------------------------------------ driving
+    def run(self, experts: np.ndarray, prompt_offsets: Sequence[int]) -> ReplayResult:
+        """Replay ``experts [N, L, k]`` (local ids), prompt by prompt (a prompt is one request; its tokens are
+        decode steps), on one cache that persists across prompts."""
+        p = self.profile
+        self._expert_ms = (1 - p.gate_fraction) * p.compute_ms / experts.shape[2]
+        gate_ms = p.gate_fraction * p.compute_ms
+        base = np.arange(self.n_layers, dtype=np.int64)[:, None] * self.experts_per_layer
+        now = 0.0
+        for request, (first, last) in enumerate(itertools.pairwise(prompt_offsets)):
+            self.cache.begin_request(RequestId(request + 1))
+            for t in range(first, last):
+                chosen = (experts[t].astype(np.int64) + base).tolist()  # [L][k] global ids
+                for layer in range(self.n_layers):
+                    start = now
+                    if self.predict is not None:
+                        self._prediction(t, t - first, layer, start)
+                    self._at(start + gate_ms, _GATE, (t - first, layer,
+                                                      [ExpertId(e) for e in dict.fromkeys(chosen[layer])]))
+                    now = self._run_until_layer_done()
+                    self.result.stall_ms += (now - start) - p.compute_ms
+                self.result.tokens += 1
+            self.cache.end_request()
+            self._send()
+        counters = self.cache.counters
+        self.result.time_ms = now
+        self.result.predicted = counters.predicted
+        self.result.predicted_chosen = counters.predicted_chosen
+        self.result.predicted_ready = counters.predicted_ready
+        self.table.close()
+        return self.result
+
+    def _prediction(self, t: int, step: int, layer: int, start: float) -> None:
+        assert self.predict is not None
+        target = layer + self.lookahead
+        target_step, target_layer = step + target // self.n_layers, target % self.n_layers
+        local = self.predict(t, layer, self.lookahead)
+        experts = [self.layout.expert_id(target_layer, int(e)) for e in local]
+        self._at(start + self.profile.predictor_ms, _PREDICT, (target_step, target_layer, experts))
