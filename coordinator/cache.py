@@ -21,6 +21,7 @@ them, in order, with ``drain``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -350,3 +351,26 @@ class CacheDirectory:
         if priority == PRIORITY_SPECULATIVE:
             self._unused_since_load[expert] = self.request_id
         self.outbox.append(LoadExpert(load_id=load_id, expert=expert, slot=slot, seq=seq, priority=priority))
+
+    # ------------------------------------------------------------ TEMPORARY (branch issue10-bench): a minimal stand-in
+    # for the lead's ``idle`` / ``reconfigure``, which land on main shortly; this block goes when main is merged.
+    @property
+    def idle(self) -> bool:
+        """No load in flight or being preempted, and nothing waiting for a slot."""
+        return not self._in_flight and not self._preempting and not self._waiting
+
+    def reconfigure(self, policy: CachePolicy, n_slots: int, early_preemption: bool) -> None:
+        """Evict everything; from now on use ``policy`` and slots ``0 .. n_slots-1`` only (precondition: ``idle``)."""
+        if not self.idle:
+            raise RuntimeError("reconfigure needs an idle cache (no load in flight, nothing waiting)")
+        if not self.layout.top_k <= n_slots <= self.table.n_slots:
+            raise ValueError(f"{n_slots} slots is outside {self.layout.top_k} .. {self.table.n_slots}")
+        for slot in range(self.table.n_slots):
+            if self.table.slot_state[slot] != FREE:
+                self._evict(SlotId(slot))
+        self.layout = dataclasses.replace(self.layout, n_slots=n_slots)
+        self.policy = policy
+        self.early_preemption = early_preemption
+        self._last_chosen.clear()
+        self._protected.clear()
+        self._predictions.clear()
