@@ -17,6 +17,7 @@ import zmq
 
 from models.checkpoint import open_checkpoint
 from models.streaming import fill_store as stream_experts
+from models.synthetic_experts import fill_store as fill_synthetic
 from protocol.codec import dispatch
 from protocol.config import RuntimeConfig
 from protocol.messages import (
@@ -175,8 +176,13 @@ class Loader:
 
 
 def fill_store(cfg: RuntimeConfig, store: HostExpertStore) -> None:
-    """Read every expert straight from the checkpoint's safetensors files into the host store (models.streaming)."""
-    report = stream_experts(open_checkpoint(cfg.checkpoint), cfg.layout, store)
+    """Read every expert straight from the checkpoint's safetensors files into the host store (models.streaming),
+    or generate them there for a checkpoint of synthetic experts (models.synthetic_experts)."""
+    ckpt = open_checkpoint(cfg.checkpoint)
+    if ckpt.synthetic is not None:
+        fill_synthetic(ckpt.synthetic, cfg.layout, store)
+        return
+    report = stream_experts(ckpt, cfg.layout, store)
     log.info("host store filled: %d experts, %.1f MB in %.2f s (%.2f GB/s)", cfg.layout.n_experts,
              report.nbytes / 1e6, report.seconds, report.nbytes / 1e9 / max(report.seconds, 1e-9))
 
