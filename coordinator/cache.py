@@ -1,7 +1,9 @@
 """The cache directory: which expert is in which slot, which loads are in flight, what waits for a slot.
 
 The coordinator is its only owner. It writes assignments into the shared slot table (so the inference worker reads
-readiness without asking) and turns gate reports and predictions into loader commands.
+readiness without asking) and turns gate reports and predictions into loader commands. What only the coordinator
+reads (slot states, the free slots, the policy's ranking) lives here in the process, so that a gate costs O(k) and
+finding a victim O(log n): no scan over all slots on the critical path.
 
 Rules:
 - an expert is never evicted while its slot is being loaded or while the inference worker has it pinned (chosen by
@@ -21,7 +23,7 @@ them, in order, with ``drain``.
 
 from __future__ import annotations
 
-import dataclasses
+import heapq
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -73,9 +75,7 @@ class CacheDirectory:
     def __init__(self, table: SlotTable, layout: ExpertLayout, policy: CachePolicy,
                  early_preemption: bool = True) -> None:
         self.table = table
-        self.early_preemption = early_preemption
         self.layout = layout
-        self.policy = policy
         self.counters = CacheCounters()
         """Totals since start."""
         self.request_counters = CacheCounters()
@@ -83,6 +83,48 @@ class CacheDirectory:
         self.request_id: RequestId | None = None
         self.position: Position = (-1, -1)
         self._next_load_id = 1
+        self.outbox: list[Message] = []
+        self.reconfigure(policy, layout.n_slots, early_preemption)
+
+    def drain(self) -> list[Message]:
+        """The loader commands produced since the last call, in the order they must be sent."""
+        out, self.outbox = self.outbox, []
+        return out
+
+    # ------------------------------------------------------------ configuration
+    @property
+    def idle(self) -> bool:
+        """No load in flight or being preempted and nothing waiting: the cache may be reconfigured."""
+        return not self._in_flight and not self._waiting
+
+    def reconfigure(self, policy: CachePolicy, n_slots: int, early_preemption: bool) -> None:
+        """Start over with ``policy`` on slots ``0 .. n_slots-1`` (at most the slots allocated): every expert is
+        evicted. Only while ``idle``; counters are kept."""
+        if not 1 <= n_slots <= self.layout.n_slots:
+            raise ValueError(f"cache of {n_slots} slots outside 1 .. {self.layout.n_slots} (the slots allocated)")
+        if getattr(self, "_in_flight", None) or getattr(self, "_waiting", None):
+            raise RuntimeError("the cache can only be reconfigured while idle")
+        self.policy = policy
+        self.n_slots = n_slots
+        """Slots in use: ``0 .. n_slots-1``."""
+        self.early_preemption = early_preemption
+        self._clear()
+
+    def reset(self) -> None:
+        """Forget every slot's content and every load in flight (a new inference worker allocated new slots, so what
+        they held is gone); counters stay."""
+        for expert in self._resident:
+            self.policy.record_evict(expert)
+        self._clear()
+
+    def _clear(self) -> None:
+        for slot in range(self.layout.n_slots):
+            if self.table.slot_state[slot] != FREE:
+                self.table.release(SlotId(slot))
+        self._slot_expert: list[int] = [-1] * self.layout.n_slots
+        self._slot_state: list[int] = [FREE] * self.layout.n_slots
+        self._slot_of: dict[ExpertId, SlotId] = {}
+        self._free: list[SlotId] = [SlotId(s) for s in range(self.n_slots)]  # a heap: lowest slot first
         self._in_flight: dict[LoadId, InFlightLoad] = {}
         self._loading: dict[ExpertId, LoadId] = {}
         self._waiting: deque[ExpertId] = deque()
@@ -92,21 +134,15 @@ class CacheDirectory:
         self._predictions: dict[Position, set[ExpertId]] = {}
         self._preempting: set[LoadId] = set()
         self._last_chosen: dict[ExpertId, Position] = {}
-        self.outbox: list[Message] = []
-
-    def drain(self) -> list[Message]:
-        """The loader commands produced since the last call, in the order they must be sent."""
-        out, self.outbox = self.outbox, []
-        return out
+        self._resident: set[ExpertId] = set()
+        self.table.waiting_for_slot = False
 
     # ------------------------------------------------------------ queries
     def slot_of(self, expert: ExpertId) -> SlotId | None:
-        slot = int(self.table.expert_slot[expert])
-        return SlotId(slot) if slot >= 0 else None
+        return self._slot_of.get(expert)
 
     def resident_experts(self) -> list[ExpertId]:
-        return [ExpertId(int(e)) for s, e in enumerate(self.table.slot_expert)
-                if self.table.slot_state[s] == RESIDENT]
+        return sorted(self._resident)
 
     @property
     def waiting(self) -> list[ExpertId]:
@@ -139,7 +175,7 @@ class CacheDirectory:
                 load = self._in_flight[self._loading[expert]]
                 if load.target is not None and load.target < target:
                     load.target = target
-            if self.slot_of(expert) is not None or expert in self._waiting:
+            if expert in self._slot_of or expert in self._waiting:
                 continue
             slot = self._take_slot(PRIORITY_SPECULATIVE)
             if slot is None:
@@ -152,24 +188,22 @@ class CacheDirectory:
         ``ready``: the layer's experts the worker saw fully landed when its gate decided (exact FetchRate); without
         it, readiness is read from the slot table now.
         """
-        self.position = (step, layer)
+        self.position = position = (step, layer)
         for expert in experts:
-            self._last_chosen[expert] = self.position
+            self._last_chosen[expert] = position
+            self._unused_since_load.pop(expert, None)
         chosen = set(experts)
         self.policy.record_use(experts)
-        for expert in experts:
-            self._unused_since_load.pop(expert, None)
-        self._score_prediction(chosen, ready)
-        if self.policy.prefetches and self.early_preemption:
-            self._preempt_speculation(chosen)
+        if self.policy.prefetches:
+            self._score_prediction(chosen, ready)
+            if self.early_preemption:
+                self._preempt_speculation(chosen)
         if not self.policy.keeps_experts:
-            for slot in range(self.layout.n_slots):
-                expert = ExpertId(int(self.table.slot_expert[slot]))
-                if (self.table.slot_state[slot] == RESIDENT and expert not in chosen
-                        and not self.table.is_pinned(expert)):
-                    self._evict(SlotId(slot))
+            for expert in sorted(self._resident - chosen):
+                if not self.table.is_pinned(expert):
+                    self._evict(self._slot_of[expert])
         for expert in experts:
-            if self.slot_of(expert) is None and expert not in self._waiting:
+            if expert not in self._slot_of and expert not in self._waiting:
                 self._waiting.append(expert)
         self._assign_waiting()
 
@@ -181,6 +215,8 @@ class CacheDirectory:
             return
         del self._loading[load.expert]
         if self.table.mark_resident(load.slot, seq):
+            self._slot_state[load.slot] = RESIDENT
+            self._resident.add(load.expert)
             self._charge(load.request_id, experts_loaded=1, bytes_loaded=self.layout.expert_nbytes)
             self.policy.record_load(load.expert)
         self._assign_waiting()
@@ -196,7 +232,7 @@ class CacheDirectory:
             del self._loading[load.expert]
             self._unused_since_load.pop(load.expert, None)
             self._charge(load.request_id, wasted_bytes=done * chunk_nbytes, preempted=1)
-            self.table.release(load.slot)
+            self._free_slot(load.slot)
             if self.table.is_pinned(load.expert) and load.expert not in self._waiting:
                 self._waiting.append(load.expert)  # the gate chose it while its preemption was under way
         self._assign_waiting()
@@ -220,10 +256,10 @@ class CacheDirectory:
             if load.load_id not in self._preempting:
                 priority = PRIORITY_PRECISE if load.target is None else PRIORITY_SPECULATIVE
                 self.outbox.append(LoadExpert(load_id=load.load_id, expert=load.expert, slot=load.slot, seq=load.seq,
-                                              priority=priority, first_chunk=int(self.table.slot_ready[load.slot])))
+                                              priority=priority, first_chunk=self.table.chunks_ready(load.slot)))
         if preempting:  # after the re-issue: freeing their slots may start loads or preempt re-issued ones
             self.on_preempted([load.load_id for load in preempting],
-                              [int(self.table.slot_ready[load.slot]) for load in preempting])
+                              [self.table.chunks_ready(load.slot) for load in preempting])
 
     def forget_request(self) -> None:
         """After a failed request nothing is in use or waited for any more."""
@@ -240,8 +276,6 @@ class CacheDirectory:
                 setattr(counters, name, getattr(counters, name) + amount)
 
     def _score_prediction(self, chosen: set[ExpertId], ready: list[ExpertId] | None) -> None:
-        if not self.policy.prefetches:
-            return
         predicted = self._predictions.pop(self.position, None)
         for position in [p for p in self._predictions if p < self.position]:
             del self._predictions[position]
@@ -271,7 +305,7 @@ class CacheDirectory:
                 dropped.append(load)  # the gate of its layer has spoken, or its layer is past
         self._preempt(dropped)
         if confirmed:
-            confirmed.sort(key=lambda load: -int(self.table.slot_ready[load.slot]))
+            confirmed.sort(key=lambda load: -self.table.chunks_ready(load.slot))
             self.outbox.append(Reorder(load_ids=[load.load_id for load in confirmed]))
 
     def _preempt(self, loads: list[InFlightLoad]) -> None:
@@ -304,27 +338,23 @@ class CacheDirectory:
             self._preempt(speculative[:missing])
 
     def _take_slot(self, priority: int) -> SlotId | None:
-        candidates: dict[ExpertId, SlotId] = {}
-        protected: dict[ExpertId, SlotId] = {}
-        for slot in range(self.layout.n_slots):
-            state = self.table.slot_state[slot]
-            if state == FREE:
-                return SlotId(slot)
-            expert = ExpertId(int(self.table.slot_expert[slot]))
-            if state != RESIDENT or self.table.is_pinned(expert):
-                continue
-            if priority == PRIORITY_SPECULATIVE and self._recently_chosen(expert):
-                continue
-            (protected if self.is_protected(expert) else candidates)[expert] = SlotId(slot)
-        if candidates:
-            victim = self.policy.choose_victim(list(candidates))
-            slot = candidates[victim]
-        elif protected and priority == PRIORITY_PRECISE:  # the current layer beats a prediction
-            victim = max(protected, key=lambda e: self._protected[e])
-            slot = protected[victim]
+        if self._free:
+            return heapq.heappop(self._free)
+        is_pinned = self.table.is_pinned
+        if priority == PRIORITY_SPECULATIVE:
+            victim = self.policy.victim(lambda e: not is_pinned(e) and not self.is_protected(e)
+                                        and not self._recently_chosen(e))
         else:
+            victim = self.policy.victim(lambda e: not is_pinned(e) and not self.is_protected(e))
+            if victim is None:  # the current layer beats a prediction: the farthest one goes
+                protected = [e for e in self._protected if e in self._resident and not is_pinned(e)]
+                if protected:
+                    victim = max(protected, key=lambda e: self._protected[e])
+        if victim is None:
             return None
+        slot = self._slot_of[victim]
         self._evict(slot)
+        heapq.heappop(self._free)  # the slot _evict just freed
         return slot
 
     def _recently_chosen(self, expert: ExpertId) -> bool:
@@ -334,15 +364,29 @@ class CacheDirectory:
         return used is not None and used > (step - 1, layer)
 
     def _evict(self, slot: SlotId) -> None:
-        expert = ExpertId(int(self.table.slot_expert[slot]))
-        assert self.table.slot_state[slot] != LOADING, f"slot {slot} is being loaded"
+        expert = ExpertId(self._slot_expert[slot])
+        assert self._slot_state[slot] == RESIDENT, f"slot {slot} is not resident"
         if expert in self._unused_since_load:
             self._charge(self._unused_since_load.pop(expert), wasted_bytes=self.layout.expert_nbytes)
-        self.table.release(slot)
+        self._resident.discard(expert)
+        self.policy.record_evict(expert)
+        self._free_slot(slot)
         self._charge(self.request_id, evictions=1)
+
+    def _free_slot(self, slot: SlotId) -> None:
+        expert = ExpertId(self._slot_expert[slot])
+        if self._slot_of.get(expert) == slot:
+            del self._slot_of[expert]
+        self._slot_expert[slot] = -1
+        self._slot_state[slot] = FREE
+        self.table.release(slot)
+        heapq.heappush(self._free, slot)
 
     def _start_load(self, expert: ExpertId, slot: SlotId, priority: int, target: Position | None) -> None:
         seq = self.table.assign(slot, expert)
+        self._slot_expert[slot] = expert
+        self._slot_state[slot] = LOADING
+        self._slot_of[expert] = slot
         load_id = LoadId(self._next_load_id)
         self._next_load_id += 1
         self._in_flight[load_id] = InFlightLoad(load_id, expert, slot, seq, self.request_id, target)
@@ -351,26 +395,3 @@ class CacheDirectory:
         if priority == PRIORITY_SPECULATIVE:
             self._unused_since_load[expert] = self.request_id
         self.outbox.append(LoadExpert(load_id=load_id, expert=expert, slot=slot, seq=seq, priority=priority))
-
-    # ------------------------------------------------------------ TEMPORARY (branch issue10-bench): a minimal stand-in
-    # for the lead's ``idle`` / ``reconfigure``, which land on main shortly; this block goes when main is merged.
-    @property
-    def idle(self) -> bool:
-        """No load in flight or being preempted, and nothing waiting for a slot."""
-        return not self._in_flight and not self._preempting and not self._waiting
-
-    def reconfigure(self, policy: CachePolicy, n_slots: int, early_preemption: bool) -> None:
-        """Evict everything; from now on use ``policy`` and slots ``0 .. n_slots-1`` only (precondition: ``idle``)."""
-        if not self.idle:
-            raise RuntimeError("reconfigure needs an idle cache (no load in flight, nothing waiting)")
-        if not self.layout.top_k <= n_slots <= self.table.n_slots:
-            raise ValueError(f"{n_slots} slots is outside {self.layout.top_k} .. {self.table.n_slots}")
-        for slot in range(self.table.n_slots):
-            if self.table.slot_state[slot] != FREE:
-                self._evict(SlotId(slot))
-        self.layout = dataclasses.replace(self.layout, n_slots=n_slots)
-        self.policy = policy
-        self.early_preemption = early_preemption
-        self._last_chosen.clear()
-        self._protected.clear()
-        self._predictions.clear()

@@ -105,6 +105,10 @@ class SlotTable:
         self.slot_state[slot] = RESIDENT
         return True
 
+    def chunks_ready(self, slot: SlotId) -> int:
+        """Chunks of the slot's current load that have landed."""
+        return int(self.slot_ready[slot])
+
     def is_pinned(self, expert: ExpertId) -> bool:
         return bool(self.expert_pin[expert])
 

@@ -14,6 +14,7 @@ import pytest
 
 from coordinator.cache import CacheDirectory
 from coordinator.policies import LfuPolicy, LruPolicy, OnDemandPolicy, PromoePolicy, make_policy
+from coordinator.policies.ranking import Ranking
 from protocol.ids import ExpertId, LoadId, RequestId
 from protocol.messages import PRIORITY_PRECISE, PRIORITY_SPECULATIVE, LoadExpert, Message, Preempt, Reorder
 from shm.layout import ExpertLayout
@@ -780,16 +781,27 @@ def test_prediction_scoring(make_rig) -> None:
 
 
 # ---------------------------------------------------------------- policies
+def first(policy, *allowed: ExpertId) -> ExpertId | None:
+    """The policy's victim among ``allowed`` (resident experts only are ranked)."""
+    return policy.victim(lambda e: e in allowed)
+
+
 def test_lru_policy_ranks_by_last_use() -> None:
     policy = LruPolicy()
     e = [ExpertId(i) for i in range(4)]
     policy.record_use([e[0], e[1]])
+    policy.record_load(e[1])
     policy.record_load(e[2])
     policy.record_use([e[0]])
     policy.record_load(e[0])  # a load does not refresh a known expert
-    assert policy.choose_victim([e[0], e[1], e[2]]) == e[1]
-    assert policy.choose_victim([e[0], e[2]]) == e[2]
-    assert policy.choose_victim([e[3], e[0]]) == e[3]  # never seen: oldest
+    assert first(policy, e[0], e[1], e[2]) == e[1]
+    assert first(policy, e[0], e[2]) == e[2]
+    assert first(policy, e[3], e[0]) == e[0]  # 3 is not resident: never a victim
+    assert first(policy) is None
+    policy.record_evict(e[1])
+    assert first(policy, e[0], e[1], e[2]) == e[2]
+    policy.record_use([e[2]])  # a use re-ranks a resident expert
+    assert first(policy, e[0], e[2]) == e[0]
 
 
 def test_lfu_and_promoe_policies_rank() -> None:
@@ -798,17 +810,34 @@ def test_lfu_and_promoe_policies_rank() -> None:
     lfu.record_use([e[0]])
     lfu.record_use([e[0]])
     lfu.record_use([e[1]])
-    lfu.record_load(e[2])  # a load is not a use
-    assert lfu.choose_victim([e[0], e[1], e[2]]) == e[2]
+    for expert in e:
+        lfu.record_load(expert)  # a load is not a use
+    assert first(lfu, e[0], e[1], e[2]) == e[2]
     lfu.record_use([e[2]])  # 1 and 2 used once each: 1 is older
-    assert lfu.choose_victim([e[0], e[1], e[2]]) == e[1]
-    assert lfu.choose_victim([e[0], e[2]]) == e[2]
+    assert first(lfu, e[0], e[1], e[2]) == e[1]
+    assert first(lfu, e[0], e[2]) == e[2]
 
     promoe = PromoePolicy()
     promoe.record_use([e[0]])
     promoe.record_use([e[1]])
+    promoe.record_load(e[1])
     promoe.record_load(e[0])  # a load counts as a use
-    assert promoe.choose_victim([e[0], e[1]]) == e[1]
+    assert first(promoe, e[0], e[1]) == e[1]
+
+
+def test_ranking_skips_what_may_not_go_and_keeps_it() -> None:
+    ranking = Ranking()
+    for i, key in enumerate([5, 1, 3, 2]):
+        ranking.set(ExpertId(i), key)
+    assert ranking.first(lambda e: e not in (1, 3)) == 2  # 1 (key 1) and 3 (key 2) may not go now
+    assert ranking.first(lambda e: True) == 1  # ... but are still ranked
+    ranking.set(ExpertId(1), 9)  # re-keyed
+    ranking.discard(ExpertId(3))
+    assert ranking.first(lambda e: True) == 2
+    assert [ranking.first(lambda e, seen=seen: e not in seen) for seen in ((2,), (2, 0), (2, 0, 1))] == [0, 1, None]
+    for i in range(1000):  # stale entries are compacted, not kept forever
+        ranking.set(ExpertId(0), 100 + i)
+    assert len(ranking._heap) <= 4 * len(ranking) + 64
 
 
 def test_make_policy() -> None:
@@ -883,10 +912,11 @@ def test_promoe_policy_demotes_an_unused_prefetch() -> None:
     policy = PromoePolicy()
     e = [ExpertId(i) for i in range(2)]
     policy.record_use([e[0]])
+    policy.record_load(e[0])
     policy.record_load(e[1])
-    assert policy.choose_victim([e[0], e[1]]) == e[0]
+    assert first(policy, e[0], e[1]) == e[0]
     policy.record_unused_prefetch(e[1])
-    assert policy.choose_victim([e[0], e[1]]) == e[1]
+    assert first(policy, e[0], e[1]) == e[1]
 
 
 def test_request_counters_charge_loads_to_the_request_that_issued_them(make_rig) -> None:
@@ -947,3 +977,44 @@ def test_reissue_after_a_loader_restart(make_rig) -> None:
     assert rig.cache.counters.wasted_bytes == 2 * rig.chunk_nbytes
     rig.loaded(precise)
     assert rig.slot_of(E) is not None and rig.resident() == {0, E}
+
+
+# ---------------------------------------------------------------- reconfigure and reset
+def test_reconfigure_switches_policy_and_slots_in_use_and_starts_empty(make_rig) -> None:
+    rig = make_rig(n_slots=4, policy="lru")
+    rig.use(0, 1, 2)
+    assert rig.cache.idle
+    counters = rig.cache.counters.loads_issued
+    rig.cache.reconfigure(make_policy("lfu"), n_slots=2, early_preemption=False)
+    assert rig.cache.policy.name == "lfu" and rig.cache.n_slots == 2 and not rig.cache.early_preemption
+    assert rig.resident() == set()
+    assert all(rig.state_of_slot(s) == FREE for s in range(4))
+    assert rig.cache.counters.loads_issued == counters  # counters are kept
+    rig.use(3, 4)
+    rig.use(5)  # a third expert in two slots: one of the first two goes
+    assert len(rig.resident()) == 2 and 5 in rig.resident()
+    assert {rig.slot_of(e) for e in rig.resident()} <= {0, 1}  # never a slot beyond those in use
+    with pytest.raises(ValueError):
+        rig.cache.reconfigure(make_policy("lru"), n_slots=5, early_preemption=True)
+
+
+def test_reconfigure_refuses_while_loads_are_in_flight(make_rig) -> None:
+    rig = make_rig(n_slots=3)
+    (load,) = rig.gate(0)
+    assert not rig.cache.idle
+    with pytest.raises(RuntimeError):
+        rig.cache.reconfigure(make_policy("lru"), n_slots=3, early_preemption=True)
+    rig.loaded(load)
+    assert rig.cache.idle
+
+
+def test_reset_forgets_every_slot_and_load(make_rig) -> None:
+    rig = make_rig(n_slots=3)
+    rig.use(0, 1)
+    (loading,) = rig.gate(2)
+    rig.cache.reset()  # a new inference worker: its slots hold nothing
+    assert rig.resident() == set() and rig.cache.idle
+    assert all(rig.state_of_slot(s) == FREE for s in range(3))
+    assert rig.cache.on_loaded(loading.load_id, loading.seq) is None  # the old load's report is ignored
+    assert experts_of(rig.gate(0, at=(1, 0))) == [0]  # loaded again
+    assert rig.cache.policy.victim(lambda e: True) is None  # the policy was told: nothing of before is ranked

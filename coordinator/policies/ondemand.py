@@ -1,0 +1,36 @@
+"""``ondemand``: nothing is kept. When a layer's gate reports, the cache directory releases every resident expert the
+gate did not choose and that is not in use, so each layer loads what it needs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from coordinator.policies.ranking import Ranking
+from protocol.ids import ExpertId
+
+
+class OnDemandPolicy:
+    name = "ondemand"
+    keeps_experts = False
+    prefetches = False
+
+    def __init__(self) -> None:
+        self._order = 0
+        self._resident = Ranking()
+        """Key: arrival order (a victim is only needed within one prefill layer)."""
+
+    def record_use(self, experts: list[ExpertId]) -> None:
+        pass
+
+    def record_load(self, expert: ExpertId) -> None:
+        self._order += 1
+        self._resident.set(expert, self._order)
+
+    def record_unused_prefetch(self, expert: ExpertId) -> None:
+        pass
+
+    def record_evict(self, expert: ExpertId) -> None:
+        self._resident.discard(expert)
+
+    def victim(self, allowed: Callable[[ExpertId], bool]) -> ExpertId | None:
+        return self._resident.first(allowed)
