@@ -260,7 +260,14 @@ def run_source(source: str, plan: Plan, budget: Budget, deadline: float, results
             if time.perf_counter() + 1.2 * longest_s > deadline:
                 results.skip(f"{source} {config.label} @ {config.cache_fraction:.3g} (budget)")
                 continue
-            row = measure_runtime(rt, spec, workload, config)
+            try:
+                row = measure_runtime(rt, spec, workload, config)
+            except Exception as exc:  # one row failing must not lose the others
+                log.exception("%s %s @ %s failed", source, config.label, config.cache_fraction)
+                results.skip(f"{source} {config.label} @ {config.cache_fraction:.3g}: failed: {exc}")
+                if rt.proc.poll() is not None:
+                    raise RuntimeError(f"the runtime exited (code {rt.proc.returncode})") from exc
+                continue
             longest_s = max(longest_s, row["wall_s"])
             predictor = None if config.policy != "promoe" else ("learned" if predicting else "none: gates only")
             record(config.label, config.cache_fraction, config.cache_experts(spec), row, predictor)
@@ -285,9 +292,13 @@ def transformers_rows(reference: Any, workload: Workload, plan: Plan, deadline: 
         if time.perf_counter() + longest_s > deadline:
             results.skip(f"{source} transformers {impl} (budget)")
             continue
-        reference.set_experts_implementation(impl)
         try:
+            reference.set_experts_implementation(impl)
             row = measure_transformers(reference, workload)
+        except Exception as exc:  # e.g. grouped_mm unavailable on this GPU: the other rows go on
+            log.exception("transformers %s failed", impl)
+            results.skip(f"{source} transformers {impl}: failed: {exc}")
+            continue
         finally:
             reference.set_experts_implementation("eager")
         record("transformers" if impl == "eager" else f"transformers {impl}", 1.0, None, row)

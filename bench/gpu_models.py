@@ -168,8 +168,9 @@ def make_replay(model: Any, spec: ModelSpec, chosen: np.ndarray) -> None:
         raise ValueError(f"{n_pos} positions x {chosen.shape[1]} layers do not fit {spec.name}")
     with torch.no_grad():
         embed = model.model.embed_tokens.weight  # [V, H]
+        positions = torch.arange(n_pos, device=embed.device)
         embed[:, reserved:] = 0
-        embed[torch.arange(n_pos), reserved + torch.arange(n_pos)] = REPLAY_CODE
+        embed[positions, reserved + positions] = REPLAY_CODE
         for layer in range(spec.layers):
             block = model.model.layers[layer]
             block.self_attn.o_proj.weight[reserved:] = 0  # [H, H]: attention writes nothing into the code
@@ -180,7 +181,7 @@ def make_replay(model: Any, spec: ModelSpec, chosen: np.ndarray) -> None:
             block.mlp.gate.weight.copy_(router)
         head = model.lm_head.weight  # [V, H]
         head.zero_()
-        head[torch.arange(1, n_pos + 1), reserved + torch.arange(n_pos)] = 1.0  # position t -> token t + 1
+        head[positions + 1, reserved + positions] = 1.0  # position t -> token t + 1
 
 
 def write_checkpoint(model: Any, spec: ModelSpec, out: Path) -> Path:
