@@ -24,6 +24,7 @@ measured; the table is printed last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import logging
@@ -33,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -73,6 +74,7 @@ from bench.gpu_workload import (
     trace_routing_stats,
     trace_workload,
 )
+from tests.runtime import RuntimeProcess
 
 log = logging.getLogger("bench.gpu")
 
@@ -140,25 +142,23 @@ class Budget:
 
 def row_configs(source: str, fractions: tuple[float, ...], predicting: bool) -> list[RowConfig]:
     """The runtime rows, most important first (the issue's goals: promoe and lru at 25%, promoe at 50%)."""
-    first = fractions[1] if len(fractions) > 1 else fractions[0]
-    ordered = [first, *[f for f in fractions if f != first]]
-    rows = [RowConfig("all_resident", "lru", 1.0)]
-    for i, fraction in enumerate(ordered):
-        if i == 0:
-            rows += [RowConfig("promoe", "promoe", fraction, prefetch=predicting), RowConfig("lru", "lru", fraction)]
-            if len(ordered) > 2:
-                rows.append(RowConfig("promoe", "promoe", ordered[2], prefetch=predicting))
-            rows += [RowConfig("lfu", "lfu", fraction), RowConfig("ondemand", "ondemand", fraction)]
-        else:
-            if not (i == 2 and len(ordered) > 2):
-                rows.append(RowConfig("promoe", "promoe", fraction, prefetch=predicting))
-            rows += [RowConfig(p, p, fraction) for p in ("lru", "lfu", "ondemand")]
-    if source == "synthetic":  # the paper's ablation, one step at a time, at the first fraction
-        rows += [RowConfig("ablation: prefetch only", "promoe", first, early_preemption=False,
+    quarter = 0.25 if 0.25 in fractions else fractions[0]
+    half = 0.5 if 0.5 in fractions and quarter != 0.5 else None
+    rows = [RowConfig("all_resident", "lru", 1.0), RowConfig("promoe", "promoe", quarter, prefetch=predicting),
+            RowConfig("lru", "lru", quarter)]
+    if half is not None:
+        rows.append(RowConfig("promoe", "promoe", half, prefetch=predicting))
+    rows += [RowConfig("lfu", "lfu", quarter), RowConfig("ondemand", "ondemand", quarter)]
+    for fraction in [f for f in fractions if f != quarter]:
+        if fraction != half:
+            rows.append(RowConfig("promoe", "promoe", fraction, prefetch=predicting))
+        rows += [RowConfig(p, p, fraction) for p in ("lru", "lfu", "ondemand")]
+    if source == "synthetic":  # the paper's ablation, one step at a time, at 25%
+        rows += [RowConfig("ablation: prefetch only", "promoe", quarter, early_preemption=False,
                            reordered_inference=False, chunked_loads=False),
-                 RowConfig("ablation: + early preemption", "promoe", first, reordered_inference=False,
+                 RowConfig("ablation: + early preemption", "promoe", quarter, reordered_inference=False,
                            chunked_loads=False),
-                 RowConfig("ablation: + reordering", "promoe", first, chunked_loads=False)]
+                 RowConfig("ablation: + reordering", "promoe", quarter, chunked_loads=False)]
     return rows
 
 
@@ -171,7 +171,7 @@ def check_shm(spec: ModelSpec) -> None:
                            f"{need / 1e9:.1f} GB")
 
 
-def prepare(source: str, spec: ModelSpec, plan: Plan, budget: Budget) -> tuple[Any, Workload, dict, list[str]]:
+def build_source(source: str, spec: ModelSpec, plan: Plan, budget: Budget) -> tuple[Any, Workload, dict, list[str]]:
     """The model (routers set), its workload, routing figures and the runtime's flags for this source."""
     with budget.phase(f"{source}: build the model"):
         if source == "synthetic":
@@ -209,17 +209,47 @@ def prepare(source: str, spec: ModelSpec, plan: Plan, budget: Budget) -> tuple[A
     return model, workload, stats, flags
 
 
-def run_source(source: str, plan: Plan, budget: Budget, deadline: float, results: Results) -> None:
+def stop_runtime(rt: RuntimeProcess, root: Path, source: str, budget: Budget, results: Results) -> None:
+    """In the background: the next source builds its model meanwhile (it waits for this before its runtime starts,
+    which needs the space in /dev/shm)."""
+    with budget.phase(f"{source}: stop the runtime (in the background)"):
+        rt.stop()
+        results.keep_log(source, rt.log_path)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class Prepared:
+    """A routing source whose runtime is starting: its model, requests, reference tokens and routing."""
+
+    source: str
+    spec: ModelSpec
+    workload: Workload
+    model: Any
+    reference: Any
+    """What the oracle runs: the model itself on CUDA, a float32 copy on the CPU."""
+    root: Path
+    pending: Future[RuntimeProcess]
+    tokens: list[list[int]]
+    accesses: list[set[int]]
+    started_s: float
+
+
+def prepare_source(source: str, plan: Plan, budget: Budget, results: Results, starter: ThreadPoolExecutor
+                   ) -> Prepared:
+    """Build the model, write its checkpoint, start the runtime (in the background) and run the reference."""
     spec = plan.specs[source]
-    predicting = source == "synthetic"
     if source == "trace" and plan.trace_predictor != "none":
         # TODO(issue 11): a live predictor from training/routing_predictor.py (token ids and gate decisions only);
         # until the predictor worker can load it, the trace source runs promoe without prediction.
         raise NotImplementedError(f"--trace-predictor {plan.trace_predictor}: not wired yet (issue 11)")
-    model, workload, stats, flags = prepare(source, spec, plan, budget)
+    model, workload, stats, flags = build_source(source, spec, plan, budget)
     results.meta["routing"][source] = stats
     with budget.phase(f"{source}: write the checkpoint"):
         checkpoint = write_checkpoint(model, spec, plan.work / spec.name)
+    with budget.phase(f"{source}: wait for the last runtime to stop"):
+        for stopping in results.stopping:
+            stopping.result()
     check_shm(spec)
     reference = model if plan.device.type == "cuda" else float32_copy(model)
     flags += ["--policy", "lru", "--cache-experts", str(spec.n_experts), "--device", plan.device.type,
@@ -227,19 +257,31 @@ def run_source(source: str, plan: Plan, budget: Budget, deadline: float, results
     if plan.device.type == "cpu":
         flags += ["--link-gbps", str(plan.link_gbps)]
     root = Path(tempfile.mkdtemp(prefix=f"pb-{source[:5]}-", dir="/tmp"))  # short: ipc:// paths are limited
-    with ThreadPoolExecutor(1) as executor:
-        budget_start = time.perf_counter()
-        pending = start_runtime(executor, root, checkpoint, flags, ready_timeout_s=max(deadline - time.perf_counter(),
-                                                                                     30.0))
+    started_s = time.perf_counter()
+    pending = start_runtime(starter, root, checkpoint, flags,
+                            ready_timeout_s=max(budget.deadline() - time.perf_counter(), 30.0))
+    try:
         with budget.phase(f"{source}: reference run (while the runtime starts)"):
             tokens, accesses = reference_run(reference, spec, workload)
         if workload.replayed is not None and accesses != expected_accesses(workload, spec.experts):
             raise RuntimeError("the replay model's routing differs from the trace: the construction is broken")
-        with budget.phase(f"{source}: runtime start (rest of it)"):
-            rt = pending.result()
-    results.meta["runtime_start_s"][source] = time.perf_counter() - budget_start
+    except BaseException:
+        with contextlib.suppress(Exception):  # a runtime that never started has stopped itself
+            pending.result().stop()
+        raise
+    return Prepared(source, spec, workload, model, reference, root, pending, tokens, accesses, started_s)
+
+
+def measure_source(prepared: Prepared, plan: Plan, budget: Budget, deadline: float, results: Results,
+                   stopper: ThreadPoolExecutor) -> None:
+    """Every row of one source on its runtime, then stop the runtime in the background."""
+    source, spec, workload, reference = prepared.source, prepared.spec, prepared.workload, prepared.reference
+    with budget.phase(f"{source}: runtime start (rest of it)"):
+        rt = prepared.pending.result()
+    results.meta["runtime_start_s"][source] = time.perf_counter() - prepared.started_s
+    predicting = source == "synthetic"
     count_from = spec.layers * sum(r.new_tokens for r in workload.warmup)  # accesses: a prefill + a step per token
-    measured_tokens = tokens[len(workload.warmup):]
+    measured_tokens = prepared.tokens[len(workload.warmup):]
     rows: list[dict[str, Any]] = []
 
     def record(label: str, fraction: float | None, cache_experts: int | None, row: dict[str, Any],
@@ -250,13 +292,12 @@ def run_source(source: str, plan: Plan, budget: Budget, deadline: float, results
         log.info("%s %s @ %s: TTFT %.1f ms, TPOT %.2f ms (%.0f s)", source, label, cache_experts, row["ttft_ms"],
                  row["tpot_ms"], row["wall_s"])
         done = [dict(r) for r in rows]
-        belady = finalise(done, accesses, count_from, spec.expert_nbytes, results.link_gbps, measured_tokens)
+        belady = finalise(done, prepared.accesses, count_from, spec.expert_nbytes, results.link_gbps, measured_tokens)
         results.update(source, done + belady)
 
     try:
-        configs = row_configs(source, plan.fractions, predicting)
         longest_s = 0.0
-        for i, config in enumerate(configs):
+        for i, config in enumerate(row_configs(source, plan.fractions, predicting)):
             if time.perf_counter() + 1.2 * longest_s > deadline:
                 results.skip(f"{source} {config.label} @ {config.cache_fraction:.3g} (budget)")
                 continue
@@ -274,14 +315,38 @@ def run_source(source: str, plan: Plan, budget: Budget, deadline: float, results
             if i == 0:
                 transformers_rows(reference, workload, plan, deadline, longest_s, record, results, source)
     finally:
-        with budget.phase(f"{source}: stop the runtime"):
-            rt.stop()
-            results.keep_log(source, rt.log_path)
-            shutil.rmtree(root, ignore_errors=True)
-    del model, reference
+        results.stopping.append(stopper.submit(stop_runtime, rt, prepared.root, source, budget, results))
+    prepared.model = prepared.reference = None
     gc.collect()
     if plan.device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def run_all(sources: list[str], plan: Plan, budget: Budget, results: Results, starter: ThreadPoolExecutor,
+            stopper: ThreadPoolExecutor) -> list[str]:
+    """Every source, one at a time (a runtime starting, filling and pinning tens of GB, would disturb another's
+    measurements, and /dev/shm may not hold two stores); returns those that failed (the others still ran).
+    Starting both runtimes at once was tried for the CPU rehearsal: on 2 cores it saved nothing."""
+    failed = []
+    for batch in [[source] for source in sources]:
+        prepared: list[Prepared] = []
+        for source in batch:
+            try:
+                prepared.append(prepare_source(source, plan, budget, results, starter))
+            except Exception as exc:
+                log.exception("the %s routing source failed", source)
+                results.skip(f"{source}: failed: {type(exc).__name__}: {exc}")
+                failed.append(source)
+        for ready in prepared:
+            left = budget.deadline() - time.perf_counter()
+            share = FIRST_SOURCE_SHARE if ready.source == sources[0] and len(sources) > 1 else 1.0
+            try:
+                measure_source(ready, plan, budget, time.perf_counter() + left * share, results, stopper)
+            except Exception as exc:
+                log.exception("the %s routing source failed", ready.source)
+                results.skip(f"{ready.source}: failed: {type(exc).__name__}: {exc}")
+                failed.append(ready.source)
+    return failed
 
 
 def transformers_rows(reference: Any, workload: Workload, plan: Plan, deadline: float, longest_s: float,
@@ -308,14 +373,17 @@ def build_plan(args: argparse.Namespace) -> Plan:
     rehearse = args.rehearse
     device = torch.device("cpu" if rehearse else "cuda")
     if rehearse:
-        sizes = RequestSizes(prompt_tokens=4, new_tokens=4, measured=1, warmup_prompt_tokens=2, warmup_new_tokens=2)
+        # no per-row warm-up request on the CPU (all_resident still warms with the measured requests): CI time
+        sizes = RequestSizes(prompt_tokens=4, new_tokens=4, measured=1, warmup_prompt_tokens=0, warmup_new_tokens=0)
         specs = {"synthetic": QWEN_TINY, "trace": DEEPSEEK_TINY}
     else:
         sizes = RequestSizes(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, measured=args.measured,
                              warmup_prompt_tokens=32, warmup_new_tokens=8)
         specs = {"synthetic": QWEN, "trace": DEEPSEEK_REPLAY}
     work = args.work or Path(tempfile.mkdtemp(prefix="promoe-gpu-bench-"))
-    return Plan(device=device, specs=specs, sizes=sizes, fractions=(0.125, 0.25, 0.5),
+    # the rehearsal leaves out 12.5%: the same code as the other fractions, a third of its rows (CI time)
+    fractions = (0.25, 0.5) if rehearse else (0.125, 0.25, 0.5)
+    return Plan(device=device, specs=specs, sizes=sizes, fractions=fractions,
                 trace_tokens=512 if rehearse else args.trace_tokens, window=64 if rehearse else 128,
                 link_gbps=args.link_gbps, trace=args.trace or default_trace(), trace_predictor=args.trace_predictor,
                 work=work)
@@ -362,18 +430,12 @@ def main(argv: list[str] | None = None) -> int:
         "models": {s: plan.specs[s].name for s in sources}, "wall_s": 0.0}
     results = Results(args.out, slug, meta, budget, link_gbps)
     (args.out / "runtime.log").unlink(missing_ok=True)
-    failed = []
+    stopper, starter = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
     try:
-        for i, source in enumerate(sources):
-            left = budget.deadline() - time.perf_counter()
-            deadline = time.perf_counter() + (left * FIRST_SOURCE_SHARE if i == 0 and len(sources) > 1 else left)
-            try:
-                run_source(source, plan, budget, deadline, results)
-            except Exception as exc:  # the next source still runs; the exit code says something failed
-                log.exception("the %s routing source failed", source)
-                results.skip(f"{source}: failed: {type(exc).__name__}: {exc}")
-                failed.append(source)
+        failed = run_all(sources, plan, budget, results, starter, stopper)
     finally:
+        starter.shutdown(wait=True)
+        stopper.shutdown(wait=True)  # every runtime stopped, its log kept
         table = results.write(plot=True)
         if args.work is None:
             shutil.rmtree(plan.work, ignore_errors=True)

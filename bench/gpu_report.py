@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -157,6 +158,8 @@ class Results:
         self.budget = budget
         self.link_gbps = link_gbps
         self.by_source: dict[str, list[dict[str, Any]]] = {}
+        self.stopping: list[Future[None]] = []
+        """Runtimes being stopped in the background."""
 
     def update(self, source: str, rows: list[dict[str, Any]]) -> None:
         self.by_source[source] = rows

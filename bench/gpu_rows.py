@@ -128,7 +128,7 @@ def generate(model: Any, request: Request, clock: TokenClock | None = None) -> l
 def measure_transformers(model: Any, workload: Workload) -> dict[str, Any]:
     """Plain transformers, every expert resident: one warm-up, then the measured requests, timed like the runtime."""
     started = time.perf_counter()
-    generate(model, workload.warmup[0])
+    generate(model, (workload.warmup or workload.measured)[0])
     ttft, tpot, time_ms, tokens = [], [], 0.0, []
     for request in workload.measured:
         clock = TokenClock()

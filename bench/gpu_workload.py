@@ -50,7 +50,7 @@ class RequestSizes:
     warmup_prompt_tokens: int
     """Prompt of the warm-up request."""
     warmup_new_tokens: int
-    """Generated tokens of the warm-up request."""
+    """Generated tokens of the warm-up request (0: no warm-up request)."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def synthetic_workload(spec: ModelSpec, sizes: RequestSizes) -> Workload:
 
     warmup = Request(prompt(sizes.warmup_prompt_tokens), sizes.warmup_new_tokens)
     measured = tuple(Request(prompt(sizes.prompt_tokens), sizes.new_tokens) for _ in range(sizes.measured))
-    return Workload((warmup,), measured)
+    return Workload((warmup,) if sizes.warmup_new_tokens else (), measured)
 
 
 def trace_workload(spec: ModelSpec, sizes: RequestSizes, trace: Path) -> Workload:
@@ -85,7 +85,8 @@ def trace_workload(spec: ModelSpec, sizes: RequestSizes, trace: Path) -> Workloa
     experts, offsets = data["experts"], data["prompt_offsets"]  # [N, 26, 6], [P+1]
     if experts.shape[2] != spec.top_k or experts.shape[1] < spec.layers or int(experts.max()) >= spec.experts:
         raise ValueError(f"{trace}: routing {experts.shape} does not fit {spec.name}")
-    lengths = [(sizes.warmup_prompt_tokens, sizes.warmup_new_tokens)]
+    n_warmup = 1 if sizes.warmup_new_tokens else 0
+    lengths = [(sizes.warmup_prompt_tokens, sizes.warmup_new_tokens)] * n_warmup
     lengths += [(sizes.prompt_tokens, sizes.new_tokens)] * sizes.measured
     rows: list[int] = []
     requests: list[Request] = []
@@ -103,13 +104,13 @@ def trace_workload(spec: ModelSpec, sizes: RequestSizes, trace: Path) -> Workloa
     if len(rows) > spec.replay_positions or len(rows) + 1 > spec.vocab:
         raise ValueError(f"{len(rows)} replayed positions exceed {spec.name}'s {spec.replay_positions}")
     replayed = experts[rows][:, : spec.layers]  # [T, L, k]
-    return Workload((requests[0],), tuple(requests[1:]), replayed, tuple(rows))
+    return Workload(tuple(requests[:n_warmup]), tuple(requests[n_warmup:]), replayed, tuple(rows))
 
 
 def trace_routing_stats(workload: Workload, experts_per_layer: int) -> dict[str, float]:
     """Routing figures of the replayed positions of the measured requests (as the synthetic source reports)."""
     assert workload.replayed is not None
-    spans, first = [], len(workload.warmup[0].prompt) + workload.warmup[0].new_tokens
+    spans, first = [], sum(len(r.prompt) + r.new_tokens for r in workload.warmup)
     for request in workload.measured:
         span = len(request.prompt) + request.new_tokens
         spans.append(workload.replayed[first : first + span])

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-FRACTIONS = (0.125, 0.25, 0.5)
+FRACTIONS = (0.25, 0.5)
+"""The rehearsal's cache fractions (the GPU run adds 12.5%)."""
 ABLATION = ("ablation: prefetch only", "ablation: + early preemption", "ablation: + reordering")
 
 
@@ -73,3 +74,21 @@ def test_the_gpu_check_rehearsal_writes_every_row_exactly_into_one_folder(tmp_pa
     table = (out / "gpu-cpu-rehearsal.txt").read_text().strip().splitlines()
     assert log.strip().splitlines()[-len(table):] == table, "the table is printed last"
     assert (out / "check.log").read_text().strip().splitlines()[-len(table):] == table
+
+
+def test_rows_run_most_important_first_and_the_floor_counts_only_measured_accesses() -> None:
+    from bench.gpu import row_configs
+    from bench.offload import belady_misses
+
+    rows = [(r.label, r.cache_fraction) for r in row_configs("synthetic", (0.125, 0.25, 0.5), predicting=True)]
+    assert rows[:4] == [("all_resident", 1.0), ("promoe", 0.25), ("lru", 0.25), ("promoe", 0.5)]
+    assert rows[4:6] == [("lfu", 0.25), ("ondemand", 0.25)]
+    assert rows[-3:] == [(a, 0.25) for a in ABLATION]
+    assert len(rows) == len(set(rows)) == 1 + 4 * 3 + 3
+    trace = row_configs("trace", (0.125, 0.25, 0.5), predicting=False)
+    assert not any(r.label.startswith("ablation") for r in trace)
+    assert all(not r.prefetch for r in trace if r.policy == "promoe"), "never predict on replayed routing"
+    accesses = [{1, 2}, {3}, {1, 2}]
+    assert belady_misses(accesses, capacity=3) == 3
+    assert belady_misses(accesses, capacity=3, count_from=2) == 0, "the warm-up's accesses warm the cache"
+    assert belady_misses(accesses, capacity=2, count_from=1) == 2
