@@ -68,8 +68,9 @@ def routing_trace(checkpoint: Path, new_tokens: int) -> list[list[set[int]]]:
     return traces
 
 
-def belady_misses(accesses: list[set[int]], capacity: int) -> int:
-    """Misses of the optimal replacement that knows the future (a layer's whole set is needed at once)."""
+def belady_misses(accesses: list[set[int]], capacity: int, count_from: int = 0) -> int:
+    """Misses of the optimal replacement that knows the future (a layer's whole set is needed at once), counted from
+    access ``count_from`` on (the accesses before it only warm the cache)."""
     next_use: list[dict[int, int]] = [{} for _ in accesses]
     upcoming: dict[int, int] = {}
     for t in range(len(accesses) - 1, -1, -1):
@@ -82,7 +83,7 @@ def belady_misses(accesses: list[set[int]], capacity: int) -> int:
         for e in sorted(needed):
             if e in cache:
                 continue
-            misses += 1
+            misses += t >= count_from
             if len(cache) >= capacity:
                 others = [c for c in cache if c not in needed] or list(cache)
                 victim = max(others, key=lambda c: next_use[t].get(c, len(accesses)))

@@ -21,6 +21,7 @@ import zmq.asyncio
 
 from coordinator.auth import serve_curve
 from coordinator.cache import CacheDirectory
+from coordinator.configure import CacheConfigurator
 from coordinator.metrics import Totals, cache_metrics
 from coordinator.policies import make_policy
 from coordinator.requests import PendingRequest, Rejected, RequestQueue, split_envelope
@@ -30,6 +31,7 @@ from protocol.config import RuntimeConfig
 from protocol.ids import RequestId
 from protocol.messages import (
     CancelGeneration,
+    ConfigureCache,
     Drained,
     DrainRequested,
     ErrorReported,
@@ -132,7 +134,8 @@ class Coordinator:
         self.totals = Totals()
         self.client_handlers: dict[type[Message], Any] = {
             Generate: self.on_generate, GetHealth: self.on_get_health, GetStats: self.on_get_stats,
-            CancelGeneration: self.on_cancel_generation}
+            CancelGeneration: self.on_cancel_generation, ConfigureCache: self.on_configure_cache}
+        self.configurator = CacheConfigurator(cfg, self.cache, self.send_to, self._reply, self._start_next)
 
     # ------------------------------------------------------------ worker events
     def _count(self) -> None:
@@ -146,6 +149,7 @@ class Coordinator:
             self._count()
         if self.cache.waiting and self._retry is None:
             self._retry = asyncio.get_running_loop().call_later(WAITING_RETRY_S, self.retry_waiting)
+        self.configurator.try_apply()  # a configure_cache waits for the cache to settle
 
     def retry_waiting(self) -> None:
         """Safety net for a release whose ``ExpertsReleased`` was not sent (the flag and the pin crossed)."""
@@ -208,6 +212,7 @@ class Coordinator:
             "expert_uses": msg.expert_uses,
             "wall_ms": wall_s * 1e3,
             **cache_metrics(counters, self.cache.policy.prefetches, wall_s, self.cfg.link_gbps),
+            "cache_experts": self.configurator.settings.cache_experts,
             "zmq_messages": running.messages,
             "zmq_messages_per_token": running.messages / max(len(msg.token_ids), 1),
             "gate_message_latency_us_p50": statistics.median(latencies) / 1e3 if latencies else None,
@@ -255,6 +260,7 @@ class Coordinator:
     def on_worker_restarted(self, msg: WorkerRestarted) -> None:
         log.info("%s is back (pid %d)", msg.role, msg.pid)
         self.watch.restarted(msg.role, asyncio.get_running_loop().time())
+        self.configurator.tell(msg.role)  # the settings in force, before anything else it serves
         if msg.role == "loader":
             self.cache.reissue_loads()
             self._send_to_loader()
@@ -281,6 +287,7 @@ class Coordinator:
 
     def answer_all(self, code: str, message: str) -> None:
         """Answer the running request and every queued one with an error (none is left unanswered)."""
+        self.configurator.cancel(code, message)
         held = ([self.running.pending] if self.running is not None else []) + list(self.queue)
         self.running = None
         self.queue.clear()
@@ -369,6 +376,15 @@ class Coordinator:
             self._reply(pending.envelope, ErrorReported(code=code, message=f"request {pending.request_id}: {detail}",
                                                         request_id=pending.request_id))
 
+    def on_configure_cache(self, envelope: list[bytes], msg: ConfigureCache) -> None:
+        if self.draining:
+            self._reply(envelope, ErrorReported(code="shutting_down", message="the runtime is stopping"))
+            return
+        busy = None
+        if self.running is not None or self.queue:
+            busy = f"{self.running is not None:d} request(s) running, {len(self.queue)} queued"
+        self.configurator.request(envelope, msg, busy)
+
     def on_get_health(self, envelope: list[bytes], msg: GetHealth) -> None:
         now = asyncio.get_running_loop().time()
         self._reply(envelope, HealthReported(
@@ -386,7 +402,8 @@ class Coordinator:
 
     def _start_next(self) -> None:
         pending = None
-        while pending is None and self.running is None and "inference" not in self.watch.down:
+        while (pending is None and self.running is None and "inference" not in self.watch.down
+               and self.configurator.pending is None):
             pending = self.queue.pop_next()
             if pending is None:
                 break

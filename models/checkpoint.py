@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from models.adapters import MATRICES, SUPPORTED_ARCHITECTURES, CheckpointError, MoeAdapter, adapter_for
+from models.synthetic_experts import SyntheticExperts
 from shm.layout import ExpertLayout
 
 __all__ = ["MATRICES", "SUPPORTED_ARCHITECTURES", "Checkpoint", "CheckpointError", "TensorLocation",
@@ -63,6 +64,8 @@ class Checkpoint:
     """How this architecture names its experts and router."""
     tensors: dict[str, TensorLocation] = field(repr=False)
     """Every tensor of every shard, from the headers."""
+    synthetic: SyntheticExperts | None = None
+    """Set for a checkpoint whose routed experts are generated, not stored (``models.synthetic_experts``)."""
 
     @property
     def has_tokenizer(self) -> bool:
@@ -81,6 +84,8 @@ class Checkpoint:
         layers = self.moe_layers()
         if not layers:
             raise CheckpointError(f"{self.path / 'config.json'}: no MoE layer")
+        if self.synthetic is not None:
+            return self.synthetic.dtype
         loc = self.locate(self.adapter.expert_key(layers[0], 0, "gate"))
         if loc.dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{loc.file}: expert dtype {loc.dtype} is not supported")
@@ -121,7 +126,8 @@ class Checkpoint:
 
     def validate(self, layout: ExpertLayout) -> None:
         """Everything the workers will read is there, whole and of the right shape (headers only: fast)."""
-        self.expert_locations(layout)
+        if self.synthetic is None:
+            self.expert_locations(layout)
         for layer in layout.moe_layers:
             key = self.adapter.router_key(layer)
             loc = self.locate(key)
@@ -164,7 +170,11 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     for key, name in weight_map.items():
         if key not in tensors or tensors[key].file != path / name:
             raise CheckpointError(f"{path / name}: does not hold {key}, which {index.name} says it does")
-    return Checkpoint(path=path, config=config, files=files, adapter=adapter, tensors=tensors)
+    try:
+        synthetic = SyntheticExperts.read(path)
+    except (ValueError, TypeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: bad synthetic experts description: {exc}") from None
+    return Checkpoint(path=path, config=config, files=files, adapter=adapter, tensors=tensors, synthetic=synthetic)
 
 
 def read_safetensors_header(file: Path) -> tuple[dict, int]:

@@ -397,6 +397,62 @@ class StatsReported(Message):
 
 
 @dataclass(frozen=True)
+class ConfigureCache(Message):
+    """Client request (an operator's): between requests, switch the cache policy, the number of cache slots in use
+    (at most those allocated at start) and the promoe mechanisms. The cache is emptied; nothing else is reset
+    (totals, the queue, the workers). A field left nil keeps its current value."""
+
+    TAG: ClassVar[str] = "configure_cache"
+    policy: str | None = None
+    """ondemand | lru | lfu | promoe."""
+    cache_experts: int | None = None
+    """Cache slots in use: one layer's top-k .. the slots allocated at start (``--cache-experts``)."""
+    early_preemption: bool | None = None
+    """promoe: preempt and reorder speculative loads when a gate reports."""
+    reordered_inference: bool | None = None
+    """Compute experts as they become ready (False: in ascending order, waiting for each)."""
+    chunked_loads: bool | None = None
+    """The loader reads its inbox between chunks (False: an expert's chunks are copied as one unit)."""
+    prefetch: bool | None = None
+    """promoe: predictions drive speculative loads (False: the predictor is not consulted at all)."""
+
+
+@dataclass(frozen=True)
+class CacheConfigured(Message):
+    """Reply to ``ConfigureCache``: the configuration now in force (the cache is empty)."""
+
+    TAG: ClassVar[str] = "cache_configured"
+    policy: str
+    cache_experts: int
+    max_cache_experts: int
+    """Slots allocated at start: the most ``cache_experts`` may be."""
+    early_preemption: bool
+    reordered_inference: bool
+    chunked_loads: bool
+    prefetch: bool
+
+
+@dataclass(frozen=True)
+class ConfigureInference(Message):
+    """Coordinator -> inference worker, between requests (after ``ConfigureCache``, or after a restart)."""
+
+    TAG: ClassVar[str] = "configure_inference"
+    hidden_states: bool
+    """Write each MoE layer's input for the predictor (only while predictions drive loads)."""
+    reordered_inference: bool
+    """Compute experts as they become ready."""
+
+
+@dataclass(frozen=True)
+class ConfigureLoader(Message):
+    """Coordinator -> loader, between requests (after ``ConfigureCache``, or after a restart)."""
+
+    TAG: ClassVar[str] = "configure_loader"
+    chunked_loads: bool
+    """Read the inbox between chunks (False: between whole experts only)."""
+
+
+@dataclass(frozen=True)
 class ErrorReported(Message):
     """The request could not be served; ``code`` is machine-readable, ``message`` says why."""
 
@@ -440,5 +496,9 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     HealthReported,
     GetStats,
     StatsReported,
+    ConfigureCache,
+    CacheConfigured,
+    ConfigureInference,
+    ConfigureLoader,
     ErrorReported,
 )

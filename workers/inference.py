@@ -23,6 +23,7 @@ from protocol.config import RuntimeConfig
 from protocol.ids import ExpertId, RequestId
 from protocol.messages import (
     CancelGeneration,
+    ConfigureInference,
     ExpertsReleased,
     GateDecided,
     GenerationFailed,
@@ -271,9 +272,14 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
         backend.register()
         model.set_experts_implementation(IMPLEMENTATION_NAME)  # type: ignore[operator]
         worker = InferenceWorker(model, tokenizer, backend, sockets)
+
+        def on_configure(msg: ConfigureInference) -> None:  # between requests (configure_cache)
+            backend.on_hidden = on_hidden if msg.hidden_states else None
+            backend.reordered = msg.reordered_inference
+
         sockets.announce_ready()
         sockets.serve({StartGeneration: worker.on_start_generation, Ping: sockets.answer_ping,
-                       CancelGeneration: worker.on_cancel_generation})
+                       CancelGeneration: worker.on_cancel_generation, ConfigureInference: on_configure})
     finally:
         send_to_predictor.close(linger=0)
         if send_to_loader is not None:

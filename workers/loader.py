@@ -17,9 +17,11 @@ import zmq
 
 from models.checkpoint import open_checkpoint
 from models.streaming import fill_store as stream_experts
+from models.synthetic_experts import fill_store as fill_synthetic
 from protocol.codec import dispatch
 from protocol.config import RuntimeConfig
 from protocol.messages import (
+    ConfigureLoader,
     ExpertLoaded,
     LoadExpert,
     LoadsPreempted,
@@ -58,11 +60,17 @@ class Loader:
         self.n_chunks = cfg.layout.n_chunks
         self._load_started_ns: dict[int, int] = {}
         self._load_nbytes: dict[int, int] = {}
+        self.chunked_loads = True
+        """Read the inbox between chunks; False (``configure_cache``): only between whole experts, so that a load
+        is preempted or overtaken at expert granularity, as with one chunk per expert."""
+        self._partial: QueuedLoad | None = None
+        """The load whose chunks are being handed out, while some are left."""
         self.handlers: dict[type[Message], object] = {
             LoadExpert: self.on_load_expert,
             Preempt: self.on_preempt,
             Reorder: self.on_reorder,
             Ping: self.on_ping,
+            ConfigureLoader: self.on_configure_loader,
         }
 
     def on_load_expert(self, msg: LoadExpert) -> None:
@@ -89,6 +97,9 @@ class Loader:
 
     def on_reorder(self, msg: Reorder) -> None:
         self.queue.reorder(msg.load_ids)
+
+    def on_configure_loader(self, msg: ConfigureLoader) -> None:
+        self.chunked_loads = msg.chunked_loads
 
     def on_ping(self, msg: Ping) -> None:
         send(self.send_to_coordinator, PingAnswered(role="loader", nonce=msg.nonce, sent_ns=msg.sent_ns))
@@ -117,9 +128,11 @@ class Loader:
                 return True
             return False
         load, chunk = item
+        self._partial = load if load.next_chunk < load.n_chunks else None
         if self.table.slot_seq[load.slot] != load.seq:  # checked before copying: never write a reassigned slot
             log.warning("slot %d was reassigned under load %d; dropping it", load.slot, load.load_id)
             self.queue.preempt([load.load_id])
+            self._partial = None
             self._load_started_ns.pop(load.load_id, None)
             self._load_nbytes.pop(load.load_id, None)
             return True
@@ -145,16 +158,31 @@ class Loader:
                     load_id=load.load_id, expert=load.expert, slot=load.slot, seq=load.seq, nbytes=nbytes,
                     copy_ns=now_ns() - started))
 
+    def between_loads(self) -> bool:
+        """Whether the inbox may be read now: between two chunks, or (whole-expert loads) between two experts."""
+        return self.chunked_loads or self._partial is None or not self.queue.holds(self._partial.load_id)
+
+    def serve_step(self) -> bool:
+        """One turn of ``serve``: read the inbox where allowed (new loads, preemptions, reorders), then one unit of
+        work; False when there is nothing to do."""
+        if self.between_loads():
+            self.drain_inbox(0)
+        return self.step()
+
     def serve(self) -> None:
         while True:
-            self.drain_inbox(0)  # between two chunks: new loads, preemptions, reorders
-            if not self.step():
+            if not self.serve_step():
                 self.drain_inbox(IDLE_POLL_S)
 
 
 def fill_store(cfg: RuntimeConfig, store: HostExpertStore) -> None:
-    """Read every expert straight from the checkpoint's safetensors files into the host store (models.streaming)."""
-    report = stream_experts(open_checkpoint(cfg.checkpoint), cfg.layout, store)
+    """Read every expert straight from the checkpoint's safetensors files into the host store (models.streaming),
+    or generate them there for a checkpoint of synthetic experts (models.synthetic_experts)."""
+    ckpt = open_checkpoint(cfg.checkpoint)
+    if ckpt.synthetic is not None:
+        fill_synthetic(ckpt.synthetic, cfg.layout, store)
+        return
+    report = stream_experts(ckpt, cfg.layout, store)
     log.info("host store filled: %d experts, %.1f MB in %.2f s (%.2f GB/s)", cfg.layout.n_experts,
              report.nbytes / 1e6, report.seconds, report.nbytes / 1e9 / max(report.seconds, 1e-9))
 
