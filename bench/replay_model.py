@@ -7,14 +7,16 @@ sends them. No policy is written a second time here.
 
 What is modelled (``DeviceProfile``):
 - per MoE layer of one token, ``compute_ms`` with every expert resident: the part before the gate
-  (``gate_fraction``: attention, router, shared experts) then one equal share per chosen expert;
+  (``gate_fraction``: attention, router), the routed experts (``routed_fraction``, an equal share per chosen
+  expert), then the rest (the shared experts, which transformers' MoE blocks compute after the routed ones);
 - a host-to-device link of ``link_gbps`` moving one chunk at a time, in the chunk queue's order; a chunk's readiness
   is published when its copy completes, exactly as the loader does (refused if the slot was reassigned meanwhile);
 - the inference worker: at the gate it pins the chosen experts, computes those whose chunks have all landed, then
   each other one as soon as it lands (reordered inference), or in ascending order waiting for each (ablation);
   it unpins each expert once computed;
-- predictions (``promoe``): the layer's input is known when the layer starts; the prediction for the layer
-  ``lookahead`` ahead reaches the coordinator ``predictor_ms`` later.
+- predictions (``promoe``): the routing predictor works from gate decisions, so the prediction made at a layer (for
+  the layer ``lookahead`` ahead) is known once that layer's gate has decided, and reaches the coordinator
+  ``predictor_ms`` later.
 Messages between processes take no time (a ZeroMQ one-way message is tens of microseconds against a 0.7 ms copy).
 
 Every number is a function of the trace and the profile: the same input gives the same output, on any machine.
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from coordinator.cache import CacheDirectory
-from coordinator.policies import CachePolicy
+from coordinator.policies import make_policy
 from protocol.ids import ExpertId, RequestId
 from protocol.messages import LoadExpert, Message, Preempt, Reorder
 from shm.layout import ExpertLayout
@@ -38,8 +40,9 @@ from shm.segment import Segment
 from shm.slot_table import SlotTable
 from workers.chunk_queue import ChunkQueue, QueuedLoad
 
-Predict = Callable[[int, int, int], Sequence[int]]
-"""(token index in the trace, MoE layer, distance) -> local experts predicted for the target layer."""
+Predict = Callable[[int, int, int], tuple[Sequence[int], Sequence[float] | None]]
+"""(token index in the trace, MoE layer, distance) -> local experts predicted for the target layer, and the
+probability of each (None if the predictor gives none)."""
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,12 @@ class DeviceProfile:
     """Bytes of one expert as it crosses the link."""
     n_chunks: int = 3
     """Chunks per expert (the loader's unit of copying and preemption)."""
-    gate_fraction: float = 0.5
-    """Share of a layer's compute before its gate decides (attention, router, shared experts)."""
+    gate_fraction: float = 0.3
+    """Share of a layer's compute before its gate decides (attention, router)."""
+    routed_fraction: float = 0.55
+    """Share of the routed experts (equal per chosen expert); the rest (shared experts) follows them."""
     predictor_ms: float = 0.2
-    """From a layer's input being known to its prediction reaching the coordinator, ms."""
+    """From a layer's gate decision to the prediction it allows reaching the coordinator, ms."""
 
     @property
     def chunk_ms(self) -> float:
@@ -83,14 +88,13 @@ _PREDICT, _GATE, _CHUNK = 0, 1, 2
 
 
 class ReplayModel:
-    def __init__(self, policy: CachePolicy, n_slots: int, n_layers: int, experts_per_layer: int, top_k: int,
+    def __init__(self, policy: str, n_slots: int, n_layers: int, experts_per_layer: int, top_k: int,
                  profile: DeviceProfile, *, lookahead: int = 2, predict: Predict | None = None,
                  early_preemption: bool = True, reordered: bool = True) -> None:
         self.profile = profile
         self.n_layers = n_layers
         self.experts_per_layer = experts_per_layer
         self.lookahead = lookahead
-        self.predict = predict if policy.prefetches else None
         self.reordered = reordered
         self.layout = ExpertLayout(moe_layers=tuple(range(n_layers)), experts_per_layer=experts_per_layer,
                                    top_k=top_k, hidden_size=1, intermediate_size=profile.n_chunks,
@@ -99,7 +103,8 @@ class ReplayModel:
         n_experts = self.layout.n_experts
         self.segment = Segment.private(SlotTable.nbytes_for(n_slots, n_experts))
         self.table = SlotTable(self.segment, n_slots, n_experts, profile.n_chunks, init=True)
-        self.cache = CacheDirectory(self.table, self.layout, policy, early_preemption)
+        self.cache = CacheDirectory(self.table, self.layout, make_policy(policy, self.layout), early_preemption)
+        self.predict = predict if self.cache.policy.prefetches else None
         self.queue = ChunkQueue()
         self.result = ReplayResult()
         self._events: list[tuple[float, int, int, object]] = []
@@ -131,8 +136,8 @@ class ReplayModel:
             if kind == _CHUNK:
                 self._chunk_done(payload)  # type: ignore[arg-type]
             elif kind == _PREDICT:
-                step, layer, experts = payload  # type: ignore[misc]
-                self.cache.on_predicted(step, layer, experts)
+                step, layer, experts, probabilities = payload  # type: ignore[misc]
+                self.cache.on_predicted(step, layer, experts, probabilities)
                 self._send()
             else:
                 self._gate(payload)  # type: ignore[arg-type]
@@ -209,7 +214,7 @@ class ReplayModel:
             del self._waiting_compute[expert]
             self._busy_until = max(self._now, self._busy_until) + self._expert_ms
             heapq.heappush(self._unpins, (self._busy_until, expert))
-        self._finished = self._busy_until
+        self._finished = self._busy_until + self._after_ms
 
     def _landed(self, expert: ExpertId) -> None:
         if expert in self._waiting_compute:  # pinned since its gate: it stays landed until computed
@@ -235,7 +240,8 @@ class ReplayModel:
         """Replay ``experts [N, L, k]`` (local ids), prompt by prompt (a prompt is one request; its tokens are
         decode steps), on one cache that persists across prompts."""
         p = self.profile
-        self._expert_ms = (1 - p.gate_fraction) * p.compute_ms / experts.shape[2]
+        self._expert_ms = p.routed_fraction * p.compute_ms / experts.shape[2]
+        self._after_ms = (1 - p.gate_fraction - p.routed_fraction) * p.compute_ms
         gate_ms = p.gate_fraction * p.compute_ms
         base = np.arange(self.n_layers, dtype=np.int64)[:, None] * self.experts_per_layer
         now = 0.0
@@ -245,8 +251,8 @@ class ReplayModel:
                 chosen = (experts[t].astype(np.int64) + base).tolist()  # [L][k] global ids
                 for layer in range(self.n_layers):
                     start = now
-                    if self.predict is not None:
-                        self._prediction(t, t - first, layer, start)
+                    if self.predict is not None:  # made from this layer's gate decision: known at the gate
+                        self._prediction(t, t - first, layer, start + gate_ms)
                     self._at(start + gate_ms, _GATE, (t - first, layer,
                                                       [ExpertId(e) for e in dict.fromkeys(chosen[layer])]))
                     now = self._run_until_layer_done()
@@ -262,10 +268,10 @@ class ReplayModel:
         self.table.close()
         return self.result
 
-    def _prediction(self, t: int, step: int, layer: int, start: float) -> None:
+    def _prediction(self, t: int, step: int, layer: int, known_ms: float) -> None:
         assert self.predict is not None
         target = layer + self.lookahead
         target_step, target_layer = step + target // self.n_layers, target % self.n_layers
-        local = self.predict(t, layer, self.lookahead)
+        local, probabilities = self.predict(t, layer, self.lookahead)
         experts = [self.layout.expert_id(target_layer, int(e)) for e in local]
-        self._at(start + self.profile.predictor_ms, _PREDICT, (target_step, target_layer, experts))
+        self._at(known_ms + self.profile.predictor_ms, _PREDICT, (target_step, target_layer, experts, probabilities))

@@ -161,12 +161,15 @@ class CacheDirectory:
         self._predictions.clear()
 
     # ------------------------------------------------------------ events
-    def on_predicted(self, step: int, layer: int, experts: list[ExpertId]) -> None:
-        """The predictor expects ``experts`` at (step, layer): load what is missing, speculatively."""
+    def on_predicted(self, step: int, layer: int, experts: list[ExpertId],
+                     probabilities: list[float] | None = None) -> None:
+        """The predictor expects ``experts`` at (step, layer) (each with its probability, if given): load what is
+        missing, speculatively, as far as the policy finds it worth what it would evict."""
         target = (step, layer)
         if not self.policy.prefetches or target <= self.position:
             return  # too late to help
         self._predictions[target] = set(experts)
+        self.policy.record_prediction(target, experts, probabilities)
         for expert in experts:
             if self._protected.get(expert, (-1, -1)) < target:
                 self._protected[expert] = target
@@ -177,9 +180,9 @@ class CacheDirectory:
                     load.target = target
             if expert in self._slot_of or expert in self._waiting:
                 continue
-            slot = self._take_slot(PRIORITY_SPECULATIVE)
+            slot = self._take_slot(PRIORITY_SPECULATIVE, (expert, target))
             if slot is None:
-                break
+                continue  # not worth a slot now; a less likely one behind it is not either, but is cheap to ask
             self._start_load(expert, slot, PRIORITY_SPECULATIVE, target)
 
     def on_gate(self, step: int, layer: int, experts: list[ExpertId], ready: list[ExpertId] | None = None) -> None:
@@ -193,7 +196,7 @@ class CacheDirectory:
             self._last_chosen[expert] = position
             self._unused_since_load.pop(expert, None)
         chosen = set(experts)
-        self.policy.record_use(experts)
+        self.policy.record_use(experts, position)
         if self.policy.prefetches:
             self._score_prediction(chosen, ready)
             if self.early_preemption:
@@ -347,13 +350,15 @@ class CacheDirectory:
                                  key=lambda load: load.target or (0, 0), reverse=True)
             self._preempt(speculative[:missing])
 
-    def _take_slot(self, priority: int) -> SlotId | None:
+    def _take_slot(self, priority: int, incoming: tuple[ExpertId, Position] | None = None) -> SlotId | None:
+        """A free slot, or one freed by evicting the policy's victim; for a speculative load (``incoming``: the
+        expert and the position it is predicted for), only a victim the policy values below the guess."""
         if self._free:
             return heapq.heappop(self._free)
         is_pinned = self.table.is_pinned
         if priority == PRIORITY_SPECULATIVE:
             victim = self.policy.victim(lambda e: not is_pinned(e) and not self.is_protected(e)
-                                        and not self._recently_chosen(e))
+                                        and not self._recently_chosen(e), incoming)
         else:
             victim = self.policy.victim(lambda e: not is_pinned(e) and not self.is_protected(e))
             if victim is None:  # the current layer beats a prediction: the farthest one goes

@@ -134,7 +134,7 @@ class CacheConfigurator:
         self.pending = None
         pending.timer.cancel()
         new = pending.settings
-        self.cache.reconfigure(make_policy(new.policy), new.cache_experts, new.early_preemption)
+        self.cache.reconfigure(make_policy(new.policy, self.cache.layout), new.cache_experts, new.early_preemption)
         self.settings = new
         self.tell("inference")
         self.tell("loader")

@@ -107,7 +107,7 @@ class Coordinator:
         self.recv_from_workers.bind(cfg.endpoint("coordinator"))
         self.send_to = {role: push_socket(self.ctx, cfg.endpoint(role)) for role in WORKER_ROLES}
         self.send_to_supervisor = push_socket(self.ctx, cfg.endpoint("supervisor"))
-        self.cache = CacheDirectory(table, cfg.layout, make_policy(cfg.policy), cfg.early_preemption)
+        self.cache = CacheDirectory(table, cfg.layout, make_policy(cfg.policy, cfg.layout), cfg.early_preemption)
         self.queue = RequestQueue(cfg.max_queue, cfg.request_timeout_s, self.on_deadline, cfg.vocab_size)
         self.running: RunningRequest | None = None
         self._next_request_id = 1

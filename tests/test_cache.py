@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 
 from coordinator.cache import CacheDirectory
@@ -44,7 +45,7 @@ class Rig:
         except BaseException:
             self.segment.unlink()
             raise
-        self.cache = CacheDirectory(self.table, lay, make_policy(policy), early_preemption)
+        self.cache = CacheDirectory(self.table, lay, make_policy(policy, lay), early_preemption)
         self.issued: dict[int, LoadExpert] = {}
         self.chunk_nbytes = lay.expert_nbytes // lay.n_chunks
 
@@ -517,23 +518,18 @@ def test_precise_load_evicts_a_predicted_expert_only_as_a_last_resort(make_rig) 
         rig.loaded(load)
     rig.unpin(E, E + 1)
 
-    # (0, 2): 17 is still protected (its target is the current position); 8 and 9 are unprotected and more
-    # recently used than 17, and a precise load takes one of them (LRU: 8)
-    slot_of_8 = rig.slot_of(E)
+    # (0, 2): 17 is still protected (its target is the current position); 8 and 9 are unprotected, and a precise
+    # load takes one of them, never 17
+    slots_of_8_9 = {rig.slot_of(E), rig.slot_of(E + 1)}
     (load,) = rig.gate(2 * E, 2 * E + 2, at=(0, 2))
-    assert int(load.expert) == 2 * E + 2 and int(load.slot) == slot_of_8
-    assert rig.resident() == {E + 1, 2 * E, 2 * E + 1}
-    assert rig.cache.is_protected(ExpertId(2 * E + 1))
+    assert int(load.expert) == 2 * E + 2 and int(load.slot) in slots_of_8_9
+    assert rig.cache.is_protected(ExpertId(2 * E + 1)) and rig.slot_of(2 * E + 1) is not None
     rig.loaded(load)
     rig.unpin(2 * E, 2 * E + 2)
 
-    # (0, 3): the target of 17 has passed; it is unprotected and the least recently used
-    slot_of_17 = rig.slot_of(2 * E + 1)
-    (load,) = rig.gate(3 * E + 2, at=(0, 3))
+    # (0, 3): the target of 17 has passed: it is unprotected, ranked by the policy like any resident expert
+    rig.gate(3 * E + 2, at=(0, 3))
     assert not rig.cache.is_protected(ExpertId(2 * E + 1))
-    assert int(load.slot) == slot_of_17
-    assert rig.slot_of(2 * E + 1) is None
-    assert rig.resident() == {E + 1, 2 * E, 2 * E + 2}
 
 
 def test_predicted_expert_is_kept_from_speculation_but_not_after_its_gate(make_rig) -> None:
@@ -737,18 +733,12 @@ def test_wasted_bytes_count_speculation_evicted_before_any_gate_chose_it(make_ri
     for load in loads_in(rig.predict(0, 1, E, E + 1)):
         rig.loaded(load)
     rig.use(E, at=(0, 1))  # 8 chosen; 9 never
-    # LRU: 0, then 9, then 8; 0 was loaded precisely, 9 speculatively and never chosen
+    # 9 (never chosen) is expected last, then 8 (its layer's next gate comes after 0's); both go
     loads = rig.gate(2 * E, 2 * E + 1, at=(0, 2))
     assert experts_of(loads) == [2 * E, 2 * E + 1]
-    assert rig.resident() == {E}
-    assert rig.cache.counters.wasted_bytes == rig.layout.expert_nbytes
-    for load in loads:
-        rig.loaded(load)
-    rig.unpin(2 * E, 2 * E + 1)
-    rig.gate(3 * E, at=(0, 3))  # evicts 8: prefetched, but chosen: not wasted
-    assert rig.slot_of(E) is None
-    assert rig.cache.counters.wasted_bytes == rig.layout.expert_nbytes
-    assert rig.cache.counters.evictions == 3
+    assert rig.resident() == {0}
+    assert rig.cache.counters.wasted_bytes == rig.layout.expert_nbytes  # 9 only: 8 was prefetched, and chosen
+    assert rig.cache.counters.evictions == 2
 
 
 def test_prediction_scoring(make_rig) -> None:
@@ -817,12 +807,54 @@ def test_lfu_and_promoe_policies_rank() -> None:
     assert first(lfu, e[0], e[1], e[2]) == e[1]
     assert first(lfu, e[0], e[2]) == e[2]
 
-    promoe = PromoePolicy()
-    promoe.record_use([e[0]])
-    promoe.record_use([e[1]])
-    promoe.record_load(e[1])
-    promoe.record_load(e[0])  # a load counts as a use
-    assert first(promoe, e[0], e[1]) == e[1]
+
+
+def resident_promoe(*experts: int) -> PromoePolicy:
+    policy = PromoePolicy(layout(16))
+    for expert in experts:
+        policy.record_load(ExpertId(expert))
+    return policy
+
+
+def test_promoe_evicts_the_expert_whose_next_gate_is_farthest() -> None:
+    """Same reuse statistics: the expert of a layer whose gate comes later goes first."""
+    policy = resident_promoe(0, E, 3 * E)
+    for layer in range(3):  # now at (0, 2): layer 3's gate is next, layer 0's is far
+        policy.record_use([ExpertId(layer * E + 1)], (0, layer))
+    assert first(policy, ExpertId(0), ExpertId(E), ExpertId(3 * E)) == ExpertId(E)
+    assert first(policy, ExpertId(0), ExpertId(3 * E)) == ExpertId(0)
+
+
+def test_promoe_keeps_what_the_predictor_expects_and_drops_a_confident_miss() -> None:
+    policy = resident_promoe(E, E + 1)
+    policy.record_use([ExpertId(0)], (0, 0))
+    policy.record_prediction((0, 1), [ExpertId(E)], [0.95])
+    assert first(policy, ExpertId(E), ExpertId(E + 1)) == ExpertId(E + 1)
+    policy.record_prediction((0, 1), [ExpertId(E + 1)], [0.95])  # the predictor changed its mind
+    assert first(policy, ExpertId(E), ExpertId(E + 1)) == ExpertId(E)
+
+
+def test_promoe_admits_a_guess_only_if_it_is_expected_sooner_than_its_victim() -> None:
+    policy = resident_promoe(E)
+    policy.record_use([ExpertId(0)], (0, 0))
+    policy.record_prediction((0, 1), [ExpertId(E)], [0.99])  # the resident one is about to be used
+    assert policy.victim(lambda e: True, incoming=(ExpertId(2 * E), (0, 2))) is None
+    policy.record_prediction((0, 1), [ExpertId(E)], [0.01])  # ... or very likely not
+    policy.record_prediction((0, 2), [ExpertId(2 * E)], [0.9])
+    assert policy.victim(lambda e: True, incoming=(ExpertId(2 * E), (0, 2))) == ExpertId(E)
+
+
+def test_reuse_model_learns_that_recent_experts_return() -> None:
+    """Expert 0 of every layer is chosen at every token, the others in turn: 0 is learnt to return, a stale one not."""
+    from coordinator.policies.reuse import ReuseModel
+
+    model = ReuseModel(n_experts=2 * E, experts_per_layer=E, top_k=2)
+    for token in range(64):
+        for layer in range(2):
+            model.observe(layer, [layer * E, layer * E + 1 + token % (E - 2)])  # E - 1 is never chosen
+        model.next_token()
+    fresh, stale = model.probability(np.array([0, E - 1]), np.array([model.token, model.token]))
+    assert fresh > 0.8 and stale < 0.15
 
 
 def test_ranking_skips_what_may_not_go_and_keeps_it() -> None:
@@ -841,13 +873,12 @@ def test_ranking_skips_what_may_not_go_and_keeps_it() -> None:
 
 
 def test_make_policy() -> None:
-    assert isinstance(make_policy("lru"), LruPolicy) and make_policy("lru").keeps_experts
-    assert isinstance(make_policy("ondemand"), OnDemandPolicy) and not make_policy("ondemand").keeps_experts
-    assert isinstance(make_policy("lfu"), LfuPolicy) and make_policy("lfu").keeps_experts
-    assert isinstance(make_policy("promoe"), PromoePolicy) and make_policy("promoe").keeps_experts
-    assert [name for name in ("ondemand", "lru", "lfu", "promoe") if make_policy(name).prefetches] == ["promoe"]
+    made = {name: make_policy(name, layout(4)) for name in ("ondemand", "lru", "lfu", "promoe")}
+    for name, kind in [("ondemand", OnDemandPolicy), ("lru", LruPolicy), ("lfu", LfuPolicy), ("promoe", PromoePolicy)]:
+        assert isinstance(made[name], kind) and made[name].keeps_experts == (name != "ondemand")
+    assert [name for name, policy in made.items() if policy.prefetches] == ["promoe"]
     with pytest.raises(ValueError):
-        make_policy("fifo")
+        make_policy("fifo", layout(4))
 
 
 def test_without_early_preemption_a_gate_neither_preempts_nor_reorders(make_rig) -> None:
@@ -906,17 +937,6 @@ def test_lru_keeps_plain_recency_for_its_own_loads(make_rig) -> None:
     rig.use(E, E + 1, at=(0, 1))
     assert experts_of(rig.gate(2 * E, at=(0, 2))) == [2 * E]
     assert rig.slot_of(0) is None
-
-
-def test_promoe_policy_demotes_an_unused_prefetch() -> None:
-    policy = PromoePolicy()
-    e = [ExpertId(i) for i in range(2)]
-    policy.record_use([e[0]])
-    policy.record_load(e[0])
-    policy.record_load(e[1])
-    assert first(policy, e[0], e[1]) == e[0]
-    policy.record_unused_prefetch(e[1])
-    assert first(policy, e[0], e[1]) == e[1]
 
 
 def test_request_counters_charge_loads_to_the_request_that_issued_them(make_rig) -> None:
@@ -985,7 +1005,7 @@ def test_reconfigure_switches_policy_and_slots_in_use_and_starts_empty(make_rig)
     rig.use(0, 1, 2)
     assert rig.cache.idle
     counters = rig.cache.counters.loads_issued
-    rig.cache.reconfigure(make_policy("lfu"), n_slots=2, early_preemption=False)
+    rig.cache.reconfigure(make_policy("lfu", layout(4)), n_slots=2, early_preemption=False)
     assert rig.cache.policy.name == "lfu" and rig.cache.n_slots == 2 and not rig.cache.early_preemption
     assert rig.resident() == set()
     assert all(rig.state_of_slot(s) == FREE for s in range(4))
@@ -995,7 +1015,7 @@ def test_reconfigure_switches_policy_and_slots_in_use_and_starts_empty(make_rig)
     assert len(rig.resident()) == 2 and 5 in rig.resident()
     assert {rig.slot_of(e) for e in rig.resident()} <= {0, 1}  # never a slot beyond those in use
     with pytest.raises(ValueError):
-        rig.cache.reconfigure(make_policy("lru"), n_slots=5, early_preemption=True)
+        rig.cache.reconfigure(make_policy("lru", layout(4)), n_slots=5, early_preemption=True)
 
 
 def test_reconfigure_refuses_while_loads_are_in_flight(make_rig) -> None:
@@ -1003,7 +1023,7 @@ def test_reconfigure_refuses_while_loads_are_in_flight(make_rig) -> None:
     (load,) = rig.gate(0)
     assert not rig.cache.idle
     with pytest.raises(RuntimeError):
-        rig.cache.reconfigure(make_policy("lru"), n_slots=3, early_preemption=True)
+        rig.cache.reconfigure(make_policy("lru", layout(4)), n_slots=3, early_preemption=True)
     rig.loaded(load)
     assert rig.cache.idle
 

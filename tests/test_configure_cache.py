@@ -58,7 +58,8 @@ def test_settings_keep_what_is_not_given_and_refuse_values_out_of_range() -> Non
 
 
 class StubCache:
-    def __init__(self) -> None:
+    def __init__(self, layout: ExpertLayout) -> None:
+        self.layout = layout
         self.idle = False
         self.calls: list[tuple[str, int, bool]] = []
 
@@ -83,7 +84,7 @@ async def test_configure_waits_for_the_cache_to_settle_and_holds_the_queue_meanw
     cfg = RuntimeConfig(run_id="x", run_dir="/tmp", checkpoint="", layout=layout, policy="lru", device="cpu",
                         bind="", link_gbps=None, lookahead=2, predictor_path=None, load_timeout_s=1.0,
                         supervisor_pid=0)
-    cache, sockets = StubCache(), {"inference": StubSocket(), "loader": StubSocket()}
+    cache, sockets = StubCache(layout), {"inference": StubSocket(), "loader": StubSocket()}
     replies: list[Message] = []
     applied: list[bool] = []
     configurator = CacheConfigurator(cfg, cache, sockets, lambda env, msg: replies.append(msg) or True,  # type: ignore[arg-type]
@@ -129,7 +130,7 @@ def test_reconfigure_empties_the_cache_and_then_uses_the_first_slots_only(make_c
     assert len(rig.resident()) == 6 and rig.cache.idle
     from coordinator.policies import make_policy
 
-    rig.cache.reconfigure(make_policy("lfu"), 2, early_preemption=False)
+    rig.cache.reconfigure(make_policy("lfu", rig.layout), 2, early_preemption=False)
     assert rig.resident() == set() and all(rig.state_of_slot(s) == FREE for s in range(6))
     assert rig.cache.policy.name == "lfu" and not rig.cache.early_preemption
     for step in range(3):
@@ -145,7 +146,7 @@ def test_reconfigure_refuses_a_busy_cache(make_cache_rig) -> None:
     from coordinator.policies import make_policy
 
     with pytest.raises(RuntimeError, match="idle"):
-        rig.cache.reconfigure(make_policy("lru"), 2, True)
+        rig.cache.reconfigure(make_policy("lru", rig.layout), 2, True)
 
 
 # ---------------------------------------------------------------- the loader

@@ -5,8 +5,9 @@ prediction) and asks the policy for the first of those.
 - ``ondemand`` (``ondemand.py``): nothing is kept; every layer loads what its gate chose.
 - ``lru`` (``lru.py``): one global LRU over all cache slots; a use is a gate choosing the expert.
 - ``lfu`` (``lfu.py``): the least frequently chosen goes first (ties: least recently used), after seeds/003.
-- ``promoe`` (``promoe.py``): LRU in which a prefetch counts as a use, plus prediction-driven prefetching (the only
-  policy that prefetches); a prefetched expert that its layer's gate then did not choose goes first.
+- ``promoe`` (``promoe.py``): prediction-driven prefetching (the only policy that prefetches) and prediction-aware
+  eviction: the expert expected to be used last goes first (an approximation of Belady's optimum), and a guess is
+  loaded only if it is expected sooner than what it would evict.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from coordinator.policies.lru import LruPolicy
 from coordinator.policies.ondemand import OnDemandPolicy
 from coordinator.policies.promoe import PromoePolicy
 from protocol.ids import ExpertId
+from shm.layout import ExpertLayout
 
 __all__ = ["POLICIES", "CachePolicy", "LfuPolicy", "LruPolicy", "OnDemandPolicy", "PromoePolicy", "make_policy"]
 
@@ -30,8 +32,12 @@ class CachePolicy(Protocol):
     prefetches: bool
     """True if predictions turn into speculative loads."""
 
-    def record_use(self, experts: list[ExpertId]) -> None:
-        """A gate chose ``experts`` (resident or not)."""
+    def record_use(self, experts: list[ExpertId], position: tuple[int, int]) -> None:
+        """The gate at ``position`` (step, MoE layer) chose ``experts`` (resident or not)."""
+
+    def record_prediction(self, target: tuple[int, int], experts: list[ExpertId],
+                          probabilities: list[float] | None) -> None:
+        """The predictor expects ``experts`` at ``target`` (with these probabilities, if it gave them)."""
 
     def record_load(self, expert: ExpertId) -> None:
         """``expert`` became resident: its load completed."""
@@ -42,15 +48,17 @@ class CachePolicy(Protocol):
     def record_evict(self, expert: ExpertId) -> None:
         """``expert`` is no longer resident."""
 
-    def victim(self, allowed: Callable[[ExpertId], bool]) -> ExpertId | None:
-        """The resident expert to evict first among those ``allowed``; None if none is allowed."""
+    def victim(self, allowed: Callable[[ExpertId], bool],
+               incoming: tuple[ExpertId, tuple[int, int]] | None = None) -> ExpertId | None:
+        """The resident expert to evict first among those ``allowed``; None if none is allowed. With ``incoming``
+        (a speculative load of that expert for that position), None also if nothing allowed is worth less."""
 
 
 POLICIES: dict[str, type] = {"ondemand": OnDemandPolicy, "lru": LruPolicy, "lfu": LfuPolicy, "promoe": PromoePolicy}
 
 
-def make_policy(name: str) -> CachePolicy:
+def make_policy(name: str, layout: ExpertLayout) -> CachePolicy:
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r} (known: {', '.join(POLICIES)})")
-    policy: CachePolicy = POLICIES[name]()
+    policy: CachePolicy = POLICIES[name](layout)
     return policy

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from coordinator.policies.ranking import Ranking
 from protocol.ids import ExpertId
+from shm.layout import ExpertLayout
 
 
 class LruPolicy:
@@ -14,7 +15,7 @@ class LruPolicy:
     keeps_experts = True
     prefetches = False
 
-    def __init__(self) -> None:
+    def __init__(self, layout: ExpertLayout | None = None) -> None:
         self._clock = 0
         self._last_use: dict[ExpertId, int] = {}
         """Clock of each expert's last use, resident or not."""
@@ -29,7 +30,7 @@ class LruPolicy:
     def _key(self, expert: ExpertId) -> object:
         return self._last_use.get(expert, 0)
 
-    def record_use(self, experts: list[ExpertId]) -> None:
+    def record_use(self, experts: list[ExpertId], position: tuple[int, int] = (0, 0)) -> None:
         for expert in experts:
             self._touch(expert)
 
@@ -44,5 +45,10 @@ class LruPolicy:
     def record_evict(self, expert: ExpertId) -> None:
         self._resident.discard(expert)
 
-    def victim(self, allowed: Callable[[ExpertId], bool]) -> ExpertId | None:
+    def record_prediction(self, target: tuple[int, int], experts: list[ExpertId],
+                          probabilities: list[float] | None) -> None:
+        pass
+
+    def victim(self, allowed: Callable[[ExpertId], bool],
+               incoming: tuple[ExpertId, tuple[int, int]] | None = None) -> ExpertId | None:
         return self._resident.first(allowed)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from coordinator.policies.ranking import Ranking
 from protocol.ids import ExpertId
+from shm.layout import ExpertLayout
 
 
 class OnDemandPolicy:
@@ -14,12 +15,12 @@ class OnDemandPolicy:
     keeps_experts = False
     prefetches = False
 
-    def __init__(self) -> None:
+    def __init__(self, layout: ExpertLayout | None = None) -> None:
         self._order = 0
         self._resident = Ranking()
         """Key: arrival order (a victim is only needed within one prefill layer)."""
 
-    def record_use(self, experts: list[ExpertId]) -> None:
+    def record_use(self, experts: list[ExpertId], position: tuple[int, int] = (0, 0)) -> None:
         pass
 
     def record_load(self, expert: ExpertId) -> None:
@@ -32,5 +33,10 @@ class OnDemandPolicy:
     def record_evict(self, expert: ExpertId) -> None:
         self._resident.discard(expert)
 
-    def victim(self, allowed: Callable[[ExpertId], bool]) -> ExpertId | None:
+    def record_prediction(self, target: tuple[int, int], experts: list[ExpertId],
+                          probabilities: list[float] | None) -> None:
+        pass
+
+    def victim(self, allowed: Callable[[ExpertId], bool],
+               incoming: tuple[ExpertId, tuple[int, int]] | None = None) -> ExpertId | None:
         return self._resident.first(allowed)

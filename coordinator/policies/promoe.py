@@ -1,23 +1,135 @@
-"""``promoe``: LRU in which a prefetch counts as a use (as in the ProMoE paper), plus prediction-driven prefetching
-(the only policy that prefetches). The cache directory never evicts an expert predicted for the window. A prefetched
-expert that the gate of its layer then did not choose loses its recency: it goes first, so that wrong guesses do not
-push out experts that were really used."""
+"""``promoe``: prediction-driven prefetching (the only policy that prefetches) with prediction-aware eviction, an
+approximation of Belady's optimal replacement.
+
+Belady evicts the expert whose next use is farthest away. This policy estimates, for every resident expert, when it
+will next be used, in MoE-layer steps on a clock that advances by one at every gate (``L`` per token):
+
+    eta = next_gate + (1 - p_next) * L / p_later
+
+where ``next_gate`` is the clock at the next gate of the expert's layer, ``p_next`` the probability that this gate
+chooses it (the predictor's, if it predicted that position; else the reuse model's, ``coordinator.policies.reuse``)
+and ``p_later`` the reuse model's probability per later token (a geometric wait). The expert with the largest
+``eta`` goes first. An expert's ``eta`` changes only when its layer's gate passes, when it is predicted, and when
+the reuse model's view of it changes at a token boundary; it is recomputed then, so finding a victim is a heap pop.
+
+A prediction becomes a speculative load only if the predicted expert is expected sooner than the expert it would
+evict: speculation never pushes out something worth more than the guess, so a wrong guess costs at most link time
+the precise loads did not need. Without probabilities from the predictor, a prediction counts with the measured
+share of predictions the gates confirmed.
+"""
 
 from __future__ import annotations
 
-from coordinator.policies.lru import LruPolicy
+from collections.abc import Callable
+
+import numpy as np
+
+from coordinator.policies.ranking import Ranking
+from coordinator.policies.reuse import WINDOW_TOKENS, ReuseModel
 from protocol.ids import ExpertId
+from shm.layout import ExpertLayout
+
+Position = tuple[int, int]
+MIN_PROBABILITY = 1e-4
 
 
-class PromoePolicy(LruPolicy):
+class PromoePolicy:
     name = "promoe"
+    keeps_experts = True
     prefetches = True
 
+    def __init__(self, layout: ExpertLayout) -> None:
+        self.n_layers = len(layout.moe_layers)
+        self.experts_per_layer = layout.experts_per_layer
+        self.reuse = ReuseModel(layout.n_experts, layout.experts_per_layer, layout.top_k)
+        self.position: Position = (-1, -1)
+        self.layer = -1
+        """MoE layer of the last gate (within the current token)."""
+        self._resident = np.zeros(layout.n_experts, dtype=bool)  # [n_experts]
+        self._ranking = Ranking()
+        """Resident experts keyed by ``-eta``: the smallest key (farthest next use) goes first."""
+        self._predicted: dict[Position, dict[ExpertId, float]] = {}
+        self._confirmed = 1.0
+        self._judged = 2.0
+        """Predictions whose gate reported, and how many of them it chose (prior: one in two)."""
+
+    @property
+    def precision(self) -> float:
+        """Share of predicted experts that their gate chose, so far."""
+        return self._confirmed / self._judged
+
+    # ------------------------------------------------------------ events
+    def record_use(self, experts: list[ExpertId], position: Position) -> None:
+        new_token = position[0] != self.position[0] or position < self.position
+        if new_token:
+            self.reuse.next_token()
+        self.position, self.layer = position, position[1]
+        predicted = self._predicted.pop(position, None)
+        for target in [p for p in self._predicted if p < position]:
+            del self._predicted[target]
+        if predicted:
+            self._judged += len(predicted)
+            self._confirmed += len(predicted.keys() & set(experts))
+        self.reuse.observe(position[1], list(experts))
+        if new_token and self.reuse.token % WINDOW_TOKENS == 0:
+            self._rerank(np.flatnonzero(self._resident))  # the reuse model has learned: refresh every estimate
+        else:  # this layer's experts now wait for the next token; recent counts moved at a token boundary
+            first = position[1] * self.experts_per_layer
+            layer = np.arange(first, first + self.experts_per_layer)
+            changed = self.reuse.changed_recent if new_token else np.empty(0, dtype=np.int64)
+            self._rerank(np.union1d(layer, changed))
+
+    def record_prediction(self, target: Position, experts: list[ExpertId], probabilities: list[float] | None) -> None:
+        if probabilities is None:
+            probabilities = [self.precision] * len(experts)
+        self._predicted[target] = dict(zip(experts, probabilities, strict=True))
+        self._rerank(np.array(experts, dtype=np.int64))
+
     def record_load(self, expert: ExpertId) -> None:
-        self._touch(expert)  # a prefetch counts as a use
-        self._resident.set(expert, self._key(expert))
+        self._resident[expert] = True
+        self._rerank(np.array([expert], dtype=np.int64))
 
     def record_unused_prefetch(self, expert: ExpertId) -> None:
-        self._last_use[expert] = 0  # a wrong guess, never used: first to go
-        if expert in self._resident:
-            self._resident.set(expert, self._key(expert))
+        pass  # never used since: the reuse model already ranks it by its last real use
+
+    def record_evict(self, expert: ExpertId) -> None:
+        self._resident[expert] = False
+        self._ranking.discard(expert)
+
+    # ------------------------------------------------------------ decisions
+    def victim(self, allowed: Callable[[ExpertId], bool],
+               incoming: tuple[ExpertId, Position] | None = None) -> ExpertId | None:
+        """The allowed resident expert expected to be used last; with ``incoming`` (a speculative load of that
+        expert for that position), only one expected later than the incoming expert."""
+        found = self._ranking.first(allowed)
+        if found is None or incoming is None:
+            return found
+        expert, target = incoming
+        q = self._predicted.get(target, {}).get(expert, self.precision)
+        at_token = np.array([self.reuse.token + target[0] - self.position[0]])
+        p_later = max(float(self.reuse.probability(np.array([expert]), at_token + 1)[0]), MIN_PROBABILITY)
+        incoming_eta = self._clock(at_token[0], target[1]) + (1.0 - q) * self.n_layers / p_later
+        return found if -self._ranking.key(found) > incoming_eta else None
+
+    # ------------------------------------------------------------ estimates
+    def _clock(self, token: int, layer: int) -> float:
+        return float(token * self.n_layers + layer)
+
+    def _rerank(self, experts: np.ndarray) -> None:
+        """Recompute ``eta`` of the resident ones among ``experts``."""
+        experts = experts[self._resident[experts]]
+        if not len(experts):
+            return
+        step = self.position[0]
+        target_layer = experts // self.experts_per_layer  # [R]
+        later = target_layer > self.layer
+        at_token = self.reuse.token + (~later)  # [R] the token of the next gate of each one's layer
+        p_next = self.reuse.probability(experts, at_token)
+        p_later = np.maximum(self.reuse.probability(experts, at_token + 1), MIN_PROBABILITY)
+        for i, expert in enumerate(experts.tolist()):  # the predictor's word for a gate it predicted
+            predicted = self._predicted.get((step + int(not later[i]), int(target_layer[i])))
+            if predicted is not None and expert in predicted:
+                p_next[i] = predicted[ExpertId(expert)]
+        eta = at_token * self.n_layers + target_layer + (1.0 - p_next) * self.n_layers / p_later
+        for expert, value in zip(experts.tolist(), eta.tolist(), strict=True):
+            self._ranking.set(ExpertId(expert), -value)

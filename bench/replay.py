@@ -1,0 +1,260 @@
+"""Replay a routing trace through the runtime's own cache code against a model of the device: every policy, the
+Belady floor, at full scale, in seconds, with the same numbers on every run.
+
+    python bench/replay.py --trace ../shared/traces/deepseek-v2-lite-routing.npz [--train-fraction 0.5]
+        [--cache-fractions 0.125,0.25,0.5] [--link-gbps 25] [--compute-ms-per-layer 0.5] [--expert-mb 17.3]
+        [--lookahead 2] [--prompts N] [--json OUT] [--plot OUT.png]
+
+The trace is the format of ``../shared/traces`` (``experts [N, L, k]``, ``token_ids``, ``prompt_offsets``; see its
+README). Prompts before ``--train-fraction`` train the predictor; everything is scored on the rest, served back to
+back on one cache (a prompt is one request, its tokens are decode steps). The device model and what it leaves out:
+``bench/replay_model.py``. Defaults describe one workstation: an RTX 4090-class GPU on PCIe 4.0 x16 (about 25 GB/s
+for pinned host-to-device copies) and 0.5 ms per MoE layer of a decode step (README, "Replay").
+
+Rows (JSON: a list): ``policy`` (``lru``, ``lfu``, ``ondemand``, ``promoe``, ``belady``), ``cache_fraction``,
+``cache_experts``, ``hit_rate``, ``bytes_per_token``, ``stall_ms_per_token``, ``tpot_ms``, ``floor_tpot_ms`` and,
+for ``promoe``, ``precision``, ``fetch_rate``, ``goodpred``. ``belady`` is optimal replacement with perfect
+prefetch: its TPOT is the floor ``max(t_all_resident, B / W)`` (DESIGN.md section 7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from bench.belady import belady_misses
+from bench.replay_model import DeviceProfile, ReplayModel
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("lru", "lfu", "ondemand", "promoe")
+
+
+@dataclass(frozen=True)
+class Trace:
+    experts: np.ndarray  # [N, L, k] local expert ids
+    token_ids: np.ndarray  # [N]
+    prompt_offsets: np.ndarray  # [P+1]
+    experts_per_layer: int
+
+    @classmethod
+    def load(cls, path: Path, prompts: int | None = None) -> Trace:
+        data = np.load(path)
+        offsets = data["prompt_offsets"].astype(np.int64)
+        if prompts is not None:
+            offsets = offsets[: prompts + 1]
+        end = int(offsets[-1])
+        experts = data["experts"][:end]
+        per_layer = int(data["experts_per_layer"]) if "experts_per_layer" in data else int(experts.max()) + 1
+        return cls(experts, data["token_ids"][:end].astype(np.int64), offsets, per_layer)
+
+    def split(self, train_fraction: float) -> tuple[Trace, Trace]:
+        """The first ``train_fraction`` of the prompts, and the rest (offsets rebased to 0)."""
+        n_prompts = len(self.prompt_offsets) - 1
+        cut = round(n_prompts * train_fraction)
+        if not 0 < cut < n_prompts:
+            raise ValueError(f"--train-fraction {train_fraction} leaves no prompt to train on or to score")
+        at = int(self.prompt_offsets[cut])
+        train = Trace(self.experts[:at], self.token_ids[:at], self.prompt_offsets[: cut + 1], self.experts_per_layer)
+        rest = self.prompt_offsets[cut:] - at
+        return train, Trace(self.experts[at:], self.token_ids[at:], rest, self.experts_per_layer)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.experts.shape[1])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.experts.shape[2])
+
+    def global_accesses(self) -> list[list[int]]:
+        """One access per (token, layer): the global ids of the experts its gate chose."""
+        base = np.arange(self.n_layers, dtype=np.int64)[None, :, None] * self.experts_per_layer
+        return (self.experts.astype(np.int64) + base).reshape(-1, self.top_k).tolist()
+
+
+@dataclass(frozen=True)
+class Config:
+    policy: str
+    cache_fraction: float
+    profile: DeviceProfile
+    lookahead: int
+
+
+Predicted = tuple[np.ndarray, np.ndarray]
+"""``[N, L, k]`` local experts predicted for the layer ``lookahead`` ahead of each (token, layer), best first, and
+``[N, L, k]`` their probabilities."""
+
+
+def predictions_for(train: Trace, test: Trace, lookahead: int, seed: int = 0) -> Predicted:
+    """What the routing predictor trained on ``train`` (from what a runtime knows: token ids and gate decisions)
+    predicts on ``test``."""
+    from training.routing_predictor import RoutingPredictor
+
+    started = time.perf_counter()
+    predictor = RoutingPredictor.fit(train.experts, train.token_ids, train.prompt_offsets, train.experts_per_layer,
+                                     seed=seed)
+    probs = predictor.probabilities(test.experts, test.token_ids, test.prompt_offsets, lookahead)  # [N, L, E]
+    top = np.argsort(-probs, axis=-1, kind="stable")[..., : test.top_k]  # [N, L, k]
+    log.info("routing predictor: fit and predict in %.1f s", time.perf_counter() - started)
+    return top.astype(np.int16), np.take_along_axis(probs, top, axis=-1).astype(np.float32)
+
+
+def run_config(config: Config, test: Trace, predicted: Predicted | None) -> dict:
+    """One row: ``config.policy`` on the scored part of the trace."""
+    n_experts = test.n_layers * test.experts_per_layer
+    n_slots = max(test.top_k, round(config.cache_fraction * n_experts))
+    predict = None
+    if predicted is not None:
+        experts, probabilities = predicted
+
+        def predict(t: int, layer: int, distance: int) -> tuple[list[int], list[float]]:
+            return experts[t, layer].tolist(), probabilities[t, layer].tolist()
+    model = ReplayModel(config.policy, n_slots, test.n_layers, test.experts_per_layer, test.top_k,
+                        config.profile, lookahead=config.lookahead, predict=predict)
+    result = model.run(test.experts, test.prompt_offsets.tolist())
+    row = {
+        "policy": config.policy, "cache_fraction": config.cache_fraction, "cache_experts": n_slots,
+        "hit_rate": result.hits / result.uses, "bytes_per_token": result.link_bytes / result.tokens,
+        "stall_ms_per_token": result.stall_ms / result.tokens, "tpot_ms": result.time_ms / result.tokens,
+    }
+    if model.cache.policy.prefetches:
+        precision = result.predicted_chosen / result.predicted if result.predicted else 0.0
+        fetch_rate = result.predicted_ready / result.predicted if result.predicted else 0.0
+        row.update(precision=precision, fetch_rate=fetch_rate, goodpred=precision * fetch_rate)
+    return row
+
+
+def belady_row(config: Config, test: Trace, accesses: list[list[int]]) -> dict:
+    """Optimal replacement with perfect prefetch: only its misses cross the link, entirely behind compute."""
+    n_experts = test.n_layers * test.experts_per_layer
+    n_slots = max(test.top_k, round(config.cache_fraction * n_experts))
+    misses = belady_misses(accesses, n_slots)
+    tokens = len(test.experts)
+    p = config.profile
+    bytes_per_token = misses * p.expert_nbytes / tokens
+    floor = max(test.n_layers * p.compute_ms, bytes_per_token / (p.link_gbps * 1e6))
+    return {"policy": "belady", "cache_fraction": config.cache_fraction, "cache_experts": n_slots,
+            "hit_rate": 1 - misses / len(accesses) / test.top_k, "bytes_per_token": bytes_per_token,
+            "stall_ms_per_token": floor - test.n_layers * p.compute_ms, "tpot_ms": floor, "floor_tpot_ms": floor}
+
+
+def replay(trace: Trace, train_fraction: float, fractions: list[float], profile: DeviceProfile, lookahead: int,
+           policies: tuple[str, ...] = POLICIES, jobs: int = 1, predictor: str = "routing") -> list[dict]:
+    train, test = trace.split(train_fraction)
+    predicted = predictions_for(train, test, lookahead) if "promoe" in policies and predictor == "routing" else None
+    accesses = test.global_accesses()
+    rows: list[dict] = []
+    configs = [Config(policy, f, profile, lookahead) for f in fractions for policy in policies]
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            futures = [pool.submit(run_config, c, test, predicted if c.policy == "promoe" else None)
+                       for c in configs]
+            done = [f.result() for f in futures]
+    else:
+        done = [run_config(c, test, predicted if c.policy == "promoe" else None) for c in configs]
+    for fraction in fractions:
+        floor = belady_row(Config("belady", fraction, profile, lookahead), test, accesses)
+        for row in done:
+            if row["cache_fraction"] == fraction:
+                rows.append({**row, "floor_tpot_ms": floor["tpot_ms"]})
+        rows.append(floor)
+    return rows
+
+
+def _opt(row: dict, key: str) -> str:
+    return f"{row[key]:6.3f}" if key in row else f"{'-':>6}"
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'policy':10} {'cache':>6} {'experts':>7} {'hit':>6} {'MB/token':>9} {'stall ms':>9} {'TPOT ms':>8} "
+            f"{'x floor':>8} {'x lru':>6} {'prec':>6} {'fetch':>6} {'GoodPred':>8}")
+    lines = [head]
+    lru = {r["cache_fraction"]: r["tpot_ms"] for r in rows if r["policy"] == "lru"}
+    for r in rows:
+        vs_lru = f"{lru[r['cache_fraction']] / r['tpot_ms']:6.2f}" if r["cache_fraction"] in lru else f"{'-':>6}"
+        lines.append(
+            f"{r['policy']:10} {r['cache_fraction']:6.3f} {r['cache_experts']:7d} {r['hit_rate']:6.3f} "
+            f"{r['bytes_per_token'] / 1e6:9.1f} {r['stall_ms_per_token']:9.2f} {r['tpot_ms']:8.2f} "
+            f"{r['tpot_ms'] / r['floor_tpot_ms']:8.2f} {vs_lru} {_opt(r, 'precision')} "
+            f"{_opt(r, 'fetch_rate')} {_opt(r, 'goodpred'):>8}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy in [*POLICIES, "belady"]:
+        pts = sorted((r["cache_fraction"], r["tpot_ms"]) for r in rows if r["policy"] == policy)
+        if pts:
+            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o",
+                    label="belady (floor)" if policy == "belady" else policy)
+    ax.set_xlabel("cache (% of experts)")
+    ax.set_ylabel("TPOT (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trace", type=Path, required=True, help="routing trace (.npz, the format of ../shared/traces)")
+    p.add_argument("--train-fraction", type=float, default=0.5, help="share of the prompts the predictor trains on")
+    p.add_argument("--cache-fractions", default="0.125,0.25,0.5", help="cache sizes as shares of all experts")
+    p.add_argument("--link-gbps", type=float, default=25.0, help="host-to-device link, GB/s (PCIe 4.0 x16 pinned)")
+    p.add_argument("--compute-ms-per-layer", type=float, default=0.5,
+                   help="one MoE layer of a decode step with every expert resident, ms")
+    p.add_argument("--expert-mb", type=float, default=17.3, help="one expert's size over the link, MB (17.3: bf16)")
+    p.add_argument("--chunks-per-expert", type=int, default=3, help="the loader's unit of copying and preemption")
+    p.add_argument("--lookahead", type=int, default=2, help="the predictor targets the MoE layer this far ahead")
+    p.add_argument("--prompts", type=int, default=None, help="use only the first N prompts of the trace")
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of " + ",".join(POLICIES))
+    p.add_argument("--predictor", choices=("routing", "none"), default="routing",
+                   help="promoe's predictor: the routing predictor (training/routing_predictor.py) trained on the "
+                        "first part of the trace, or none (prediction-aware eviction alone, no prefetching)")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="configurations replayed in parallel processes (0: one per CPU core); numbers do not depend "
+                        "on it")
+    p.add_argument("--json", type=Path, default=None, help="write the rows here")
+    p.add_argument("--plot", type=Path, default=None, help="TPOT against cache size per policy (PNG)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    trace = Trace.load(args.trace, args.prompts)
+    profile = DeviceProfile(link_gbps=args.link_gbps, compute_ms=args.compute_ms_per_layer,
+                            expert_nbytes=round(args.expert_mb * 1e6), n_chunks=args.chunks_per_expert)
+    fractions = [float(x) for x in args.cache_fractions.split(",")]
+    policies = tuple(x for x in args.policies.split(",") if x)
+    started = time.perf_counter()
+    jobs = args.jobs or min(os.cpu_count() or 1, len(fractions) * len(policies))
+    rows = replay(trace, args.train_fraction, fractions, profile, args.lookahead, policies, jobs, args.predictor)
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    title = (f"{args.trace.name}: link {args.link_gbps:g} GB/s, {args.compute_ms_per_layer:g} ms/layer, "
+             f"experts {args.expert_mb:g} MB")
+    if args.plot is not None:
+        plot(rows, args.plot, title)
+    print(f"{title}; replayed in {time.perf_counter() - started:.0f} s")
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""``bench/replay.py``: the runtime's cache code replayed against a model of the device.
+
+Small synthetic traces (bursty routing over 4 MoE layers x 8 experts, top-2) so that the whole file runs in seconds;
+the figures on the real trace are the benchmark's, not the tests'.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.belady import belady_misses
+from bench.replay import POLICIES, Trace, main, replay
+from bench.replay_model import DeviceProfile, ReplayModel
+
+L, E, K = 4, 8, 2
+FIELDS = {"policy", "cache_fraction", "cache_experts", "hit_rate", "bytes_per_token", "stall_ms_per_token", "tpot_ms",
+          "floor_tpot_ms"}
+
+
+def synthetic_trace(n_prompts: int = 8, tokens: int = 24, seed: int = 0) -> Trace:
+    """Each prompt prefers a few experts per layer (as real prompts do), with some noise."""
+    rng = np.random.default_rng(seed)
+    experts = []
+    for _ in range(n_prompts):
+        favourite = rng.integers(0, E, size=(L, 3))
+        for _ in range(tokens):
+            row = []
+            for layer in range(L):
+                pool = favourite[layer] if rng.random() < 0.8 else np.arange(E)
+                row.append(rng.choice(np.unique(pool), size=K, replace=False) if len(np.unique(pool)) >= K
+                           else rng.choice(E, size=K, replace=False))
+            experts.append(row)
+    offsets = np.arange(0, n_prompts * tokens + 1, tokens, dtype=np.int64)
+    token_ids = rng.integers(0, 50, size=n_prompts * tokens)
+    return Trace(np.array(experts, dtype=np.uint8), token_ids, offsets, E)
+
+
+def plain_belady(accesses: list[list[int]], capacity: int) -> int:
+    """Farthest next use first, by scanning (quadratic): the reference for the heap implementation."""
+    resident: set[int] = set()
+    misses = 0
+    flat = [(i, e) for i, a in enumerate(accesses) for e in dict.fromkeys(a)]
+    for pos, (i, expert) in enumerate(flat):
+        if expert in resident:
+            continue
+        misses += 1
+        if len(resident) >= capacity:
+            now = set(accesses[i])  # used by this same access: kept
+            next_use = {e: next((p for p, (_, x) in enumerate(flat) if p > pos and x == e), 1 << 30)
+                        for e in resident - now}
+            resident.remove(max(next_use, key=lambda e: next_use[e]))
+        resident.add(expert)
+    return misses
+
+
+def test_belady_heap_matches_the_plain_definition() -> None:
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        accesses = [sorted(rng.choice(10, size=2, replace=False).tolist()) for _ in range(30)]
+        for capacity in (2, 4, 7):
+            assert belady_misses(accesses, capacity) == plain_belady(accesses, capacity)
+
+
+def test_rows_are_complete_deterministic_and_above_the_floor() -> None:
+    trace = synthetic_trace()
+    profile = DeviceProfile(link_gbps=25.0, compute_ms=0.5, expert_nbytes=4_600_000)
+    rows = replay(trace, 0.5, [0.25, 0.5], profile, lookahead=2, policies=POLICIES, predictor="none")
+    assert rows == replay(trace, 0.5, [0.25, 0.5], profile, lookahead=2, policies=POLICIES, predictor="none")
+    assert {(r["policy"], r["cache_fraction"]) for r in rows} == {
+        (p, f) for p in (*POLICIES, "belady") for f in (0.25, 0.5)}
+    for row in rows:
+        assert row.keys() >= FIELDS, row
+        assert row["tpot_ms"] >= row["floor_tpot_ms"] - 1e-9, row
+        assert row["tpot_ms"] == pytest.approx(L * 0.5 + row["stall_ms_per_token"]), row
+        belady = next(r for r in rows if r["policy"] == "belady" and r["cache_fraction"] == row["cache_fraction"])
+        assert row["hit_rate"] <= belady["hit_rate"] + 1e-9, row
+    ondemand = [r for r in rows if r["policy"] == "ondemand"]
+    assert all(r["hit_rate"] == 0 for r in ondemand), "ondemand keeps nothing between gates"
+    lru = {r["cache_fraction"]: r for r in rows if r["policy"] == "lru"}
+    assert lru[0.5]["hit_rate"] > lru[0.25]["hit_rate"] > 0
+
+
+def run_model(policy: str, trace: Trace, profile: DeviceProfile, predict=None) -> tuple[ReplayModel, float]:
+    model = ReplayModel(policy, 8, L, E, K, profile, lookahead=2, predict=predict)
+    result = model.run(trace.experts, trace.prompt_offsets.tolist())
+    return model, result.stall_ms / result.tokens
+
+
+def test_a_fast_link_hides_every_load_and_a_perfect_predictor_hides_more_than_lru() -> None:
+    trace = synthetic_trace(n_prompts=4)
+    fast = DeviceProfile(link_gbps=1e6, compute_ms=0.5, expert_nbytes=4_600_000)
+    for policy in POLICIES:
+        assert run_model(policy, trace, fast)[1] == pytest.approx(0.0, abs=1e-3), policy
+
+    def oracle(t: int, layer: int, distance: int) -> tuple[list[int], list[float]]:
+        target = layer + distance
+        t, target = t + target // L, target % L
+        in_prompt = t < len(trace.experts) and t not in trace.prompt_offsets.tolist()
+        return (trace.experts[t, target].tolist(), [1.0] * K) if in_prompt else ([], [])
+
+    balanced = DeviceProfile(link_gbps=25.0, compute_ms=0.5, expert_nbytes=4_600_000)
+    model, stall_oracle = run_model("promoe", trace, balanced, oracle)
+    _, stall_lru = run_model("lru", trace, balanced)
+    assert model.result.predicted > 0 and model.result.predicted_chosen == model.result.predicted
+    assert stall_oracle < 0.8 * stall_lru, (stall_oracle, stall_lru)
+
+
+def test_cli_writes_the_rows_as_a_json_list(tmp_path: Path) -> None:
+    trace = synthetic_trace(n_prompts=4, tokens=10)
+    path = tmp_path / "t.npz"
+    np.savez(path, experts=trace.experts, token_ids=trace.token_ids, prompt_offsets=trace.prompt_offsets)
+    out = tmp_path / "rows.json"
+    assert main(["--trace", str(path), "--cache-fractions", "0.25", "--predictor", "none", "--jobs", "1",
+                 "--expert-mb", "4.6", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert isinstance(rows, list) and {r["policy"] for r in rows} == {*POLICIES, "belady"}
