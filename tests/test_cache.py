@@ -849,7 +849,7 @@ def test_reuse_model_learns_that_recent_experts_return() -> None:
     from coordinator.policies.reuse import ReuseModel
 
     model = ReuseModel(n_experts=2 * E, experts_per_layer=E, top_k=2)
-    for token in range(64):
+    for token in range(200):
         for layer in range(2):
             model.observe(layer, [layer * E, layer * E + 1 + token % (E - 2)])  # E - 1 is never chosen
         model.next_token()

@@ -85,7 +85,7 @@ def test_rows_are_complete_deterministic_and_above_the_floor() -> None:
 
 
 def run_model(policy: str, trace: Trace, profile: DeviceProfile, predict=None) -> tuple[ReplayModel, float]:
-    model = ReplayModel(policy, 8, L, E, K, profile, lookahead=2, predict=predict)
+    model = ReplayModel(policy, 12, L, E, K, profile, lookahead=2, predict=predict)
     result = model.run(trace.experts, trace.prompt_offsets.tolist())
     return model, result.stall_ms / result.tokens
 
@@ -106,7 +106,7 @@ def test_a_fast_link_hides_every_load_and_a_perfect_predictor_hides_more_than_lr
     model, stall_oracle = run_model("promoe", trace, balanced, oracle)
     _, stall_lru = run_model("lru", trace, balanced)
     assert model.result.predicted > 0 and model.result.predicted_chosen == model.result.predicted
-    assert stall_oracle < 0.8 * stall_lru, (stall_oracle, stall_lru)
+    assert stall_oracle < 0.5 * stall_lru, (stall_oracle, stall_lru)
 
 
 def test_cli_writes_the_rows_as_a_json_list(tmp_path: Path) -> None:

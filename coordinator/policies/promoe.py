@@ -10,7 +10,8 @@ where ``next_gate`` is the clock at the next gate of the expert's layer, ``p_nex
 chooses it (the predictor's, if it predicted that position; else the reuse model's, ``coordinator.policies.reuse``)
 and ``p_later`` the reuse model's probability per later token (a geometric wait). The expert with the largest
 ``eta`` goes first. An expert's ``eta`` changes only when its layer's gate passes, when it is predicted, and when
-the reuse model's view of it changes at a token boundary; it is recomputed then, so finding a victim is a heap pop.
+the reuse model's view of it changes at a token boundary; it is recomputed then (vectorised), and finding a victim
+is an argmax over the resident experts' estimates.
 
 A prediction becomes a speculative load only if the predicted expert is expected sooner than the expert it would
 evict: speculation never pushes out something worth more than the guess, so a wrong guess costs at most link time
@@ -24,7 +25,6 @@ from collections.abc import Callable
 
 import numpy as np
 
-from coordinator.policies.ranking import Ranking
 from coordinator.policies.reuse import WINDOW_TOKENS, ReuseModel
 from protocol.ids import ExpertId
 from shm.layout import ExpertLayout
@@ -46,8 +46,8 @@ class PromoePolicy:
         self.layer = -1
         """MoE layer of the last gate (within the current token)."""
         self._resident = np.zeros(layout.n_experts, dtype=bool)  # [n_experts]
-        self._ranking = Ranking()
-        """Resident experts keyed by ``-eta``: the smallest key (farthest next use) goes first."""
+        self._eta = np.full(layout.n_experts, -np.inf)  # [n_experts]
+        """Expected next use of each resident expert (gate clock); -inf for the others. The largest goes first."""
         self._predicted: dict[Position, dict[ExpertId, float]] = {}
         self._confirmed = 1.0
         self._judged = 2.0
@@ -83,7 +83,7 @@ class PromoePolicy:
         if probabilities is None:
             probabilities = [self.precision] * len(experts)
         self._predicted[target] = dict(zip(experts, probabilities, strict=True))
-        self._rerank(np.array(experts, dtype=np.int64))
+        self._rerank(np.unique(np.array(experts, dtype=np.int64)))
 
     def record_load(self, expert: ExpertId) -> None:
         self._resident[expert] = True
@@ -94,14 +94,14 @@ class PromoePolicy:
 
     def record_evict(self, expert: ExpertId) -> None:
         self._resident[expert] = False
-        self._ranking.discard(expert)
+        self._eta[expert] = -np.inf
 
     # ------------------------------------------------------------ decisions
     def victim(self, allowed: Callable[[ExpertId], bool],
                incoming: tuple[ExpertId, Position] | None = None) -> ExpertId | None:
         """The allowed resident expert expected to be used last; with ``incoming`` (a speculative load of that
         expert for that position), only one expected later than the incoming expert."""
-        found = self._ranking.first(allowed)
+        found, eta = self._first(allowed)
         if found is None or incoming is None:
             return found
         expert, target = incoming
@@ -109,27 +109,47 @@ class PromoePolicy:
         at_token = np.array([self.reuse.token + target[0] - self.position[0]])
         p_later = max(float(self.reuse.probability(np.array([expert]), at_token + 1)[0]), MIN_PROBABILITY)
         incoming_eta = self._clock(at_token[0], target[1]) + (1.0 - q) * self.n_layers / p_later
-        return found if -self._ranking.key(found) > incoming_eta else None
+        return found if eta > incoming_eta else None
+
+    def _first(self, allowed: Callable[[ExpertId], bool]) -> tuple[ExpertId | None, float]:
+        """The allowed resident expert with the largest ``eta`` (ties: the lowest id), and its ``eta``."""
+        eta = self._eta
+        skipped: list[tuple[int, float]] = []
+        found: tuple[ExpertId | None, float] = (None, -np.inf)
+        while True:
+            i = int(eta.argmax())
+            value = float(eta[i])
+            if value == -np.inf:
+                break
+            if allowed(ExpertId(i)):
+                found = (ExpertId(i), value)
+                break
+            skipped.append((i, value))  # pinned, loading or protected: look further, then put it back
+            eta[i] = -np.inf
+        for i, value in skipped:
+            eta[i] = value
+        return found
 
     # ------------------------------------------------------------ estimates
     def _clock(self, token: int, layer: int) -> float:
         return float(token * self.n_layers + layer)
 
     def _rerank(self, experts: np.ndarray) -> None:
-        """Recompute ``eta`` of the resident ones among ``experts``."""
+        """Recompute ``eta`` of the resident ones among ``experts`` (sorted, unique)."""
         experts = experts[self._resident[experts]]
         if not len(experts):
             return
-        step = self.position[0]
         target_layer = experts // self.experts_per_layer  # [R]
         later = target_layer > self.layer
         at_token = self.reuse.token + (~later)  # [R] the token of the next gate of each one's layer
         p_next = self.reuse.probability(experts, at_token)
         p_later = np.maximum(self.reuse.probability(experts, at_token + 1), MIN_PROBABILITY)
-        for i, expert in enumerate(experts.tolist()):  # the predictor's word for a gate it predicted
-            predicted = self._predicted.get((step + int(not later[i]), int(target_layer[i])))
-            if predicted is not None and expert in predicted:
-                p_next[i] = predicted[ExpertId(expert)]
-        eta = at_token * self.n_layers + target_layer + (1.0 - p_next) * self.n_layers / p_later
-        for expert, value in zip(experts.tolist(), eta.tolist(), strict=True):
-            self._ranking.set(ExpertId(expert), -value)
+        for (step, layer), predicted in self._predicted.items():  # the predictor's word for a gate it predicted
+            wanted = self.position[0] + int(layer <= self.layer)
+            if step != wanted:
+                continue  # not the next gate of that layer
+            ids = np.fromiter(predicted, dtype=np.int64, count=len(predicted))
+            where = np.minimum(np.searchsorted(experts, ids), len(experts) - 1)
+            hit = experts[where] == ids
+            p_next[where[hit]] = np.fromiter(predicted.values(), dtype=np.float64, count=len(predicted))[hit]
+        self._eta[experts] = at_token * self.n_layers + target_layer + (1.0 - p_next) * self.n_layers / p_later

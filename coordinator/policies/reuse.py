@@ -17,12 +17,15 @@ import numpy as np
 
 AGE_EDGES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128])
 """Bucket edges of the tokens since an expert's last use (never used: the last bucket)."""
-COUNT_EDGES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 16])
+COUNT_EDGES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64])
 """Bucket edges of an expert's uses in the last ``WINDOW_TOKENS`` tokens."""
-WINDOW_TOKENS = 16
+WINDOW_TOKENS = 64
 PRIOR_WEIGHT = 20.0
 """The uniform prior counts as this many observations in every cell."""
 NEVER = 1 << 40
+_AGE_BUCKET = np.searchsorted(AGE_EDGES, np.arange(AGE_EDGES[-1] + 1), side="right") - 1
+"""Bucket of each age up to the last edge (older ones: the last bucket)."""
+_COUNT_BUCKET = np.searchsorted(COUNT_EDGES, np.arange(WINDOW_TOKENS + 1), side="right") - 1
 
 
 class ReuseModel:
@@ -74,5 +77,4 @@ class ReuseModel:
 
     @staticmethod
     def _cells(age: np.ndarray, recent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return (np.searchsorted(AGE_EDGES, age, side="right") - 1,
-                np.searchsorted(COUNT_EDGES, recent, side="right") - 1)
+        return _AGE_BUCKET[np.minimum(age, AGE_EDGES[-1])], _COUNT_BUCKET[recent]
