@@ -180,6 +180,8 @@ class CacheDirectory:
                     load.target = target
             if expert in self._slot_of or expert in self._waiting:
                 continue
+            if not self.policy.admits(expert, target, len(self._in_flight)):
+                continue  # the link is too busy for a guess this uncertain
             slot = self._take_slot(PRIORITY_SPECULATIVE, (expert, target))
             if slot is None:
                 continue  # not worth a slot now; a less likely one behind it is not either, but is cheap to ask

@@ -61,8 +61,10 @@ class Rig:
         assert self.cache.position == at
         return self.drain()
 
-    def predict(self, step: int, layer: int, *experts: int) -> list[Message]:
-        assert self.cache.on_predicted(step, layer, [ExpertId(e) for e in experts]) is None
+    def predict(self, step: int, layer: int, *experts: int, probability: float = 0.99) -> list[Message]:
+        """A confident prediction (so that a busy link does not throttle it; see the throttle's own tests)."""
+        ids = [ExpertId(e) for e in experts]
+        assert self.cache.on_predicted(step, layer, ids, [probability] * len(ids)) is None
         commands = self.drain(PRIORITY_SPECULATIVE)
         assert all(isinstance(c, LoadExpert) for c in commands), "a prediction only issues speculative loads"
         return commands
@@ -842,6 +844,22 @@ def test_promoe_admits_a_guess_only_if_it_is_expected_sooner_than_its_victim() -
     policy.record_prediction((0, 1), [ExpertId(E)], [0.01])  # ... or very likely not
     policy.record_prediction((0, 2), [ExpertId(2 * E)], [0.9])
     assert policy.victim(lambda e: True, incoming=(ExpertId(2 * E), (0, 2))) == ExpertId(E)
+
+
+def test_promoe_admits_an_uncertain_guess_only_while_the_link_is_quiet() -> None:
+    policy = resident_promoe()
+    policy.record_prediction((0, 1), [ExpertId(E), ExpertId(E + 1)], [0.9, 0.3])
+    assert policy.admits(ExpertId(E + 1), (0, 1), loads_in_flight=0)
+    assert not policy.admits(ExpertId(E + 1), (0, 1), loads_in_flight=2)  # 2 / (2 + 1) > 0.3
+    assert policy.admits(ExpertId(E), (0, 1), loads_in_flight=8)  # 8 / 9 < 0.9
+
+
+def test_busy_link_refuses_an_uncertain_speculative_load(make_rig) -> None:
+    rig = make_rig(n_slots=9, policy="promoe")
+    rig.cache.begin_request(RequestId(1))
+    rig.gate(0, 1, at=(0, 0))  # two precise loads in flight
+    assert rig.cache.on_predicted(0, 2, [ExpertId(2 * E), ExpertId(2 * E + 1)], [0.95, 0.2]) is None
+    assert experts_of(rig.cache.drain()) == [2 * E]
 
 
 def test_reuse_model_learns_that_recent_experts_return() -> None:

@@ -48,6 +48,10 @@ class CachePolicy(Protocol):
     def record_evict(self, expert: ExpertId) -> None:
         """``expert`` is no longer resident."""
 
+    def admits(self, expert: ExpertId, target: tuple[int, int], loads_in_flight: int) -> bool:
+        """Whether a speculative load of ``expert`` for ``target`` is worth link time, with ``loads_in_flight`` loads
+        issued and not yet landed (prefetching policies only)."""
+
     def victim(self, allowed: Callable[[ExpertId], bool],
                incoming: tuple[ExpertId, tuple[int, int]] | None = None) -> ExpertId | None:
         """The resident expert to evict first among those ``allowed``; None if none is allowed. With ``incoming``

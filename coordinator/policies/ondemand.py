@@ -37,6 +37,9 @@ class OnDemandPolicy:
                           probabilities: list[float] | None) -> None:
         pass
 
+    def admits(self, expert: ExpertId, target: tuple[int, int], loads_in_flight: int) -> bool:
+        return False  # never asked: this policy does not prefetch
+
     def victim(self, allowed: Callable[[ExpertId], bool],
                incoming: tuple[ExpertId, tuple[int, int]] | None = None) -> ExpertId | None:
         return self._resident.first(allowed)

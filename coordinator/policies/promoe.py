@@ -41,6 +41,7 @@ class PromoePolicy:
     def __init__(self, layout: ExpertLayout) -> None:
         self.n_layers = len(layout.moe_layers)
         self.experts_per_layer = layout.experts_per_layer
+        self.top_k = layout.top_k
         self.reuse = ReuseModel(layout.n_experts, layout.experts_per_layer, layout.top_k)
         self.position: Position = (-1, -1)
         self.layer = -1
@@ -97,6 +98,15 @@ class PromoePolicy:
         self._eta[expert] = -np.inf
 
     # ------------------------------------------------------------ decisions
+    def admits(self, expert: ExpertId, target: Position, loads_in_flight: int) -> bool:
+        """A guess is worth link time only if it is likely enough for how busy the link is: with ``n`` loads in
+        flight it must be right with probability at least ``n / (n + top_k / 2)`` (0 on an idle link, 1/2 with
+        half a gate's worth of loads queued), since a wrong one takes link time from loads that are needed. (The
+        constant is measured, not derived: on the DeepSeek trace a stricter rule helps when the link dominates and
+        hurts when compute does; ``bench/replay.py``.)"""
+        q = self._predicted.get(target, {}).get(expert, self.precision)
+        return q >= loads_in_flight / (loads_in_flight + self.top_k / 2)
+
     def victim(self, allowed: Callable[[ExpertId], bool],
                incoming: tuple[ExpertId, Position] | None = None) -> ExpertId | None:
         """The allowed resident expert expected to be used last; with ``incoming`` (a speculative load of that
