@@ -111,6 +111,16 @@ def predictions_for(train: Trace, test: Trace, lookahead: int, seed: int = 0) ->
     return top.astype(np.int16), np.take_along_axis(probs, top, axis=-1).astype(np.float32)
 
 
+def oracle_predictions(test: Trace, lookahead: int) -> Predicted:
+    """The experts the target gates will really choose, with probability 1: the ceiling of any predictor at this
+    lookahead (a prediction past a prompt's last token names that token's own layer again, and is never scored)."""
+    n, n_layers, _ = test.experts.shape
+    ahead = np.arange(n_layers)[None, :] + lookahead  # [1, L]
+    t = np.minimum(np.arange(n)[:, None] + ahead // n_layers, n - 1)  # [N, L]
+    experts = test.experts[t, ahead % n_layers].astype(np.int16)  # [N, L, k]
+    return experts, np.ones(experts.shape, dtype=np.float32)
+
+
 def run_config(config: Config, test: Trace, predicted: Predicted | None) -> dict:
     """One row: ``config.policy`` on the scored part of the trace."""
     n_experts = test.n_layers * test.experts_per_layer
@@ -129,10 +139,11 @@ def run_config(config: Config, test: Trace, predicted: Predicted | None) -> dict
         "hit_rate": result.hits / result.uses, "bytes_per_token": result.link_bytes / result.tokens,
         "stall_ms_per_token": result.stall_ms / result.tokens, "tpot_ms": result.time_ms / result.tokens,
     }
-    if model.cache.policy.prefetches:
-        precision = result.predicted_chosen / result.predicted if result.predicted else 0.0
-        fetch_rate = result.predicted_ready / result.predicted if result.predicted else 0.0
-        row.update(precision=precision, fetch_rate=fetch_rate, goodpred=precision * fetch_rate)
+    if model.cache.policy.prefetches:  # None without a predictor
+        precision = result.predicted_chosen / result.predicted if result.predicted else None
+        fetch_rate = result.predicted_ready / result.predicted if result.predicted else None
+        goodpred = precision * fetch_rate if precision is not None and fetch_rate is not None else None
+        row.update(precision=precision, fetch_rate=fetch_rate, goodpred=goodpred)
     return row
 
 
@@ -153,7 +164,10 @@ def belady_row(config: Config, test: Trace, accesses: list[list[int]]) -> dict:
 def replay(trace: Trace, train_fraction: float, fractions: list[float], profile: DeviceProfile, lookahead: int,
            policies: tuple[str, ...] = POLICIES, jobs: int = 1, predictor: str = "routing") -> list[dict]:
     train, test = trace.split(train_fraction)
-    predicted = predictions_for(train, test, lookahead) if "promoe" in policies and predictor == "routing" else None
+    predicted = None
+    if "promoe" in policies and predictor != "none":
+        predicted = oracle_predictions(test, lookahead) if predictor == "oracle" else predictions_for(train, test,
+                                                                                                      lookahead)
     accesses = test.global_accesses()
     rows: list[dict] = []
     configs = [Config(policy, f, profile, lookahead) for f in fractions for policy in policies]
@@ -174,7 +188,7 @@ def replay(trace: Trace, train_fraction: float, fractions: list[float], profile:
 
 
 def _opt(row: dict, key: str) -> str:
-    return f"{row[key]:6.3f}" if key in row else f"{'-':>6}"
+    return f"{row[key]:6.3f}" if row.get(key) is not None else f"{'-':>6}"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -227,9 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lookahead", type=int, default=2, help="the predictor targets the MoE layer this far ahead")
     p.add_argument("--prompts", type=int, default=None, help="use only the first N prompts of the trace")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of " + ",".join(POLICIES))
-    p.add_argument("--predictor", choices=("routing", "none"), default="routing",
+    p.add_argument("--predictor", choices=("routing", "none", "oracle"), default="routing",
                    help="promoe's predictor: the routing predictor (training/routing_predictor.py) trained on the "
-                        "first part of the trace, or none (prediction-aware eviction alone, no prefetching)")
+                        "first part of the trace; none (prediction-aware eviction alone, no prefetching); or oracle "
+                        "(the trace's own future: what a perfect predictor at this lookahead would give)")
     p.add_argument("--jobs", type=int, default=0,
                    help="configurations replayed in parallel processes (0: one per CPU core); numbers do not depend "
                         "on it")

@@ -118,3 +118,13 @@ def test_cli_writes_the_rows_as_a_json_list(tmp_path: Path) -> None:
                  "--expert-mb", "4.6", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert isinstance(rows, list) and {r["policy"] for r in rows} == {*POLICIES, "belady"}
+
+
+def test_oracle_predictor_is_always_right_and_beats_no_prediction() -> None:
+    trace = synthetic_trace(n_prompts=8)
+    profile = DeviceProfile(link_gbps=25.0, compute_ms=0.5, expert_nbytes=4_600_000)
+    rows = {r["policy"] + ":" + predictor: r
+            for predictor in ("none", "oracle")
+            for r in replay(trace, 0.5, [0.5], profile, lookahead=2, policies=("promoe",), predictor=predictor)}
+    assert rows["promoe:oracle"]["precision"] == 1.0 and rows["promoe:none"]["precision"] is None
+    assert rows["promoe:oracle"]["tpot_ms"] < rows["promoe:none"]["tpot_ms"]
