@@ -89,15 +89,15 @@ class Config:
     policy: str
     cache_fraction: float
     profile: DeviceProfile
-    lookahead: int
+    lookahead: tuple[int, ...]
 
 
-Predicted = tuple[np.ndarray, np.ndarray]
-"""``[N, L, k]`` local experts predicted for the layer ``lookahead`` ahead of each (token, layer), best first, and
-``[N, L, k]`` their probabilities."""
+Predicted = dict[int, tuple[np.ndarray, np.ndarray]]
+"""Per distance ``d``: ``[N, L, k]`` local experts predicted for the layer ``d`` ahead of each (token, layer), best
+first, and ``[N, L, k]`` their probabilities."""
 
 
-def predictions_for(train: Trace, test: Trace, lookahead: int, seed: int = 0) -> Predicted:
+def predictions_for(train: Trace, test: Trace, distances: tuple[int, ...], seed: int = 0) -> Predicted:
     """What the routing predictor trained on ``train`` (from what a runtime knows: token ids and gate decisions)
     predicts on ``test``."""
     from training.routing_predictor import RoutingPredictor
@@ -105,20 +105,26 @@ def predictions_for(train: Trace, test: Trace, lookahead: int, seed: int = 0) ->
     started = time.perf_counter()
     predictor = RoutingPredictor.fit(train.experts, train.token_ids, train.prompt_offsets, train.experts_per_layer,
                                      seed=seed)
-    probs = predictor.probabilities(test.experts, test.token_ids, test.prompt_offsets, lookahead)  # [N, L, E]
-    top = np.argsort(-probs, axis=-1, kind="stable")[..., : test.top_k]  # [N, L, k]
+    predicted: Predicted = {}
+    for d in distances:
+        probs = predictor.probabilities(test.experts, test.token_ids, test.prompt_offsets, d)  # [N, L, E]
+        top = np.argsort(-probs, axis=-1, kind="stable")[..., : test.top_k]  # [N, L, k]
+        predicted[d] = top.astype(np.int16), np.take_along_axis(probs, top, axis=-1).astype(np.float32)
     log.info("routing predictor: fit and predict in %.1f s", time.perf_counter() - started)
-    return top.astype(np.int16), np.take_along_axis(probs, top, axis=-1).astype(np.float32)
+    return predicted
 
 
-def oracle_predictions(test: Trace, lookahead: int) -> Predicted:
-    """The experts the target gates will really choose, with probability 1: the ceiling of any predictor at this
-    lookahead (a prediction past a prompt's last token names that token's own layer again, and is never scored)."""
+def oracle_predictions(test: Trace, distances: tuple[int, ...]) -> Predicted:
+    """The experts the target gates will really choose, with probability 1: the ceiling of any predictor at these
+    distances (a prediction past a prompt's last token names that token's own layer again, and is never scored)."""
     n, n_layers, _ = test.experts.shape
-    ahead = np.arange(n_layers)[None, :] + lookahead  # [1, L]
-    t = np.minimum(np.arange(n)[:, None] + ahead // n_layers, n - 1)  # [N, L]
-    experts = test.experts[t, ahead % n_layers].astype(np.int16)  # [N, L, k]
-    return experts, np.ones(experts.shape, dtype=np.float32)
+    predicted: Predicted = {}
+    for d in distances:
+        ahead = np.arange(n_layers)[None, :] + d  # [1, L]
+        t = np.minimum(np.arange(n)[:, None] + ahead // n_layers, n - 1)  # [N, L]
+        experts = test.experts[t, ahead % n_layers].astype(np.int16)  # [N, L, k]
+        predicted[d] = experts, np.ones(experts.shape, dtype=np.float32)
+    return predicted
 
 
 def run_config(config: Config, test: Trace, predicted: Predicted | None) -> dict:
@@ -127,9 +133,8 @@ def run_config(config: Config, test: Trace, predicted: Predicted | None) -> dict
     n_slots = max(test.top_k, round(config.cache_fraction * n_experts))
     predict = None
     if predicted is not None:
-        experts, probabilities = predicted
-
         def predict(t: int, layer: int, distance: int) -> tuple[list[int], list[float]]:
+            experts, probabilities = predicted[distance]
             return experts[t, layer].tolist(), probabilities[t, layer].tolist()
     model = ReplayModel(config.policy, n_slots, test.n_layers, test.experts_per_layer, test.top_k,
                         config.profile, lookahead=config.lookahead, predict=predict)
@@ -161,7 +166,8 @@ def belady_row(config: Config, test: Trace, accesses: list[list[int]]) -> dict:
             "stall_ms_per_token": floor - test.n_layers * p.compute_ms, "tpot_ms": floor, "floor_tpot_ms": floor}
 
 
-def replay(trace: Trace, train_fraction: float, fractions: list[float], profile: DeviceProfile, lookahead: int,
+def replay(trace: Trace, train_fraction: float, fractions: list[float], profile: DeviceProfile,
+           lookahead: tuple[int, ...],
            policies: tuple[str, ...] = POLICIES, jobs: int = 1, predictor: str = "routing") -> list[dict]:
     train, test = trace.split(train_fraction)
     predicted = None
@@ -238,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="one MoE layer of a decode step with every expert resident, ms")
     p.add_argument("--expert-mb", type=float, default=17.3, help="one expert's size over the link, MB (17.3: bf16)")
     p.add_argument("--chunks-per-expert", type=int, default=3, help="the loader's unit of copying and preemption")
-    p.add_argument("--lookahead", type=int, default=2, help="the predictor targets the MoE layer this far ahead")
+    p.add_argument("--lookahead", default="2",
+                   help="the predictor targets the MoE layer this far ahead (comma-separated: several predictions "
+                        "per gate, one per distance)")
     p.add_argument("--prompts", type=int, default=None, help="use only the first N prompts of the trace")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of " + ",".join(POLICIES))
     p.add_argument("--predictor", choices=("routing", "none", "oracle"), default="routing",
@@ -259,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     policies = tuple(x for x in args.policies.split(",") if x)
     started = time.perf_counter()
     jobs = args.jobs or min(os.cpu_count() or 1, len(fractions) * len(policies))
-    rows = replay(trace, args.train_fraction, fractions, profile, args.lookahead, policies, jobs, args.predictor)
+    lookahead = tuple(int(x) for x in args.lookahead.split(","))
+    rows = replay(trace, args.train_fraction, fractions, profile, lookahead, policies, jobs, args.predictor)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     title = (f"{args.trace.name}: link {args.link_gbps:g} GB/s, {args.compute_ms_per_layer:g} ms/layer, "

@@ -89,12 +89,13 @@ _PREDICT, _GATE, _CHUNK = 0, 1, 2
 
 class ReplayModel:
     def __init__(self, policy: str, n_slots: int, n_layers: int, experts_per_layer: int, top_k: int,
-                 profile: DeviceProfile, *, lookahead: int = 2, predict: Predict | None = None,
+                 profile: DeviceProfile, *, lookahead: int | tuple[int, ...] = 2, predict: Predict | None = None,
                  early_preemption: bool = True, reordered: bool = True) -> None:
         self.profile = profile
         self.n_layers = n_layers
         self.experts_per_layer = experts_per_layer
-        self.lookahead = lookahead
+        self.lookahead = (lookahead,) if isinstance(lookahead, int) else tuple(lookahead)
+        """Distances predicted at every gate (each a prediction of its own, farthest first)."""
         self.reordered = reordered
         self.layout = ExpertLayout(moe_layers=tuple(range(n_layers)), experts_per_layer=experts_per_layer,
                                    top_k=top_k, hidden_size=1, intermediate_size=profile.n_chunks,
@@ -270,8 +271,10 @@ class ReplayModel:
 
     def _prediction(self, t: int, step: int, layer: int, known_ms: float) -> None:
         assert self.predict is not None
-        target = layer + self.lookahead
-        target_step, target_layer = step + target // self.n_layers, target % self.n_layers
-        local, probabilities = self.predict(t, layer, self.lookahead)
-        experts = [self.layout.expert_id(target_layer, int(e)) for e in local]
-        self._at(known_ms + self.profile.predictor_ms, _PREDICT, (target_step, target_layer, experts, probabilities))
+        for distance in sorted(self.lookahead, reverse=True):  # a nearer prediction of a target comes later
+            target = layer + distance
+            target_step, target_layer = step + target // self.n_layers, target % self.n_layers
+            local, probabilities = self.predict(t, layer, distance)
+            experts = [self.layout.expert_id(target_layer, int(e)) for e in local]
+            self._at(known_ms + self.profile.predictor_ms, _PREDICT,
+                     (target_step, target_layer, experts, probabilities))

@@ -68,8 +68,8 @@ def test_belady_heap_matches_the_plain_definition() -> None:
 def test_rows_are_complete_deterministic_and_above_the_floor() -> None:
     trace = synthetic_trace()
     profile = DeviceProfile(link_gbps=25.0, compute_ms=0.5, expert_nbytes=4_600_000)
-    rows = replay(trace, 0.5, [0.25, 0.5], profile, lookahead=2, policies=POLICIES, predictor="none")
-    assert rows == replay(trace, 0.5, [0.25, 0.5], profile, lookahead=2, policies=POLICIES, predictor="none")
+    rows = replay(trace, 0.5, [0.25, 0.5], profile, lookahead=(2,), policies=POLICIES, predictor="none")
+    assert rows == replay(trace, 0.5, [0.25, 0.5], profile, lookahead=(2,), policies=POLICIES, predictor="none")
     assert {(r["policy"], r["cache_fraction"]) for r in rows} == {
         (p, f) for p in (*POLICIES, "belady") for f in (0.25, 0.5)}
     for row in rows:
@@ -125,6 +125,6 @@ def test_oracle_predictor_is_always_right_and_beats_no_prediction() -> None:
     profile = DeviceProfile(link_gbps=25.0, compute_ms=0.5, expert_nbytes=4_600_000)
     rows = {r["policy"] + ":" + predictor: r
             for predictor in ("none", "oracle")
-            for r in replay(trace, 0.5, [0.5], profile, lookahead=2, policies=("promoe",), predictor=predictor)}
+            for r in replay(trace, 0.5, [0.5], profile, lookahead=(2,), policies=("promoe",), predictor=predictor)}
     assert rows["promoe:oracle"]["precision"] == 1.0 and rows["promoe:none"]["precision"] is None
     assert rows["promoe:oracle"]["tpot_ms"] < rows["promoe:none"]["tpot_ms"]
