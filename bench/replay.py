@@ -28,6 +28,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -97,14 +98,14 @@ Predicted = dict[int, tuple[np.ndarray, np.ndarray]]
 first, and ``[N, L, k]`` their probabilities."""
 
 
-def predictions_for(train: Trace, test: Trace, distances: tuple[int, ...], seed: int = 0) -> Predicted:
+def predictions_for(train: Trace, test: Trace, distances: tuple[int, ...], **fit_options: Any) -> Predicted:
     """What the routing predictor trained on ``train`` (from what a runtime knows: token ids and gate decisions)
-    predicts on ``test``."""
+    predicts on ``test``; ``fit_options`` go to ``RoutingPredictor.fit`` (its defaults suit a real trace)."""
     from training.routing_predictor import RoutingPredictor
 
     started = time.perf_counter()
     predictor = RoutingPredictor.fit(train.experts, train.token_ids, train.prompt_offsets, train.experts_per_layer,
-                                     seed=seed)
+                                     distances=tuple(sorted({1, 2, 3, *distances})), **fit_options)
     predicted: Predicted = {}
     for d in distances:
         probs = predictor.probabilities(test.experts, test.token_ids, test.prompt_offsets, d)  # [N, L, E]
@@ -168,12 +169,13 @@ def belady_row(config: Config, test: Trace, accesses: list[list[int]]) -> dict:
 
 def replay(trace: Trace, train_fraction: float, fractions: list[float], profile: DeviceProfile,
            lookahead: tuple[int, ...],
-           policies: tuple[str, ...] = POLICIES, jobs: int = 1, predictor: str = "routing") -> list[dict]:
+           policies: tuple[str, ...] = POLICIES, jobs: int = 1, predictor: str = "routing",
+           fit_options: dict[str, Any] | None = None) -> list[dict]:
     train, test = trace.split(train_fraction)
     predicted = None
     if "promoe" in policies and predictor != "none":
-        predicted = oracle_predictions(test, lookahead) if predictor == "oracle" else predictions_for(train, test,
-                                                                                                      lookahead)
+        predicted = (oracle_predictions(test, lookahead) if predictor == "oracle"
+                     else predictions_for(train, test, lookahead, **(fit_options or {})))
     accesses = test.global_accesses()
     rows: list[dict] = []
     configs = [Config(policy, f, profile, lookahead) for f in fractions for policy in policies]

@@ -1,0 +1,304 @@
+"""A routing predictor from what the runtime knows without hidden states: the token, the experts its gates chose at
+the layers already run, and the experts of the tokens before it.
+
+At MoE layer ``l`` of token ``t`` it predicts the experts of the layer ``d`` ahead, ``l + d``; past the last layer that
+is the next token's layer ``l + d - L`` (whose token is not known yet, so the current token stands for it). Inputs,
+all as rows of one embedding table summed into a hidden vector (a bag of features, no hand-made interactions):
+
+- this token's experts at layers ``l``, ``l - 1``, ``l - 2`` (per layer: an expert means something different at each);
+- the token before the target's token: its experts at the target layer and its two neighbours (known by then), and
+  the token two before at the target layer (what a cache of recent routing would know);
+- the token's id, the previous token's id (hashed into ``TOKEN_BUCKETS``), the distance and the target layer.
+
+A two-layer MLP and one output head per target layer give, per expert, the probability that the target gate chooses
+it (sigmoid, trained with binary cross-entropy, so probabilities are calibrated for the policy's cost model).
+Everything is deterministic for a seed. Weights save to ``.npz`` (no pickle).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
+
+TOKEN_BUCKETS = 1 << 14
+"""Token ids are hashed (modulo) into this many embedding rows: a trace's ids index its own vocabulary."""
+CURRENT_LAYERS = 3
+"""This token's layers fed in: ``l``, ``l - 1``, ... (``CURRENT_LAYERS`` of them)."""
+MAX_DISTANCE = 8
+"""Distances past this share one embedding row."""
+
+
+@dataclass(frozen=True)
+class PredictorShape:
+    n_layers: int
+    """MoE layers of the model."""
+    experts_per_layer: int
+    """Routed experts per MoE layer."""
+    top_k: int
+    """Experts each gate chooses."""
+    hidden: int = 256
+    """Width of the hidden layers."""
+
+
+class _Features:
+    """Row offsets of each feature group in the one embedding table."""
+
+    def __init__(self, shape: PredictorShape) -> None:
+        n_layer_experts = shape.n_layers * shape.experts_per_layer
+        self.current = 0  # CURRENT_LAYERS x L x E
+        self.previous = self.current + CURRENT_LAYERS * n_layer_experts  # 3 (j-1, j, j+1) x L x E
+        self.before_previous = self.previous + 3 * n_layer_experts  # L x E
+        self.token = self.before_previous + n_layer_experts  # TOKEN_BUCKETS
+        self.previous_token = self.token + TOKEN_BUCKETS  # TOKEN_BUCKETS
+        self.target = self.previous_token + TOKEN_BUCKETS  # MAX_DISTANCE x L
+        self.padding = self.target + MAX_DISTANCE * shape.n_layers
+        self.n_rows = self.padding + 1
+
+
+class _Net(nn.Module):
+    def __init__(self, shape: PredictorShape, n_rows: int, padding: int) -> None:
+        super().__init__()
+        h, n_experts = shape.hidden, shape.experts_per_layer
+        self.padding = padding
+        self.table = nn.Parameter(torch.randn(n_rows, h) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(h))
+        self.mid = nn.Linear(h, h)
+        self.head = nn.Parameter(torch.randn(shape.n_layers, h, n_experts) * h**-0.5)  # per target layer
+        self.head_bias = nn.Parameter(torch.zeros(shape.n_layers, n_experts))
+        self.register_buffer("temperature", torch.ones(()))  # logits are divided by it (calibration)
+        self.temperature: torch.Tensor
+
+    def forward(self, rows: torch.Tensor, target_layer: int) -> torch.Tensor:
+        """``rows [B, S]`` feature rows (``padding`` for none), all aimed at one target layer -> logits ``[B, E]``."""
+        return self.logits(F.embedding_bag(rows, self.table, mode="sum", padding_idx=self.padding), target_layer)
+
+    def logits(self, bag: torch.Tensor, target_layer: int) -> torch.Tensor:
+        """``bag [B, H]`` summed feature rows -> logits ``[B, E]`` of the target layer's experts."""
+        x = F.relu(self.mid(F.relu(bag + self.bias)))  # [B, H]
+        return x @ self.head[target_layer] + self.head_bias[target_layer]  # [B, E]
+
+
+class _RowAdam:
+    """Adam on the rows of the embedding table a batch touches only (a batch touches a few thousand of its tens of
+    thousands of rows: a dense update would cost most of a step). The padding row stays zero."""
+
+    def __init__(self, table: torch.Tensor, padding: int, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.table, self.padding, self.lr, self.betas, self.eps = table, padding, lr, betas, eps
+        self.m = torch.zeros_like(table)
+        self.v = torch.zeros_like(table)
+        self.steps = 0
+
+    def step(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        """``rows [U]`` distinct rows, ``grad [U, H]`` their gradients."""
+        self.steps += 1
+        b1, b2 = self.betas
+        keep = rows != self.padding
+        rows, grad = rows[keep], grad[keep]
+        m = self.m[rows].mul_(b1).add_(grad, alpha=1 - b1)
+        v = self.v[rows].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        self.m[rows], self.v[rows] = m, v
+        step = self.lr * (1 - b2**self.steps) ** 0.5 / (1 - b1**self.steps)
+        self.table[rows] -= step * m / (v.sqrt() + self.eps)
+
+
+def _previous_token(n_tokens: int, prompt_offsets: np.ndarray, steps: int) -> np.ndarray:
+    """``[N]`` the index of the token ``steps`` before each token in its prompt, -1 where there is none."""
+    starts = np.repeat(prompt_offsets[:-1], np.diff(prompt_offsets))  # [N] start of each token's prompt
+    t = np.arange(n_tokens) - steps
+    return np.where(t >= starts, t, -1)
+
+
+def _rows(shape: PredictorShape, experts: np.ndarray, token_ids: np.ndarray, prompt_offsets: np.ndarray,
+          distance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Feature rows of every (token, layer) for a prediction ``distance`` ahead.
+
+    Returns ``rows [N, L, S]`` int64, ``target_token [N, L]`` (the token whose gate is predicted, -1 past the prompt)
+    and ``target_layer [N, L]``.
+    """
+    n, n_layers, _ = experts.shape
+    e_per = shape.experts_per_layer
+    f = _Features(shape)
+    pad = f.padding
+    layers = np.arange(n_layers)
+    experts = experts.astype(np.int64)
+    ahead = layers + distance  # [L]
+    wrap = ahead // n_layers  # [L] 0: this token, 1: the next
+    target_layer = np.broadcast_to(ahead % n_layers, (n, n_layers))  # [N, L]
+    ends = np.repeat(prompt_offsets[1:], np.diff(prompt_offsets))  # [N] end of each token's prompt
+    next_token = np.where(np.arange(n) + 1 < ends, np.arange(n) + 1, -1)  # [N] (-1: the prompt's last token)
+    target_token = np.where(wrap[None, :] == 0, np.arange(n)[:, None], next_token[:, None])  # [N, L]
+    groups: list[np.ndarray] = []
+    t_index = np.arange(n)[:, None]  # [N, 1]
+
+    def layer_rows(token: np.ndarray, layer: np.ndarray, known: np.ndarray, base: int) -> np.ndarray:
+        """``[N, L, k]`` rows ``base + layer * E + expert`` of ``token [N, L]`` at ``layer [N, L]``."""
+        ok = known & (token >= 0) & (layer >= 0) & (layer < n_layers)
+        chosen = experts[np.maximum(token, 0), np.clip(layer, 0, n_layers - 1)]  # [N, L, k]
+        return np.where(ok[..., None], base + np.clip(layer, 0, n_layers - 1)[..., None] * e_per + chosen, pad)
+
+    everywhere = np.ones((n, n_layers), dtype=bool)
+    this_token = np.broadcast_to(t_index, (n, n_layers))
+    for r in range(CURRENT_LAYERS):
+        layer = np.broadcast_to(layers - r, (n, n_layers))
+        groups.append(layer_rows(this_token, layer, everywhere, f.current + r * n_layers * e_per))
+    # The token before the target's: this token's predecessor, or this token itself when the target is the next one.
+    prev1 = np.where(wrap[None, :] == 0, _previous_token(n, prompt_offsets, 1)[:, None], t_index)  # [N, L]
+    prev2 = np.where(wrap[None, :] == 0, _previous_token(n, prompt_offsets, 2)[:, None],
+                     _previous_token(n, prompt_offsets, 1)[:, None])  # [N, L]
+    for o, offset in enumerate((-1, 0, 1)):
+        layer = target_layer + offset
+        known = (prev1 != t_index) | (layer <= layers[None, :])  # this token's own layers only up to l
+        groups.append(layer_rows(prev1, layer, known, f.previous + o * n_layers * e_per))
+    groups.append(layer_rows(prev2, target_layer, everywhere, f.before_previous))
+    token_row = f.token + token_ids.astype(np.int64) % TOKEN_BUCKETS  # [N]
+    prev = _previous_token(n, prompt_offsets, 1)
+    prev_token_row = np.where(prev >= 0, f.previous_token + token_ids[np.maximum(prev, 0)] % TOKEN_BUCKETS, pad)
+    target_row = f.target + (min(distance, MAX_DISTANCE) - 1) * n_layers + target_layer  # [N, L]
+    singles = np.stack([np.broadcast_to(token_row[:, None], (n, n_layers)),
+                        np.broadcast_to(prev_token_row[:, None], (n, n_layers)), target_row], axis=-1)  # [N, L, 3]
+    rows = np.concatenate([*groups, singles], axis=-1)  # [N, L, S]
+    return rows, target_token, np.ascontiguousarray(target_layer)
+
+
+def _samples(shape: PredictorShape, experts: np.ndarray, token_ids: np.ndarray, prompt_offsets: np.ndarray,
+             distances: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Every (token, layer, distance) whose target exists: ``rows [M, S]``, ``targets [M, k]`` (the experts chosen
+    there) and ``target_layers [M]``."""
+    rows_all, targets_all, layers_all = [], [], []
+    for d in distances:
+        rows, target_token, target_layer = _rows(shape, experts, token_ids, prompt_offsets, d)
+        keep = target_token >= 0
+        rows_all.append(rows[keep])
+        targets_all.append(experts[target_token[keep], target_layer[keep]].astype(np.int64))  # [M_d, k]
+        layers_all.append(target_layer[keep])
+    return (torch.from_numpy(np.concatenate(rows_all)), torch.from_numpy(np.concatenate(targets_all)),
+            np.concatenate(layers_all))
+
+
+def _train(shape: PredictorShape, rows: torch.Tensor, targets: torch.Tensor, target_layers: np.ndarray, epochs: int,
+           batch: int, lr: float, min_steps: int, rng: np.random.Generator) -> _Net:
+    """Binary cross-entropy, batches of one target layer each (one head per batch), one-cycle learning rate."""
+    f = _Features(shape)
+    net = _Net(shape, f.n_rows, f.padding)
+    with torch.no_grad():
+        net.table[f.padding] = 0
+    net.table.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
+    table_opt = _RowAdam(net.table.data, f.padding, lr)
+    by_layer = [np.flatnonzero(target_layers == j) for j in range(shape.n_layers)]
+    per_epoch = max(1, sum(-(-len(ix) // batch) for ix in by_layer))
+    epochs = max(epochs, -(-min_steps // per_epoch))
+    steps = epochs * per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    for _ in range(epochs):
+        batches = [(j, shuffled[i: i + batch]) for j, ix in enumerate(by_layer)
+                   for shuffled in [rng.permutation(ix)] for i in range(0, len(ix), batch)]
+        for b in rng.permutation(len(batches)):
+            j, ix = batches[b]
+            ix_t = torch.from_numpy(ix)
+            rows_used, inverse = torch.unique(rows[ix_t], return_inverse=True)  # [U], [B, S]
+            sub = net.table[rows_used].requires_grad_()  # [U, H]
+            logits = net.logits(F.embedding_bag(inverse, sub, mode="sum"), j)  # [B, E]
+            target = torch.zeros_like(logits).scatter_(1, targets[ix_t], 1.0)
+            loss = F.binary_cross_entropy_with_logits(logits, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            assert sub.grad is not None
+            table_opt.lr = float(sched.get_last_lr()[0])
+            table_opt.step(rows_used, sub.grad)
+            sched.step()
+    return net
+
+
+@torch.no_grad()
+def _temperature(net: _Net, rows: torch.Tensor, targets: torch.Tensor, target_layers: np.ndarray) -> float:
+    """The logit temperature that minimises cross-entropy on held-out samples (a grid: one number)."""
+    logits, labels = [], []
+    for j in np.unique(target_layers):
+        ix = torch.from_numpy(np.flatnonzero(target_layers == j))
+        out = net(rows[ix], int(j))  # [B, E]
+        logits.append(out)
+        labels.append(torch.zeros_like(out).scatter_(1, targets[ix], 1.0))
+    x, y = torch.cat(logits), torch.cat(labels)
+    grid = [0.5 + 0.05 * i for i in range(51)]
+    losses = [float(F.binary_cross_entropy_with_logits(x / t, y)) for t in grid]
+    return grid[int(np.argmin(losses))]
+
+
+class RoutingPredictor:
+    """Fit on a trace's routing, then predict, for every (token, layer), the experts ``d`` layers ahead."""
+
+    def __init__(self, shape: PredictorShape, net: _Net) -> None:
+        self.shape = shape
+        self.net = net.eval()
+
+    @classmethod
+    def fit(cls, experts: np.ndarray, token_ids: np.ndarray, prompt_offsets: np.ndarray, experts_per_layer: int,
+            distances: tuple[int, ...] = (1, 2, 3), epochs: int = 3, batch: int = 512, lr: float = 3e-3,
+            hidden: int = 256, calibration_fraction: float = 0.1, min_steps: int = 500, seed: int = 0,
+            threads: int = 2) -> RoutingPredictor:
+        """Train on ``experts [N, L, k]`` (local ids), ``token_ids [N]``, ``prompt_offsets [P+1]`` for every distance
+        in ``distances`` at once (they share what they learn), then scale the logits (one temperature) so that
+        probabilities match frequencies on the last ``calibration_fraction`` of the prompts, held out of training.
+        A short trace gets more epochs, up to ``min_steps`` optimizer steps. Deterministic for a seed and a thread
+        count."""
+        started = time.perf_counter()
+        n_layers, k = experts.shape[1:]
+        shape = PredictorShape(n_layers, experts_per_layer, k, hidden)
+        n_prompts = len(prompt_offsets) - 1
+        cut = n_prompts - round(n_prompts * calibration_fraction) if n_prompts > 1 else n_prompts
+        at = int(prompt_offsets[cut])
+        fitted = _samples(shape, experts[:at], token_ids[:at], prompt_offsets[: cut + 1], distances)
+        held_out = _samples(shape, experts[at:], token_ids[at:], prompt_offsets[cut:] - at, distances)
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            torch.manual_seed(seed)
+            net = _train(shape, *fitted, epochs, batch, lr, min_steps, np.random.default_rng(seed))
+            if len(held_out[0]):
+                net.temperature.fill_(_temperature(net, *held_out))
+        finally:
+            torch.set_num_threads(threads_before)
+        log.info("routing predictor: %d samples, %d epochs, temperature %.2f, fitted in %.1f s", len(fitted[0]),
+                 epochs, float(net.temperature), time.perf_counter() - started)
+        return cls(shape, net)
+
+    @torch.no_grad()
+    def probabilities(self, experts: np.ndarray, token_ids: np.ndarray, prompt_offsets: np.ndarray,
+                      distance: int, batch: int = 8192) -> np.ndarray:
+        """``[N, L, E]`` float32: per (token, layer), the probability that each expert is chosen ``distance`` layers
+        ahead, from what is known at that layer."""
+        n, n_layers, _ = experts.shape
+        rows, _, target_layer = _rows(self.shape, experts, token_ids, prompt_offsets, distance)
+        out = np.empty((n, n_layers, self.shape.experts_per_layer), dtype=np.float32)
+        for layer in range(n_layers):
+            j = int(target_layer[0, layer])
+            for i in range(0, n, batch):
+                logits = self.net(torch.from_numpy(np.ascontiguousarray(rows[i: i + batch, layer])), j)
+                out[i: i + batch, layer] = torch.sigmoid(logits / self.net.temperature).numpy()
+        return out
+
+    def save(self, path: Path) -> None:
+        state = {name: t.detach().numpy() for name, t in self.net.state_dict().items()}
+        state.update({f"shape.{k}": np.asarray(v, dtype=np.int64) for k, v in asdict(self.shape).items()})
+        np.savez(path, **state)
+
+    @classmethod
+    def load(cls, path: Path) -> RoutingPredictor:
+        data = np.load(path, allow_pickle=False)
+        shape = PredictorShape(**{k.removeprefix("shape."): int(data[k]) for k in data.files if k.startswith("shape.")})
+        f = _Features(shape)
+        net = _Net(shape, f.n_rows, f.padding)
+        net.load_state_dict({k: torch.from_numpy(data[k]) for k in data.files if not k.startswith("shape.")})
+        return cls(shape, net)
