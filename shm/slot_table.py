@@ -1,12 +1,18 @@
 """The slot table: which expert is in which cache slot and how many of its chunks have landed.
 
-It is how readiness reaches the inference worker with no round trip. Writers are disjoint:
+It is how readiness reaches the inference worker with no round trip. Every word has one writer:
 
 - the coordinator writes ``slot_expert``, ``slot_seq``, ``slot_state`` and ``expert_slot`` (it owns the cache
   directory) and ``waiting_for_slot``;
-- the loader writes ``slot_ready`` after a chunk's copy has completed, and only while ``slot_seq`` still matches
-  the load it is serving;
+- the loader writes ``slot_loaded`` after a chunk's copy has completed: the sequence number of the load it serves
+  and that load's landed chunk count, packed in one 64-bit word (``pack_loaded``) and written in one store;
 - the inference worker writes ``expert_pin`` (set when its gate chose the expert, cleared once computed).
+
+A slot's ready count is the count in ``slot_loaded`` if the sequence number packed with it is the slot's current
+``slot_seq``, else 0. So readiness cannot be published into a slot's next owner: a load that the coordinator
+reassigned between the loader's check and its store publishes a count tagged with the old sequence number, which no
+reader takes for the new load's (a check-then-store of a bare count could, and a restarted loader was then re-issued
+the new load from a wrong first chunk). The coordinator never writes ``slot_loaded`` and needs no reset on reassign.
 
 Reading an expert is optimistic (a seqlock): read ``slot_seq``, check the expert and that every chunk is ready,
 compute, then read ``slot_seq`` again; a slot is reassigned (and its sequence bumped) before any copy into it
@@ -33,6 +39,28 @@ LOADING = 1
 RESIDENT = 2
 """Every chunk landed (the coordinator has seen ``ExpertLoaded``)."""
 
+READY_BITS = 16
+"""Low bits of a ``slot_loaded`` word: the chunk count (at most 65535 chunks per expert)."""
+_READY_MASK = (1 << READY_BITS) - 1
+SEQ_MASK = (1 << (63 - READY_BITS)) - 1
+"""The sequence number is packed modulo 2**47 (the word stays a non-negative int64)."""
+
+
+def pack_loaded(seq: int, chunks_ready: int) -> int:
+    """One ``slot_loaded`` word: ``chunks_ready`` chunks of the load with sequence number ``seq`` have landed."""
+    return ((seq & SEQ_MASK) << READY_BITS) | chunks_ready
+
+
+def unpack_loaded(word: int) -> tuple[int, int]:
+    """``(seq modulo 2**47, chunks_ready)`` of a ``slot_loaded`` word."""
+    return word >> READY_BITS, word & _READY_MASK
+
+
+def ready_for(word: int, seq: int) -> int:
+    """Chunks ready for the load with sequence number ``seq``, given the slot's ``slot_loaded`` word."""
+    tag, chunks = unpack_loaded(word)
+    return chunks if tag == seq & SEQ_MASK else 0
+
 
 class SlotView(NamedTuple):
     slot: SlotId
@@ -42,6 +70,8 @@ class SlotView(NamedTuple):
 
 class SlotTable:
     def __init__(self, segment: Segment, n_slots: int, n_experts: int, n_chunks: int, *, init: bool) -> None:
+        if not 0 < n_chunks <= _READY_MASK:
+            raise ValueError(f"{n_chunks} chunks per expert do not fit the {READY_BITS}-bit ready count")
         need = self.nbytes_for(n_slots, n_experts)
         if segment.nbytes < need:
             raise ValueError(f"segment {segment.name} holds {segment.nbytes} bytes, table needs {need}")
@@ -56,7 +86,8 @@ class SlotTable:
         cursor += n_slots
         self.slot_seq = words[cursor : cursor + n_slots]
         cursor += n_slots
-        self.slot_ready = words[cursor : cursor + n_slots]
+        self.slot_loaded = words[cursor : cursor + n_slots]
+        """The loader's word per slot: ``pack_loaded(seq, chunks_ready)`` of the last load it published."""
         cursor += n_slots
         self.slot_state = words[cursor : cursor + n_slots]
         cursor += n_slots
@@ -85,12 +116,12 @@ class SlotTable:
         return int(self.slot_seq[slot])
 
     def _invalidate(self, slot: SlotId, state: int, expert: int) -> None:
-        """Clear readiness and change the owner, then bump the sequence number, in that order: a reader that saw
-        the old number fails validation; one that sees the new number also sees the new owner and no ready chunk."""
+        """Change the owner, then bump the sequence number, in that order: a reader that saw the old number fails
+        validation; one that sees the new number also sees the new owner, and no ready chunk (``slot_loaded`` is
+        tagged with an older number until the loader publishes for the new load)."""
         old = int(self.slot_expert[slot])
         if old >= 0 and self.expert_slot[old] == slot:
             self.expert_slot[old] = -1
-        self.slot_ready[slot] = 0
         self.slot_state[slot] = state
         self.slot_expert[slot] = expert
         self.slot_seq[slot] += 1
@@ -105,9 +136,11 @@ class SlotTable:
         self.slot_state[slot] = RESIDENT
         return True
 
-    def chunks_ready(self, slot: SlotId) -> int:
-        """Chunks of the slot's current load that have landed."""
-        return int(self.slot_ready[slot])
+    def chunks_ready(self, slot: SlotId, seq: int | None = None) -> int:
+        """Chunks that have landed of the load with ``seq`` in ``slot`` (default: the slot's current load)."""
+        if seq is None:
+            seq = int(self.slot_seq[slot])
+        return ready_for(int(self.slot_loaded[slot]), seq)
 
     def is_pinned(self, expert: ExpertId) -> bool:
         return bool(self.expert_pin[expert])
@@ -132,10 +165,17 @@ class SlotTable:
 
     # ------------------------------------------------------------ loader side
     def publish_ready(self, slot: SlotId, seq: int, chunks_ready: int) -> bool:
-        """Record that ``chunks_ready`` chunks of the load with ``seq`` are in ``slot``; False if reassigned."""
+        """Record that ``chunks_ready`` chunks of the load with ``seq`` are in ``slot``; False if reassigned.
+
+        The count and ``seq`` go out in one store, so the check before it only spares a store that no reader would
+        take: if the slot is reassigned between the two, the count still belongs to ``seq`` alone. The loader alone
+        calls this, in the order its copies complete (one stream), so a load's count never overwrites that of a
+        later load of the same slot."""
+        if not 0 <= chunks_ready <= self.n_chunks:
+            raise ValueError(f"{chunks_ready} chunks ready of {self.n_chunks}")
         if self.slot_seq[slot] != seq:
             return False
-        self.slot_ready[slot] = chunks_ready
+        self.slot_loaded[slot] = pack_loaded(seq, chunks_ready)
         return True
 
     # ------------------------------------------------------------ inference side
@@ -147,7 +187,7 @@ class SlotTable:
         seq = int(self.slot_seq[slot])
         if self.slot_expert[slot] != expert:
             return None
-        return SlotView(SlotId(slot), seq, int(self.slot_ready[slot]))
+        return SlotView(SlotId(slot), seq, ready_for(int(self.slot_loaded[slot]), seq))
 
     def is_ready(self, view: SlotView | None) -> bool:
         return view is not None and view.chunks_ready >= self.n_chunks
@@ -158,8 +198,11 @@ class SlotTable:
         slots = self.expert_slot[first : first + count]  # [count]
         placed = slots >= 0
         ready = np.zeros(count, dtype=bool)
-        ready[placed] = ((self.slot_ready[slots[placed]] >= self.n_chunks)
-                         & (self.slot_expert[slots[placed]] == experts[placed]))
+        held = slots[placed]
+        seqs = self.slot_seq[held] & SEQ_MASK  # read before the loaded words, as in ``lookup``
+        loaded = self.slot_loaded[held]
+        ready[placed] = (((loaded >> READY_BITS) == seqs) & ((loaded & _READY_MASK) >= self.n_chunks)
+                         & (self.slot_expert[held] == experts[placed]))
         return [ExpertId(int(e)) for e in experts[ready]]
 
     def still_valid(self, view: SlotView) -> bool:
@@ -173,6 +216,6 @@ class SlotTable:
         self.expert_pin[expert] = 0
 
     def close(self) -> None:
-        del self._header, self.slot_expert, self.slot_seq, self.slot_ready, self.slot_state
+        del self._header, self.slot_expert, self.slot_seq, self.slot_loaded, self.slot_state
         del self.expert_slot, self.expert_pin
         self.segment.close()

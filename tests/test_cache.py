@@ -114,7 +114,7 @@ class Rig:
                 assert int(self.table.slot_expert[command.slot]) == command.expert
                 assert int(self.table.expert_slot[command.expert]) == command.slot
                 assert int(self.table.slot_state[command.slot]) == LOADING
-                assert int(self.table.slot_ready[command.slot]) == 0
+                assert self.table.chunks_ready(command.slot) == 0
                 assert command.priority == priority and command.first_chunk == 0
             else:
                 assert isinstance(command, (Preempt, Reorder)), command

@@ -152,18 +152,18 @@ def test_readiness_is_published_only_for_completed_copies(async_rig: LoaderRig) 
     rig.load(1, slot=2, expert=5)
     rig.deliver()
     assert rig.loader.step() and rig.loader.step()  # two chunks submitted, none completed
-    assert engine.in_flight() == 2 and int(rig.table.slot_ready[2]) == 0
+    assert engine.in_flight() == 2 and rig.table.chunks_ready(SlotId(2)) == 0
     assert torch.all(rig.slots.slots[2] == SENTINEL)
     engine.finish_oldest()
     assert rig.loader.step()  # the engine is full: this step publishes chunk 0 and submits nothing
-    assert int(rig.table.slot_ready[2]) == 1
+    assert rig.table.chunks_ready(SlotId(2)) == 1
     assert engine.peak_in_flight == 2, "never more than max_in_flight chunks on the stream"
     rig.deliver()
     assert rig.events(ExpertLoaded) == []
     rig.run_until_idle()
     (loaded,) = rig.events(ExpertLoaded)
     assert (loaded.load_id, loaded.slot, loaded.nbytes) == (1, 2, LAYOUT.expert_nbytes)
-    assert int(rig.table.slot_ready[2]) == LAYOUT.n_chunks
+    assert rig.table.chunks_ready(SlotId(2)) == LAYOUT.n_chunks
     rig.assert_slot_holds(2, 5)
 
 
@@ -177,7 +177,7 @@ def test_a_copy_that_completes_after_its_slot_was_reassigned_publishes_nothing(a
     new_seq = rig.assign(0, 6)  # the coordinator reassigns the slot while the copy is on the stream
     engine.finish_oldest()
     rig.run_until_idle()
-    assert int(rig.table.slot_ready[0]) == 0, "a stale copy must not mark the new owner's chunks ready"
+    assert rig.table.chunks_ready(SlotId(0)) == 0, "a stale copy must not mark the new owner's chunks ready"
     assert rig.events(ExpertLoaded) == []
     view = rig.table.lookup(ExpertId(6))
     assert view is not None and view.seq == new_seq and not rig.table.is_ready(view)
@@ -200,7 +200,7 @@ def test_preempt_with_a_chunk_in_flight_reports_it_as_handed_out(async_rig: Load
     (preempted,) = rig.events(LoadsPreempted)
     assert preempted.chunks_done == [1]
     rig.run_until_idle()  # the in-flight chunk completes and is published; nothing else is copied
-    assert int(rig.table.slot_ready[1]) == 1
+    assert rig.table.chunks_ready(SlotId(1)) == 1
     assert torch.equal(rig.slot_chunk(1, 0), rig.store_chunk(3, 0))
     assert torch.all(rig.slot_chunk(1, 1) == SENTINEL)
     assert rig.events(ExpertLoaded) == []

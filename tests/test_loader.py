@@ -303,7 +303,7 @@ def test_load_fills_the_slot_and_reports(rig: Rig) -> None:
     assert len(rig.loader.queue) == LAYOUT.n_chunks
     for chunk in range(LAYOUT.n_chunks):
         assert rig.loader.step()
-        assert int(rig.table.slot_ready[2]) == chunk + 1  # readiness after each chunk, not only at the end
+        assert rig.table.chunks_ready(SlotId(2)) == chunk + 1  # readiness after each chunk, not only at the end
         assert torch.equal(rig.slot_chunk(2, chunk), rig.store_chunk(5, chunk))
         if chunk + 1 < LAYOUT.n_chunks:
             assert torch.all(rig.slot_chunk(2, chunk + 1) == SENTINEL)
@@ -330,7 +330,7 @@ def test_resumed_load_copies_only_the_remaining_chunks(rig: Rig) -> None:
     (loaded,) = rig.events(ExpertLoaded)
     lo, _ = LAYOUT.chunk_bounds(1)
     assert loaded.nbytes == (LAYOUT.expert_numel - lo) * 4
-    assert int(rig.table.slot_ready[0]) == LAYOUT.n_chunks
+    assert rig.table.chunks_ready(SlotId(0)) == LAYOUT.n_chunks
 
 
 @pytest.mark.timeout(30)
@@ -385,7 +385,7 @@ def test_reorder_between_chunks(rig: Rig) -> None:
         assert rig.loader.step()
     rig.deliver()
     assert [m.load_id for m in rig.events(ExpertLoaded)] == [2]
-    assert int(rig.table.slot_ready[0]) == 1
+    assert rig.table.chunks_ready(SlotId(0)) == 1
     rig.run_until_idle()
     assert [m.load_id for m in rig.events(ExpertLoaded)] == [2, 1]
     rig.assert_slot_holds(0, 0)
@@ -410,12 +410,12 @@ def test_preempt_between_chunks(rig: Rig) -> None:
     assert [m.load_id for m in rig.events(ExpertLoaded)] == [3]
     rig.assert_slot_holds(2, 2)
     # the preempted load stopped where it was: its chunks done are there, the rest was never copied
-    assert int(rig.table.slot_ready[0]) == 2
+    assert rig.table.chunks_ready(SlotId(0)) == 2
     assert not rig.table.is_ready(rig.table.lookup(ExpertId(4)))
     for chunk in (0, 1):
         assert torch.equal(rig.slot_chunk(0, chunk), rig.store_chunk(4, chunk))
     assert torch.all(rig.slot_chunk(0, 2) == SENTINEL)
-    assert int(rig.table.slot_ready[1]) == 0
+    assert rig.table.chunks_ready(SlotId(1)) == 0
     assert torch.all(rig.slots.slots[1] == SENTINEL)
 
 
@@ -455,12 +455,12 @@ def test_load_of_a_reassigned_slot_is_dropped(rig: Rig) -> None:
     old = rig.load(1, slot=0, expert=4)
     rig.deliver()
     assert rig.loader.step()
-    assert int(rig.table.slot_ready[0]) == 1
+    assert rig.table.chunks_ready(SlotId(0)) == 1
     new_seq = rig.assign(0, 5)  # the coordinator gives the slot to another expert mid-way
     assert new_seq == old.seq + 1
     rig.run_until_idle()
     assert rig.events(ExpertLoaded) == []
-    assert int(rig.table.slot_ready[0]) == 0  # the stale load never published readiness for the new owner
+    assert rig.table.chunks_ready(SlotId(0)) == 0  # the stale load never published readiness for the new owner
     assert rig.table.lookup(ExpertId(4)) is None
     view = rig.table.lookup(ExpertId(5))
     assert view is not None and view.seq == new_seq and not rig.table.is_ready(view)

@@ -144,7 +144,7 @@ def test_child_process_writes_are_seen_and_segments_outlive_it(segments: Segment
     assert report["unlink"] == "refused"
     # the parent sees what the child wrote
     assert report["published"] is True and report["stale_published"] is False
-    assert int(table.slot_ready[slot]) == LAYOUT.n_chunks
+    assert table.chunks_ready(SlotId(slot)) == LAYOUT.n_chunks
     assert table.is_ready(table.lookup(expert))
     assert table.is_pinned(expert)
     i, h = LAYOUT.intermediate_size, LAYOUT.hidden_size
@@ -284,7 +284,7 @@ def test_still_valid_fails_after_reassign_or_release(segments: Segments) -> None
 
     view = table.lookup(ExpertId(1))
     assert view is not None and table.still_valid(view)
-    assert view.chunks_ready == 0  # the reassign reset readiness
+    assert view.chunks_ready == 0  # the old load's readiness is not the new one's
     table.release(SlotId(2))
     assert not table.still_valid(view)
     assert table.lookup(ExpertId(1)) is None
@@ -307,11 +307,11 @@ def test_stale_publish_writes_nothing(segments: Segments) -> None:
     old = table.assign(SlotId(3), ExpertId(0))
     new = table.assign(SlotId(3), ExpertId(7))
     assert not table.publish_ready(SlotId(3), old, LAYOUT.n_chunks)
-    assert int(table.slot_ready[3]) == 0
+    assert table.chunks_ready(SlotId(3)) == 0
     assert not table.mark_resident(SlotId(3), old)
     assert int(table.slot_state[3]) == LOADING
     assert table.publish_ready(SlotId(3), new, 2)
-    assert int(table.slot_ready[3]) == 2
+    assert table.chunks_ready(SlotId(3)) == 2
     table.close()
 
 

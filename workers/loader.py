@@ -78,7 +78,7 @@ class Loader:
             log.debug("load %d is already queued (re-issued after a restart)", msg.load_id)
             return
         if msg.first_chunk == self.n_chunks:  # re-issued after a restart, every chunk had landed: only report it
-            if self.table.slot_seq[msg.slot] == msg.seq and self.table.slot_ready[msg.slot] >= self.n_chunks:
+            if self.table.slot_seq[msg.slot] == msg.seq and self.table.chunks_ready(msg.slot, msg.seq) >= self.n_chunks:
                 send(self.send_to_coordinator, ExpertLoaded(load_id=msg.load_id, expert=msg.expert, slot=msg.slot,
                                                             seq=msg.seq, nbytes=0, copy_ns=0))
             return
