@@ -12,7 +12,8 @@ signal wake-up fd.
   within the start-up deadline, or the death of the coordinator (which owns the cache directory and the clients'
   requests) stops the runtime with ``WorkerDead``.
 - ``shutdown`` is the only way out: SIGTERM every child, wait with a deadline, SIGKILL what is left, then unlink
-  every segment and remove the run directory.
+  every segment, remove torch's shared-memory files of every process it ever started (the CUDA IPC reference
+  counters that a killed inference worker leaves in ``/dev/shm`` as ``torch_<pid>_*``) and the run directory.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from protocol.messages import Drained, DrainRequested, WorkerDied, WorkerRestart
 from shm.cache_slots import CacheSlots
 from shm.expert_store import HostExpertStore
 from shm.hidden_exchange import HiddenExchange
-from shm.segment import Segment, unlink_leftovers
+from shm.segment import Segment, unlink_leftovers, unlink_torch_files
 from shm.slot_table import SlotTable
 from workers.bootstrap import WorkerDead, push_socket, send
 
@@ -65,6 +66,8 @@ class Supervisor:
         self.profile_dir = profile_dir
         self.stop_timeout_s = stop_timeout_s
         self.children: dict[str, subprocess.Popen] = {}
+        self.child_pids: list[int] = []
+        """Every process started, restarts included: whose torch files in /dev/shm are removed once it is gone."""
         self.profilers: list[tuple[str, subprocess.Popen]] = []
         self.segments: list[Segment] = []
         self._pidfds: dict[str, int] = {}
@@ -126,6 +129,7 @@ class Supervisor:
         cmd = [sys.executable, "-m", MODULES[role], "--run-dir", self.cfg.run_dir]
         child = subprocess.Popen(cmd, env=env, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL)
         self.children[role] = child
+        self.child_pids.append(child.pid)
         self._pidfds[role] = os.pidfd_open(child.pid)
         self._starting[role] = time.monotonic() + self.ready_timeout_s
         log.debug("started %s as pid %d", role, child.pid)
@@ -142,6 +146,7 @@ class Supervisor:
     def _restart(self, role: str, child: subprocess.Popen, code: int) -> None:
         log.error("%s (pid %d) exited with code %d: restarting it", role, child.pid, code)
         os.close(self._pidfds.pop(role))
+        self._remove_torch_files([child.pid])
         assert self.send_to_coordinator is not None
         send(self.send_to_coordinator, WorkerDied(role=role, pid=child.pid, exit_code=code))
         self.restarts[role] += 1
@@ -238,6 +243,12 @@ class Supervisor:
             except KeyboardInterrupt:
                 pass  # the first signal is still recorded; the loop condition looks for a second one
 
+    def _remove_torch_files(self, pids: list[int]) -> None:
+        """torch's files in /dev/shm of these exited children: nothing else removes them after ``kill -9``."""
+        removed = unlink_torch_files(pids)
+        if removed:
+            log.warning("removed torch shared-memory files left by exited workers: %s", removed)
+
     # ------------------------------------------------------------ the one shutdown path
     def shutdown(self, reason: str) -> None:
         if self._stopped:
@@ -287,6 +298,7 @@ class Supervisor:
         leftovers = unlink_leftovers(self.cfg.run_id)
         if leftovers:
             log.warning("removed leftover segments %s", leftovers)
+        self._remove_torch_files(self.child_pids)
         shutil.rmtree(self.cfg.run_dir, ignore_errors=True)
         signal.set_wakeup_fd(-1)
         os.close(self._wakeup_r)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+from collections.abc import Iterable
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 from typing import cast
@@ -20,6 +21,9 @@ from shm import SEGMENT_PREFIX
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
+TORCH_SHM_PREFIX = "torch_"
+"""torch names its shared-memory files ``/dev/shm/torch_<pid>_<random>_<counter>`` after the process that created
+them (``at::NewProcessWideShmHandle``); among them the CUDA IPC reference counters of exported storages."""
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 """Linux's value where Python's mmap module does not name it (before 3.13)."""
 
@@ -121,6 +125,29 @@ def unlink_leftovers(run_id: str) -> list[str]:
     """Last-resort cleanup by name, for a run whose owner died without unlinking."""
     removed = []
     for name in leftover_segments(run_id):
+        try:
+            os.unlink(SHM_DIR / name)
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def torch_files_of(pids: Iterable[int]) -> list[str]:
+    """torch's shared-memory files in /dev/shm created by any of ``pids`` (see ``TORCH_SHM_PREFIX``)."""
+    prefixes = tuple(f"{TORCH_SHM_PREFIX}{pid}_" for pid in pids)
+    if not prefixes or not SHM_DIR.is_dir():
+        return []
+    return sorted(p.name for p in SHM_DIR.iterdir() if p.name.startswith(prefixes))
+
+
+def unlink_torch_files(pids: Iterable[int]) -> list[str]:
+    """Remove torch's shared-memory files of processes that are gone (after ``kill -9`` torch cannot remove its CUDA
+    IPC reference counters itself). A pid that names a live process now is skipped: it is no longer the process
+    whose files were meant, or it is still running and owns them."""
+    gone = [pid for pid in pids if not Path(f"/proc/{pid}").exists()]
+    removed = []
+    for name in torch_files_of(gone):
         try:
             os.unlink(SHM_DIR / name)
             removed.append(name)
