@@ -14,7 +14,7 @@ import psutil
 
 from coordinator.auth import ClientKeys
 from coordinator.client import PromoeClient
-from shm.segment import leftover_segments
+from shm.segment import leftover_segments, torch_files_of
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ROLES = ("coordinator", "inference", "predictor", "loader")
@@ -119,7 +119,7 @@ class RuntimeProcess:
         return code
 
     def assert_nothing_left(self) -> None:
-        """No child process and no shared-memory segment of this runtime survives it."""
+        """No child process, no shared-memory segment and no torch file in /dev/shm of this runtime survives it."""
         deadline = time.monotonic() + 5
         alive = []
         while time.monotonic() < deadline:
@@ -129,6 +129,8 @@ class RuntimeProcess:
                 break
             time.sleep(0.1)
         assert not alive, f"processes left behind: {alive}\n{self.log()}"
+        pids = [p.pid for p in [*self.children.values(), *self.former]]
+        assert torch_files_of(pids) == [], f"torch files left in /dev/shm:\n{self.log()}"
         if self.run_id is not None:
             assert leftover_segments(self.run_id) == [], f"segments left in /dev/shm:\n{self.log()}"
         assert not list(self.root.glob("promoe-run-*")), "run directory left behind"

@@ -16,8 +16,9 @@ import pytest
 from coordinator.client import RequestFailed
 from protocol.config import SEGMENTS
 from protocol.messages import TokenStreamed
-from shm.segment import leftover_segments
+from shm.segment import leftover_segments, torch_files_of
 from tests.conftest import NEW_TOKENS, PROMPT_IDS
+from tests.test_torch_shm_cleanup import torch_file
 
 RESTART_CYCLES = int(os.environ.get("PROMOE_RESTART_CYCLES", "10"))
 FD_JITTER = 2
@@ -31,6 +32,22 @@ def test_kill_9_of_the_coordinator_stops_the_runtime_cleanly(runtime_factory):
     code = rt.wait_exit(timeout_s=30)
     assert code == 1, f"launch.py should report the dead coordinator with exit code 1, got {code}"
     assert "coordinator (pid" in rt.log() and "exited with code -9" in rt.log()
+    rt.assert_nothing_left()
+
+
+def test_torch_files_of_a_worker_killed_with_kill_9_do_not_outlive_it(runtime_factory):
+    """On the CUDA path a killed inference worker leaves torch's IPC reference counter (``torch_<pid>_*``) in
+    /dev/shm; here the test makes one under the worker's pid, as torch names it."""
+    rt = runtime_factory("--policy", "lru", "--cache-experts", "24")
+    first = rt.children["inference"].pid
+    left_by_first = torch_file(first)
+    rt.kill_worker("inference")
+    rt.wait_restarted("inference", 1)
+    assert not left_by_first.exists(), "removed when the dead worker was restarted"
+    second = rt.children["inference"].pid
+    torch_file(second)
+    assert rt.stop() == 0
+    assert torch_files_of([first, second]) == []
     rt.assert_nothing_left()
 
 
