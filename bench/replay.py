@@ -91,11 +91,18 @@ class Config:
     cache_fraction: float
     profile: DeviceProfile
     lookahead: tuple[int, ...]
+    outlook: bool = True
+    """Give promoe the predictor's outlook for every expert one token on (eviction estimates)."""
 
 
-Predicted = dict[int, tuple[np.ndarray, np.ndarray]]
-"""Per distance ``d``: ``[N, L, k]`` local experts predicted for the layer ``d`` ahead of each (token, layer), best
-first, and ``[N, L, k]`` their probabilities."""
+@dataclass(frozen=True)
+class Predicted:
+    top: dict[int, tuple[np.ndarray, np.ndarray]]
+    """Per distance ``d``: ``[N, L, k]`` local experts predicted for the layer ``d`` ahead of each (token, layer),
+    best first, and ``[N, L, k]`` their probabilities."""
+    outlook: np.ndarray
+    """``[N, L, E]`` float16: at each (token, layer), the probability of every expert of that layer at its gate one
+    token on (distance ``L``)."""
 
 
 def predictions_for(train: Trace, test: Trace, distances: tuple[int, ...], **fit_options: Any) -> Predicted:
@@ -105,40 +112,47 @@ def predictions_for(train: Trace, test: Trace, distances: tuple[int, ...], **fit
 
     started = time.perf_counter()
     predictor = RoutingPredictor.fit(train.experts, train.token_ids, train.prompt_offsets, train.experts_per_layer,
-                                     distances=tuple(sorted({1, 2, 3, *distances})), **fit_options)
-    predicted: Predicted = {}
+                                     distances=tuple(sorted({1, 2, 3, test.n_layers, *distances})), **fit_options)
+    top: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for d in distances:
         probs = predictor.probabilities(test.experts, test.token_ids, test.prompt_offsets, d)  # [N, L, E]
-        top = np.argsort(-probs, axis=-1, kind="stable")[..., : test.top_k]  # [N, L, k]
-        predicted[d] = top.astype(np.int16), np.take_along_axis(probs, top, axis=-1).astype(np.float32)
+        best = np.argsort(-probs, axis=-1, kind="stable")[..., : test.top_k]  # [N, L, k]
+        top[d] = best.astype(np.int16), np.take_along_axis(probs, best, axis=-1).astype(np.float32)
+    outlook = predictor.probabilities(test.experts, test.token_ids, test.prompt_offsets, test.n_layers)
     log.info("routing predictor: fit and predict in %.1f s", time.perf_counter() - started)
-    return predicted
+    return Predicted(top, outlook.astype(np.float16))
 
 
 def oracle_predictions(test: Trace, distances: tuple[int, ...]) -> Predicted:
     """The experts the target gates will really choose, with probability 1: the ceiling of any predictor at these
     distances (a prediction past a prompt's last token names that token's own layer again, and is never scored)."""
     n, n_layers, _ = test.experts.shape
-    predicted: Predicted = {}
-    for d in distances:
+    top: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for d in (*distances, n_layers):
         ahead = np.arange(n_layers)[None, :] + d  # [1, L]
         t = np.minimum(np.arange(n)[:, None] + ahead // n_layers, n - 1)  # [N, L]
         experts = test.experts[t, ahead % n_layers].astype(np.int16)  # [N, L, k]
-        predicted[d] = experts, np.ones(experts.shape, dtype=np.float32)
-    return predicted
+        top[d] = experts, np.ones(experts.shape, dtype=np.float32)
+    outlook = np.zeros((n, n_layers, test.experts_per_layer), dtype=np.float16)
+    np.put_along_axis(outlook, top.pop(n_layers)[0].astype(np.int64), 1.0, axis=-1)
+    return Predicted(top, outlook)
 
 
 def run_config(config: Config, test: Trace, predicted: Predicted | None) -> dict:
     """One row: ``config.policy`` on the scored part of the trace."""
     n_experts = test.n_layers * test.experts_per_layer
     n_slots = max(test.top_k, round(config.cache_fraction * n_experts))
-    predict = None
+    predict = outlook = None
     if predicted is not None:
         def predict(t: int, layer: int, distance: int) -> tuple[list[int], list[float]]:
-            experts, probabilities = predicted[distance]
+            experts, probabilities = predicted.top[distance]
             return experts[t, layer].tolist(), probabilities[t, layer].tolist()
+
+        if config.outlook:
+            def outlook(t: int, layer: int) -> np.ndarray:
+                return predicted.outlook[t, layer].astype(np.float64)
     model = ReplayModel(config.policy, n_slots, test.n_layers, test.experts_per_layer, test.top_k,
-                        config.profile, lookahead=config.lookahead, predict=predict)
+                        config.profile, lookahead=config.lookahead, predict=predict, outlook=outlook)
     result = model.run(test.experts, test.prompt_offsets.tolist())
     row = {
         "policy": config.policy, "cache_fraction": config.cache_fraction, "cache_experts": n_slots,

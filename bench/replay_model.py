@@ -43,6 +43,9 @@ from workers.chunk_queue import ChunkQueue, QueuedLoad
 Predict = Callable[[int, int, int], tuple[Sequence[int], Sequence[float] | None]]
 """(token index in the trace, MoE layer, distance) -> local experts predicted for the target layer, and the
 probability of each (None if the predictor gives none)."""
+Outlook = Callable[[int, int], np.ndarray]
+"""(token index in the trace, MoE layer) -> ``[E]`` probability of each expert of that layer at its gate one token
+on (ranks what is resident; never loads)."""
 
 
 @dataclass(frozen=True)
@@ -84,12 +87,13 @@ class ReplayResult:
     predicted_ready: int = 0
 
 
-_PREDICT, _GATE, _CHUNK = 0, 1, 2
+_PREDICT, _GATE, _CHUNK, _OUTLOOK = 0, 1, 2, 3
 
 
 class ReplayModel:
     def __init__(self, policy: str, n_slots: int, n_layers: int, experts_per_layer: int, top_k: int,
                  profile: DeviceProfile, *, lookahead: int | tuple[int, ...] = 2, predict: Predict | None = None,
+                 outlook: Outlook | None = None,
                  early_preemption: bool = True, reordered: bool = True) -> None:
         self.profile = profile
         self.n_layers = n_layers
@@ -106,6 +110,7 @@ class ReplayModel:
         self.table = SlotTable(self.segment, n_slots, n_experts, profile.n_chunks, init=True)
         self.cache = CacheDirectory(self.table, self.layout, make_policy(policy, self.layout), early_preemption)
         self.predict = predict if self.cache.policy.prefetches else None
+        self.outlook = outlook if self.cache.policy.prefetches else None
         self.queue = ChunkQueue()
         self.result = ReplayResult()
         self._events: list[tuple[float, int, int, object]] = []
@@ -140,6 +145,9 @@ class ReplayModel:
                 step, layer, experts, probabilities = payload  # type: ignore[misc]
                 self.cache.on_predicted(step, layer, experts, probabilities)
                 self._send()
+            elif kind == _OUTLOOK:
+                step, layer, probabilities = payload  # type: ignore[misc]
+                self.cache.on_outlook(step, layer, probabilities)
             else:
                 self._gate(payload)  # type: ignore[arg-type]
         return self._finished
@@ -254,6 +262,9 @@ class ReplayModel:
                     start = now
                     if self.predict is not None:  # made from this layer's gate decision: known at the gate
                         self._prediction(t, t - first, layer, start + gate_ms)
+                    if self.outlook is not None:  # the same layer's next gate, one token on
+                        self._at(start + gate_ms + p.predictor_ms, _OUTLOOK,
+                                 (t - first + 1, layer, self.outlook(t, layer)))
                     self._at(start + gate_ms, _GATE, (t - first, layer,
                                                       [ExpertId(e) for e in dict.fromkeys(chosen[layer])]))
                     now = self._run_until_layer_done()

@@ -28,6 +28,8 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
+
 from coordinator.policies import CachePolicy
 from protocol.ids import ExpertId, LoadId, RequestId, SlotId
 from protocol.messages import PRIORITY_PRECISE, PRIORITY_SPECULATIVE, LoadExpert, Message, Preempt, Reorder
@@ -186,6 +188,12 @@ class CacheDirectory:
             if slot is None:
                 continue  # not worth a slot now; a less likely one behind it is not either, but is cheap to ask
             self._start_load(expert, slot, PRIORITY_SPECULATIVE, target)
+
+    def on_outlook(self, step: int, layer: int, probabilities: np.ndarray) -> None:
+        """The predictor's probability for every expert of ``layer`` at its gate of ``step``: ranks what is resident
+        (loads nothing)."""
+        if (step, layer) > self.position:
+            self.policy.record_outlook((step, layer), probabilities)
 
     def on_gate(self, step: int, layer: int, experts: list[ExpertId], ready: list[ExpertId] | None = None) -> None:
         """The gate chose ``experts`` (now pinned by the inference worker): preempt, reorder, load what is missing.

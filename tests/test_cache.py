@@ -836,6 +836,25 @@ def test_promoe_keeps_what_the_predictor_expects_and_drops_a_confident_miss() ->
     assert first(policy, ExpertId(E), ExpertId(E + 1)) == ExpertId(E)
 
 
+def test_promoe_ranks_by_the_outlook_for_the_next_gate_of_a_layer_and_forgets_it_once_passed() -> None:
+    """Same history: the outlook (a probability for every expert of a layer at its next gate) decides; once that gate
+    has passed the outlook is about the past and no longer counts."""
+    policy = resident_promoe(E, E + 1)
+    policy.record_use([ExpertId(0)], (0, 0))
+    policy.record_outlook((0, 1), np.array([0.9, 0.05, *[0.01] * (E - 2)]))
+    assert first(policy, ExpertId(E), ExpertId(E + 1)) == ExpertId(E + 1)
+    policy.record_outlook((0, 1), np.array([0.05, 0.9, *[0.01] * (E - 2)]))  # a newer outlook replaces it
+    assert first(policy, ExpertId(E), ExpertId(E + 1)) == ExpertId(E)
+    policy.record_prediction((0, 1), [ExpertId(E)], [0.95])  # a top-k prediction is the nearer word
+    assert first(policy, ExpertId(E), ExpertId(E + 1)) == ExpertId(E + 1)
+    policy.record_use([ExpertId(E + 2)], (0, 1))  # the gate chose neither: both now wait for token 1's gate
+    policy.record_outlook((1, 1), np.array([0.02, 0.8, *[0.01] * (E - 2)]))
+    assert first(policy, ExpertId(E), ExpertId(E + 1)) == ExpertId(E)
+    policy.record_use([ExpertId(0)], (0, 0))  # a new request: the outlook for its steps is void
+    policy.record_use([ExpertId(E + 2)], (0, 1))
+    assert float(policy._eta[E]) == float(policy._eta[E + 1])
+
+
 def test_promoe_admits_a_guess_only_if_it_is_expected_sooner_than_its_victim() -> None:
     policy = resident_promoe(E)
     policy.record_use([ExpertId(0)], (0, 0))

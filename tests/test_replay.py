@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bench.belady import belady_misses
-from bench.replay import POLICIES, Trace, main, replay
+from bench.replay import POLICIES, Config, Trace, main, oracle_predictions, replay, run_config
 from bench.replay_model import DeviceProfile, ReplayModel
 
 L, E, K = 4, 8, 2
@@ -128,3 +128,15 @@ def test_oracle_predictor_is_always_right_and_beats_no_prediction() -> None:
             for r in replay(trace, 0.5, [0.5], profile, lookahead=(2,), policies=("promoe",), predictor=predictor)}
     assert rows["promoe:oracle"]["precision"] == 1.0 and rows["promoe:none"]["precision"] is None
     assert rows["promoe:oracle"]["tpot_ms"] < rows["promoe:none"]["tpot_ms"]
+
+
+def test_an_outlook_of_every_expert_one_token_on_keeps_more_of_what_is_used() -> None:
+    """The oracle's outlook (1 for what the next gate of each layer chooses, 0 for the rest) steers eviction: more
+    hits than the same predictions without it, on a cache too small for the working set."""
+    _, test = synthetic_trace(n_prompts=8, tokens=40).split(0.5)
+    profile = DeviceProfile(link_gbps=25.0, compute_ms=0.5, expert_nbytes=17_300_000)
+    predicted = oracle_predictions(test, (2,))
+    without, with_outlook = (run_config(Config("promoe", 0.25, profile, (2,), outlook), test, predicted)
+                             for outlook in (False, True))
+    assert with_outlook["hit_rate"] > without["hit_rate"] + 0.03
+    assert with_outlook["tpot_ms"] < without["tpot_ms"]

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+import numpy as np
+
 from coordinator.policies.lfu import LfuPolicy
 from coordinator.policies.lru import LruPolicy
 from coordinator.policies.ondemand import OnDemandPolicy
@@ -38,6 +40,10 @@ class CachePolicy(Protocol):
     def record_prediction(self, target: tuple[int, int], experts: list[ExpertId],
                           probabilities: list[float] | None) -> None:
         """The predictor expects ``experts`` at ``target`` (with these probabilities, if it gave them)."""
+
+    def record_outlook(self, target: tuple[int, int], probabilities: np.ndarray) -> None:
+        """The predictor's ``probabilities [E]`` that the gate at ``target`` chooses each expert of its layer (every
+        expert, not a top-k: an eviction estimate, never a reason to load)."""
 
     def record_load(self, expert: ExpertId) -> None:
         """``expert`` became resident: its load completed."""

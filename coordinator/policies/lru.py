@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
 from coordinator.policies.ranking import Ranking
 from protocol.ids import ExpertId
 from shm.layout import ExpertLayout
@@ -38,6 +40,9 @@ class LruPolicy:
         if expert not in self._last_use:
             self._touch(expert)
         self._resident.set(expert, self._key(expert))
+
+    def record_outlook(self, target: tuple[int, int], probabilities: np.ndarray) -> None:
+        pass  # ranks by the past only
 
     def record_unused_prefetch(self, expert: ExpertId) -> None:
         pass

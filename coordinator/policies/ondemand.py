@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
 from coordinator.policies.ranking import Ranking
 from protocol.ids import ExpertId
 from shm.layout import ExpertLayout
@@ -26,6 +28,9 @@ class OnDemandPolicy:
     def record_load(self, expert: ExpertId) -> None:
         self._order += 1
         self._resident.set(expert, self._order)
+
+    def record_outlook(self, target: tuple[int, int], probabilities: np.ndarray) -> None:
+        pass  # ranks by the past only
 
     def record_unused_prefetch(self, expert: ExpertId) -> None:
         pass

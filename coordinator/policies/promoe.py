@@ -7,7 +7,8 @@ will next be used, in MoE-layer steps on a clock that advances by one at every g
     eta = next_gate + (1 - p_next) * L / p_later
 
 where ``next_gate`` is the clock at the next gate of the expert's layer, ``p_next`` the probability that this gate
-chooses it (the predictor's, if it predicted that position; else the reuse model's, ``coordinator.policies.reuse``)
+chooses it (the predictor's, if it predicted that position, as a top-k prediction or as an outlook over every expert
+of the layer; else the reuse model's, ``coordinator.policies.reuse``)
 and ``p_later`` the reuse model's probability per later token (a geometric wait). The expert with the largest
 ``eta`` goes first. An expert's ``eta`` changes only when its layer's gate passes, when it is predicted, and when
 the reuse model's view of it changes at a token boundary; it is recomputed then (vectorised), and finding a victim
@@ -50,6 +51,8 @@ class PromoePolicy:
         self._eta = np.full(layout.n_experts, -np.inf)  # [n_experts]
         """Expected next use of each resident expert (gate clock); -inf for the others. The largest goes first."""
         self._predicted: dict[Position, dict[ExpertId, float]] = {}
+        self._outlook = np.zeros(layout.n_experts)  # [n_experts]
+        self._outlook_step = np.full(self.n_layers, -1)  # [L] the step each layer's outlook is about
         self._confirmed = 1.0
         self._judged = 2.0
         """Predictions whose gate reported, and how many of them it chose (prior: one in two)."""
@@ -62,6 +65,9 @@ class PromoePolicy:
     # ------------------------------------------------------------ events
     def record_use(self, experts: list[ExpertId], position: Position) -> None:
         new_token = position[0] != self.position[0] or position < self.position
+        if position < self.position:  # a new request: what was predicted for the last one is void
+            self._predicted.clear()
+            self._outlook_step[:] = -1
         if new_token:
             self.reuse.next_token()
         self.position, self.layer = position, position[1]
@@ -85,6 +91,13 @@ class PromoePolicy:
             probabilities = [self.precision] * len(experts)
         self._predicted[target] = dict(zip(experts, probabilities, strict=True))
         self._rerank(np.unique(np.array(experts, dtype=np.int64)))
+
+    def record_outlook(self, target: Position, probabilities: np.ndarray) -> None:
+        step, layer = target
+        first = layer * self.experts_per_layer
+        self._outlook[first: first + self.experts_per_layer] = probabilities
+        self._outlook_step[layer] = step
+        self._rerank(np.arange(first, first + self.experts_per_layer))
 
     def record_load(self, expert: ExpertId) -> None:
         self._resident[expert] = True
@@ -154,6 +167,9 @@ class PromoePolicy:
         at_token = self.reuse.token + (~later)  # [R] the token of the next gate of each one's layer
         p_next = self.reuse.probability(experts, at_token)
         p_later = np.maximum(self.reuse.probability(experts, at_token + 1), MIN_PROBABILITY)
+        next_step = self.position[0] + (~later)  # [R] the step of that gate
+        told = self._outlook_step[target_layer] == next_step  # the predictor's outlook is about that gate
+        p_next[told] = self._outlook[experts[told]]
         for (step, layer), predicted in self._predicted.items():  # the predictor's word for a gate it predicted
             wanted = self.position[0] + int(layer <= self.layer)
             if step != wanted:
