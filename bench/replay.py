@@ -100,9 +100,9 @@ class Predicted:
     top: dict[int, tuple[np.ndarray, np.ndarray]]
     """Per distance ``d``: ``[N, L, k]`` local experts predicted for the layer ``d`` ahead of each (token, layer),
     best first, and ``[N, L, k]`` their probabilities."""
-    outlook: np.ndarray
-    """``[N, L, E]`` float16: at each (token, layer), the probability of every expert of that layer at its gate one
-    token on (distance ``L``)."""
+    outlook: dict[int, np.ndarray]
+    """Per distance ``d`` (the lookahead's and ``L``, the same layer one token on): ``[N, L, E]`` float16, at each
+    (token, layer), the probability of every expert of the layer ``d`` ahead at its gate."""
 
 
 def predictions_for(train: Trace, test: Trace, distances: tuple[int, ...], **fit_options: Any) -> Predicted:
@@ -114,13 +114,15 @@ def predictions_for(train: Trace, test: Trace, distances: tuple[int, ...], **fit
     predictor = RoutingPredictor.fit(train.experts, train.token_ids, train.prompt_offsets, train.experts_per_layer,
                                      distances=tuple(sorted({1, 2, 3, test.n_layers, *distances})), **fit_options)
     top: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for d in distances:
+    outlook: dict[int, np.ndarray] = {}
+    for d in (*distances, test.n_layers):
         probs = predictor.probabilities(test.experts, test.token_ids, test.prompt_offsets, d)  # [N, L, E]
-        best = np.argsort(-probs, axis=-1, kind="stable")[..., : test.top_k]  # [N, L, k]
-        top[d] = best.astype(np.int16), np.take_along_axis(probs, best, axis=-1).astype(np.float32)
-    outlook = predictor.probabilities(test.experts, test.token_ids, test.prompt_offsets, test.n_layers)
+        outlook[d] = probs.astype(np.float16)
+        if d in distances:
+            best = np.argsort(-probs, axis=-1, kind="stable")[..., : test.top_k]  # [N, L, k]
+            top[d] = best.astype(np.int16), np.take_along_axis(probs, best, axis=-1).astype(np.float32)
     log.info("routing predictor: fit and predict in %.1f s", time.perf_counter() - started)
-    return Predicted(top, outlook.astype(np.float16))
+    return Predicted(top, outlook)
 
 
 def oracle_predictions(test: Trace, distances: tuple[int, ...]) -> Predicted:
@@ -128,13 +130,15 @@ def oracle_predictions(test: Trace, distances: tuple[int, ...]) -> Predicted:
     distances (a prediction past a prompt's last token names that token's own layer again, and is never scored)."""
     n, n_layers, _ = test.experts.shape
     top: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    outlook: dict[int, np.ndarray] = {}
     for d in (*distances, n_layers):
         ahead = np.arange(n_layers)[None, :] + d  # [1, L]
         t = np.minimum(np.arange(n)[:, None] + ahead // n_layers, n - 1)  # [N, L]
         experts = test.experts[t, ahead % n_layers].astype(np.int16)  # [N, L, k]
-        top[d] = experts, np.ones(experts.shape, dtype=np.float32)
-    outlook = np.zeros((n, n_layers, test.experts_per_layer), dtype=np.float16)
-    np.put_along_axis(outlook, top.pop(n_layers)[0].astype(np.int64), 1.0, axis=-1)
+        outlook[d] = np.zeros((n, n_layers, test.experts_per_layer), dtype=np.float16)
+        np.put_along_axis(outlook[d], experts.astype(np.int64), 1.0, axis=-1)
+        if d in distances:
+            top[d] = experts, np.ones(experts.shape, dtype=np.float32)
     return Predicted(top, outlook)
 
 
@@ -149,10 +153,11 @@ def run_config(config: Config, test: Trace, predicted: Predicted | None) -> dict
             return experts[t, layer].tolist(), probabilities[t, layer].tolist()
 
         if config.outlook:
-            def outlook(t: int, layer: int) -> np.ndarray:
-                return predicted.outlook[t, layer].astype(np.float64)
+            def outlook(t: int, layer: int, distance: int) -> np.ndarray:
+                return predicted.outlook[distance][t, layer].astype(np.float64)
     model = ReplayModel(config.policy, n_slots, test.n_layers, test.experts_per_layer, test.top_k,
-                        config.profile, lookahead=config.lookahead, predict=predict, outlook=outlook)
+                        config.profile, lookahead=config.lookahead, predict=predict, outlook=outlook,
+                        outlook_distances=tuple(predicted.outlook) if predicted is not None else ())
     result = model.run(test.experts, test.prompt_offsets.tolist())
     row = {
         "policy": config.policy, "cache_fraction": config.cache_fraction, "cache_experts": n_slots,

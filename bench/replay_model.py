@@ -43,9 +43,9 @@ from workers.chunk_queue import ChunkQueue, QueuedLoad
 Predict = Callable[[int, int, int], tuple[Sequence[int], Sequence[float] | None]]
 """(token index in the trace, MoE layer, distance) -> local experts predicted for the target layer, and the
 probability of each (None if the predictor gives none)."""
-Outlook = Callable[[int, int], np.ndarray]
-"""(token index in the trace, MoE layer) -> ``[E]`` probability of each expert of that layer at its gate one token
-on (ranks what is resident; never loads)."""
+Outlook = Callable[[int, int, int], np.ndarray]
+"""(token index in the trace, MoE layer, distance) -> ``[E]`` probability of each expert of the target layer at its
+gate (ranks what is resident; never loads)."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ _PREDICT, _GATE, _CHUNK, _OUTLOOK = 0, 1, 2, 3
 class ReplayModel:
     def __init__(self, policy: str, n_slots: int, n_layers: int, experts_per_layer: int, top_k: int,
                  profile: DeviceProfile, *, lookahead: int | tuple[int, ...] = 2, predict: Predict | None = None,
-                 outlook: Outlook | None = None,
+                 outlook: Outlook | None = None, outlook_distances: tuple[int, ...] = (),
                  early_preemption: bool = True, reordered: bool = True) -> None:
         self.profile = profile
         self.n_layers = n_layers
@@ -111,6 +111,8 @@ class ReplayModel:
         self.cache = CacheDirectory(self.table, self.layout, make_policy(policy, self.layout), early_preemption)
         self.predict = predict if self.cache.policy.prefetches else None
         self.outlook = outlook if self.cache.policy.prefetches else None
+        self.outlook_distances = sorted(outlook_distances, reverse=True)
+        """Distances of the outlooks given at every gate (farthest first: a nearer word on a target comes later)."""
         self.queue = ChunkQueue()
         self.result = ReplayResult()
         self._events: list[tuple[float, int, int, object]] = []
@@ -262,9 +264,8 @@ class ReplayModel:
                     start = now
                     if self.predict is not None:  # made from this layer's gate decision: known at the gate
                         self._prediction(t, t - first, layer, start + gate_ms)
-                    if self.outlook is not None:  # the same layer's next gate, one token on
-                        self._at(start + gate_ms + p.predictor_ms, _OUTLOOK,
-                                 (t - first + 1, layer, self.outlook(t, layer)))
+                    if self.outlook is not None:
+                        self._outlooks(t, t - first, layer, start + gate_ms + p.predictor_ms)
                     self._at(start + gate_ms, _GATE, (t - first, layer,
                                                       [ExpertId(e) for e in dict.fromkeys(chosen[layer])]))
                     now = self._run_until_layer_done()
@@ -279,6 +280,13 @@ class ReplayModel:
         self.result.predicted_ready = counters.predicted_ready
         self.table.close()
         return self.result
+
+    def _outlooks(self, t: int, step: int, layer: int, at_ms: float) -> None:
+        assert self.outlook is not None
+        for distance in self.outlook_distances:
+            target = layer + distance
+            self._at(at_ms, _OUTLOOK, (step + target // self.n_layers, target % self.n_layers,
+                                       self.outlook(t, layer, distance)))
 
     def _prediction(self, t: int, step: int, layer: int, known_ms: float) -> None:
         assert self.predict is not None
