@@ -187,6 +187,25 @@ def test_bitwise_equal_to_eager(make_rig, tokens: int, moe_layer: int) -> None:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("moe_layer", [0, 1])
+def test_expert_index_e_is_skipped_as_the_eager_loop_skips_it(make_rig, moe_layer: int) -> None:
+    """A router may emit index E (one past the last expert: no expert); eager skips it, so must the backend: no
+    pin, no report, no computation (layer 0's E would otherwise be layer 1's expert 0; the last layer's, no expert)."""
+    rig = make_rig()
+    rig.place_all()
+    hidden, index, weights = routing(7, seed=51)
+    index = index.clone()
+    index[::2, -1] = N_EXPERTS  # the last choice of every other token goes nowhere
+    out = rig.forward(moe_layer, hidden, index, weights)
+    assert torch.equal(out, eager(rig.modules[moe_layer], hidden, index, weights))
+    experts = [e for e in chosen(index) if e != N_EXPERTS]
+    ((_request, _layer, _step, gated),) = rig.gates
+    assert gated == [moe_layer * N_EXPERTS + e for e in experts]
+    assert rig.backend.stats.uses == len(experts)
+    assert int(rig.table.expert_pin.sum()) == 0
+
+
+@pytest.mark.timeout(60)
 def test_the_slot_not_the_model_is_what_is_computed(make_rig) -> None:
     """The backend must read the cache slots: a slot holding another expert changes the result."""
     rig = make_rig()

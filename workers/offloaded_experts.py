@@ -113,7 +113,10 @@ class OffloadedExperts:
         lay = self.layout
         if self.on_hidden is not None:  # first, so that the predictor gets the most lead time
             self.on_hidden(self.request_id, moe_layer, self.step, hidden_states)
-        chosen = torch.unique(top_k_index).tolist()  # ascending local expert indices
+        # ascending local expert indices; index E (one past the last expert) is skipped, as transformers' eager
+        # experts loop skips it (``if expert_idx == self.num_experts: continue``): a router may emit it for a
+        # token/slot that goes to no expert (expert-parallel sentinels)
+        chosen = [e for e in torch.unique(top_k_index).tolist() if e != lay.experts_per_layer]
         expert_ids = [lay.expert_id(moe_layer, e) for e in chosen]
         self.table.pin(expert_ids)
         ready_at_gate = sum(self.table.is_ready(self.table.lookup(eid)) for eid in expert_ids)
