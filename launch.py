@@ -248,7 +248,8 @@ def one_shot(args: argparse.Namespace, address: str, while_waiting=None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, machine: str | None = None) -> int:
+    """``machine``: the host CPU as ``platform.machine()`` names it (None: this host's; tests inject another)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s launch[%(process)d] %(levelname)s %(name)s: %(message)s")
@@ -271,6 +272,13 @@ def main(argv: list[str] | None = None) -> int:
         print("held-out top-k accuracy (share of predicted experts the gate chose):")
         print(format_table(rows))
         return 0
+    from shm.ordering import UnsupportedArchitecture, require_ordered_stores
+
+    try:
+        require_ordered_stores(machine)
+    except UnsupportedArchitecture as exc:
+        print(f"launch.py: error: {exc}", file=sys.stderr)
+        return 2
     problem = check_serving_flags(args, args.bind or DEFAULT_BIND)
     if problem is not None:
         print(f"launch.py: error: {problem}", file=sys.stderr)
@@ -283,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = Path(tempfile.mkdtemp(prefix="promoe-run-", dir=args.run_root))
     cfg = make_config(args, run_dir, wants_one_shot)
-    supervisor = Supervisor(cfg, profile_dir=args.profile)
+    supervisor = Supervisor(cfg, profile_dir=args.profile, machine=machine)
     try:
         supervisor.start(args.ready_timeout_s)
         if wants_one_shot:

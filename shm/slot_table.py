@@ -11,7 +11,8 @@ It is how readiness reaches the inference worker with no round trip. Writers are
 Reading an expert is optimistic (a seqlock): read ``slot_seq``, check the expert and that every chunk is ready,
 compute, then read ``slot_seq`` again; a slot is reassigned (and its sequence bumped) before any copy into it
 starts, so an unchanged sequence proves the computation read a whole, stable expert. All fields are 8-byte
-aligned int64, so single stores are atomic; x86-64 keeps stores ordered (other CPUs would need fences here).
+aligned int64, so single stores are atomic. There are no fences: ordering relies on x86-64 (stores seen in
+program order, loads done in program order), see ``shm/ordering.py``; the runtime refuses to start on other CPUs.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class SlotTable:
 
     def _invalidate(self, slot: SlotId, state: int, expert: int) -> None:
         """Clear readiness and change the owner, then bump the sequence number, in that order: a reader that saw
-        the old number fails validation; one that sees the new number also sees the new owner and no ready chunk."""
+        the old number fails validation; one that sees the new number also sees the new owner and no ready chunk.
+        x86 ordering relied on: these stores become visible in this order (no fence; shm/ordering.py)."""
         old = int(self.slot_expert[slot])
         if old >= 0 and self.expert_slot[old] == slot:
             self.expert_slot[old] = -1
@@ -132,7 +134,8 @@ class SlotTable:
 
     # ------------------------------------------------------------ loader side
     def publish_ready(self, slot: SlotId, seq: int, chunks_ready: int) -> bool:
-        """Record that ``chunks_ready`` chunks of the load with ``seq`` are in ``slot``; False if reassigned."""
+        """Record that ``chunks_ready`` chunks of the load with ``seq`` are in ``slot``; False if reassigned.
+        x86 ordering relied on: the chunk's bytes, stored (and completed) before, are visible before this count."""
         if self.slot_seq[slot] != seq:
             return False
         self.slot_ready[slot] = chunks_ready
@@ -140,7 +143,8 @@ class SlotTable:
 
     # ------------------------------------------------------------ inference side
     def lookup(self, expert: ExpertId) -> SlotView | None:
-        """Where ``expert`` is and how many chunks are ready, or None if it has no slot."""
+        """Where ``expert`` is and how many chunks are ready, or None if it has no slot. x86 ordering relied on:
+        ``slot_seq`` is loaded before the owner and the readiness, and those before the slot's bytes."""
         slot = int(self.expert_slot[expert])
         if slot < 0:
             return None
