@@ -158,8 +158,12 @@ class Coordinator:
         self._send_to_loader()
 
     def on_gate_decided(self, msg: GateDecided) -> None:
-        if self.running is not None:
-            self.running.gate_latency_ns.append(now_ns() - msg.sent_ns)
+        """Only for the running request: a report still queued from a dead inference worker (or of a request that
+        has ended) arrives after ``WorkerDied``, and must not pin the cache to loads for a request that is gone."""
+        if self.running is None or self.running.pending.request_id != msg.request_id:
+            log.debug("dropped a gate report of request %d, which is not running", msg.request_id)
+            return
+        self.running.gate_latency_ns.append(now_ns() - msg.sent_ns)
         self.cache.on_gate(msg.step, msg.layer, msg.experts, msg.ready_experts)
         self._send_to_loader()
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import zmq
 
-from coordinator.server import Coordinator
-from protocol.codec import decode
+from coordinator.requests import PendingRequest
+from coordinator.server import Coordinator, RunningRequest
+from protocol.codec import decode, dispatch
 from protocol.config import RuntimeConfig
 from protocol.ids import ExpertId, LoadId, RequestId
-from protocol.messages import LoadExpert
+from protocol.messages import GateDecided, Generate, LoadExpert, WorkerDied
 from shm.layout import ExpertLayout
 from shm.segment import Segment, segment_name
 from shm.slot_table import SlotTable
@@ -85,3 +86,42 @@ def test_a_release_nobody_reported_is_found_by_the_retry_timer(coordinator: tupl
     assert asyncio.run(scenario()) == []
     assert sorted(load.expert for load in received_loads(loader, 500)) == second
     assert coord._retry is None, "the timer stops once nothing waits"
+
+
+def run_request(coord: Coordinator, request_id: int, envelope: list[bytes]) -> None:
+    """Make ``request_id`` the running request, as ``_start_next`` does, without a client round trip."""
+    pending = PendingRequest(RequestId(request_id), envelope, Generate(prompt_ids=[1, 2, 3], max_new_tokens=4))
+    coord.running = RunningRequest(pending, 0.0)
+    coord.cache.begin_request(RequestId(request_id))
+
+
+def gate(request_id: int, experts: list[int]) -> GateDecided:
+    return GateDecided(request_id=RequestId(request_id), step=0, layer=0, experts=[ExpertId(e) for e in experts],
+                       ready_experts=[], sent_ns=0)
+
+
+def test_gate_reports_of_a_dead_inference_worker_load_nothing(coordinator: tuple[Coordinator, zmq.Socket]) -> None:
+    """Gate reports still queued from an inference worker that died arrive after ``WorkerDied``: they must not
+    re-add loads (nor waiting experts) for the request that is gone, before or after the next request starts."""
+    coord, loader = coordinator
+
+    async def scenario() -> None:
+        run_request(coord, 1, [b"gone-client"])
+        coord.cache.table.pin([ExpertId(0), ExpertId(1)])
+        dispatch(coord.worker_handlers, gate(1, [0, 1]))
+        loads = received_loads(loader, 500)
+        assert sorted(load.expert for load in loads) == [0, 1]
+        for load in loads:  # landed; still pinned when the worker dies
+            coord.cache.table.publish_ready(load.slot, load.seq, 1)
+            coord.cache.on_loaded(LoadId(load.load_id), load.seq)
+        dispatch(coord.worker_handlers, WorkerDied(role="inference", pid=1, exit_code=-9))
+        assert coord.running is None
+        dispatch(coord.worker_handlers, gate(1, [E, E + 1]))  # the dead worker's next layer, delivered late
+        assert coord.cache.waiting == [] and received_loads(loader, 50) == []
+        run_request(coord, 2, [b"next-client"])  # the restarted worker's request
+        dispatch(coord.worker_handlers, gate(1, [E + 2, E + 3]))
+        assert coord.cache.waiting == [] and received_loads(loader, 50) == []
+        dispatch(coord.worker_handlers, gate(2, [E + 4]))
+        assert [load.expert for load in received_loads(loader, 500)] == [E + 4]
+
+    asyncio.run(scenario())
