@@ -12,10 +12,21 @@ import zmq
 
 from coordinator.requests import PendingRequest
 from coordinator.server import Coordinator, RunningRequest
-from protocol.codec import decode, dispatch
+from protocol.codec import decode, dispatch, encode
 from protocol.config import RuntimeConfig
 from protocol.ids import ExpertId, LoadId, RequestId
-from protocol.messages import GateDecided, Generate, LoadExpert, WorkerDied
+from protocol.messages import (
+    CancelGeneration,
+    Drained,
+    DrainRequested,
+    ErrorReported,
+    GateDecided,
+    Generate,
+    GenerationFinished,
+    GetHealth,
+    LoadExpert,
+    WorkerDied,
+)
 from shm.layout import ExpertLayout
 from shm.segment import Segment, segment_name
 from shm.slot_table import SlotTable
@@ -125,3 +136,51 @@ def test_gate_reports_of_a_dead_inference_worker_load_nothing(coordinator: tuple
         assert [load.expert for load in received_loads(loader, 500)] == [E + 4]
 
     asyncio.run(scenario())
+
+
+def test_at_the_drain_deadline_the_running_request_is_cancelled_and_ends_the_usual_way(
+        coordinator: tuple[Coordinator, zmq.Socket]) -> None:
+    """Past the drain deadline the running request is not forgotten: the worker is told to stop it, its client is
+    answered ``shutting_down`` when the worker reports it stopped, and only then is the runtime drained."""
+    coord, _loader = coordinator
+    ctx = zmq.Context.instance()
+    inference, supervisor = ctx.socket(zmq.PULL), ctx.socket(zmq.PULL)
+    inference.bind(coord.cfg.endpoint("inference"))
+    supervisor.bind(coord.cfg.endpoint("supervisor"))
+    client = ctx.socket(zmq.DEALER)
+    client.connect(coord.cfg.bind)
+
+    def replies(timeout_ms: int) -> list[object]:
+        out = []
+        while client.poll(timeout_ms):
+            out.append(decode(client.recv()))
+            timeout_ms = 10
+        return out
+
+    async def scenario() -> None:
+        client.send(encode(GetHealth()))
+        envelope = (await coord.client_router.recv_multipart())[:1]  # the client's identity, as serve_clients sees it
+        run_request(coord, 1, envelope)
+        coord.queue.admit(envelope, Generate(prompt_ids=[1], max_new_tokens=1), RequestId(2))
+        dispatch(coord.worker_handlers, DrainRequested(timeout_s=3600.0))
+        coord._drain_expired()  # what the drain timer calls at the deadline
+        assert inference.poll(500), "the running request was not cancelled"
+        assert decode(inference.recv()) == CancelGeneration(request_id=RequestId(1))
+        (queued_reply,) = replies(500)
+        assert isinstance(queued_reply, ErrorReported) and queued_reply.request_id == 2
+        assert queued_reply.code == "shutting_down"
+        assert coord.running is not None and coord.running.pending.request_id == 1, "forgotten while it runs"
+        assert not supervisor.poll(50), "drained while a request still runs"
+        dispatch(coord.worker_handlers, GenerationFinished(
+            request_id=RequestId(1), token_ids=[5, 6], text=None, prompt_tokens=3, ttft_ms=1.0, tpot_ms=1.0,
+            stall_ms=0.0, expert_uses=0, expert_hits=0, finish_reason="cancelled"))
+        (final,) = replies(500)
+        assert isinstance(final, ErrorReported) and (final.code, final.request_id) == ("shutting_down", 1)
+        assert coord.running is None
+        assert supervisor.poll(500) and isinstance(decode(supervisor.recv()), Drained)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for sock in (inference, supervisor, client):
+            sock.close(linger=0)
