@@ -90,12 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object with the result and its metrics")
     p.add_argument("--ready-timeout-s", type=float, default=180.0, help="deadline for every process to start")
     p.add_argument("--load-timeout-s", type=float, default=60.0,
-                   help="deadline for one layer's experts to arrive before the request fails")
+                   help="the most a request may wait for experts in all (its layers' and tokens' waits added "
+                        "up) before it fails (default 60)")
     p.add_argument("--run-root", type=Path, default=None,
                    help="where the run directory (ipc:// sockets, runtime.json) is made (default: $TMPDIR)")
     p.add_argument("--heartbeat-timeout-s", type=float, default=90.0,
-                   help="kill and restart a worker that answers no ping this long (default 90; keep it above "
-                        "--load-timeout-s)")
+                   help="kill and restart a worker that answers no ping this long (default 90); the inference "
+                        "worker answers pings between tokens and at every layer, also while it waits for experts")
     p.add_argument("--drain-timeout-s", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, how long accepted requests may take to finish (default 30)")
     p.add_argument("--log-level", default="INFO")
