@@ -90,12 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object with the result and its metrics")
     p.add_argument("--ready-timeout-s", type=float, default=180.0, help="deadline for every process to start")
     p.add_argument("--load-timeout-s", type=float, default=60.0,
-                   help="deadline for one layer's experts to arrive before the request fails")
+                   help="the most a request may wait for experts in all (its layers' and tokens' waits added "
+                        "up) before it fails (default 60)")
     p.add_argument("--run-root", type=Path, default=None,
                    help="where the run directory (ipc:// sockets, runtime.json) is made (default: $TMPDIR)")
     p.add_argument("--heartbeat-timeout-s", type=float, default=90.0,
-                   help="kill and restart a worker that answers no ping this long (default 90; keep it above "
-                        "--load-timeout-s)")
+                   help="kill and restart a worker that answers no ping this long (default 90); the inference "
+                        "worker answers pings between tokens and at every layer, also while it waits for experts")
     p.add_argument("--drain-timeout-s", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, how long accepted requests may take to finish (default 30)")
     p.add_argument("--log-level", default="INFO")
@@ -248,7 +249,8 @@ def one_shot(args: argparse.Namespace, address: str, while_waiting=None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, machine: str | None = None) -> int:
+    """``machine``: the host CPU as ``platform.machine()`` names it (None: this host's; tests inject another)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s launch[%(process)d] %(levelname)s %(name)s: %(message)s")
@@ -271,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         print("held-out top-k accuracy (share of predicted experts the gate chose):")
         print(format_table(rows))
         return 0
+    from shm.ordering import UnsupportedArchitecture, require_ordered_stores
+
+    try:
+        require_ordered_stores(machine)
+    except UnsupportedArchitecture as exc:
+        print(f"launch.py: error: {exc}", file=sys.stderr)
+        return 2
     problem = check_serving_flags(args, args.bind or DEFAULT_BIND)
     if problem is not None:
         print(f"launch.py: error: {problem}", file=sys.stderr)
@@ -283,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = Path(tempfile.mkdtemp(prefix="promoe-run-", dir=args.run_root))
     cfg = make_config(args, run_dir, wants_one_shot)
-    supervisor = Supervisor(cfg, profile_dir=args.profile)
+    supervisor = Supervisor(cfg, profile_dir=args.profile, machine=machine)
     try:
         supervisor.start(args.ready_timeout_s)
         if wants_one_shot:

@@ -158,8 +158,12 @@ class Coordinator:
         self._send_to_loader()
 
     def on_gate_decided(self, msg: GateDecided) -> None:
-        if self.running is not None:
-            self.running.gate_latency_ns.append(now_ns() - msg.sent_ns)
+        """Only for the running request: a report still queued from a dead inference worker (or of a request that
+        has ended) arrives after ``WorkerDied``, and must not pin the cache to loads for a request that is gone."""
+        if self.running is None or self.running.pending.request_id != msg.request_id:
+            log.debug("dropped a gate report of request %d, which is not running", msg.request_id)
+            return
+        self.running.gate_latency_ns.append(now_ns() - msg.sent_ns)
         self.cache.on_gate(msg.step, msg.layer, msg.experts, msg.ready_experts)
         self._send_to_loader()
 
@@ -275,10 +279,17 @@ class Coordinator:
         self._report_if_drained()
 
     def _drain_expired(self) -> None:
-        if not self._drained_sent:
-            log.warning("drain deadline passed: answering what is left with shutting_down")
-            self.answer_all("shutting_down", "the runtime is stopping (drain deadline passed)")
-            self._report_if_drained()
+        """The drain deadline passed: queued requests get ``shutting_down`` now; the running one is cancelled like
+        any other (the worker stops at its next token) and ends through the usual path, answered ``shutting_down``
+        when the worker reports it stopped. ``Drained`` follows once nothing runs."""
+        if self._drained_sent:
+            return
+        log.warning("drain deadline passed: cancelling the running request, answering the queued ones with "
+                    "shutting_down")
+        self.answer_queued("shutting_down", "the runtime is stopping (drain deadline passed)")
+        if self.running is not None and self.running.pending.abandoned is None:
+            self._cancel_running("shutting_down")
+        self._report_if_drained()
 
     def _report_if_drained(self) -> None:
         if self.draining and not self._drained_sent and self.running is None and not self.queue:
@@ -286,13 +297,21 @@ class Coordinator:
             send(self.send_to_supervisor, Drained())
 
     def answer_all(self, code: str, message: str) -> None:
-        """Answer the running request and every queued one with an error (none is left unanswered)."""
+        """Answer the running request and every queued one with an error (none is left unanswered): only when the
+        coordinator itself stops, so that nothing will report on the running request any more."""
+        if self.running is not None:
+            pending = self.running.pending
+            self.running = None
+            pending.disarm()
+            self._reply(pending.envelope, ErrorReported(code=code, message=message, request_id=pending.request_id))
+        self.answer_queued(code, message)
+
+    def answer_queued(self, code: str, message: str) -> None:
+        """Answer every queued request (and a pending ``configure_cache``) with an error and empty the queue."""
         self.configurator.cancel(code, message)
-        held = ([self.running.pending] if self.running is not None else []) + list(self.queue)
-        self.running = None
+        held = list(self.queue)
         self.queue.clear()
         for pending in held:
-            pending.disarm()
             self._reply(pending.envelope, ErrorReported(code=code, message=message, request_id=pending.request_id))
 
     def _finish(self, request_id: RequestId) -> RunningRequest | None:

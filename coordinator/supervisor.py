@@ -37,6 +37,7 @@ from protocol.messages import Drained, DrainRequested, WorkerDied, WorkerRestart
 from shm.cache_slots import CacheSlots
 from shm.expert_store import HostExpertStore
 from shm.hidden_exchange import HiddenExchange
+from shm.ordering import require_ordered_stores
 from shm.segment import Segment, unlink_leftovers, unlink_torch_files
 from shm.slot_table import SlotTable
 from workers.bootstrap import WorkerDead, push_socket, send
@@ -61,8 +62,11 @@ requests it holds with ``shutting_down`` on its way out)."""
 
 
 class Supervisor:
-    def __init__(self, cfg: RuntimeConfig, profile_dir: Path | None = None, stop_timeout_s: float = 10.0) -> None:
+    def __init__(self, cfg: RuntimeConfig, profile_dir: Path | None = None, stop_timeout_s: float = 10.0,
+                 machine: str | None = None) -> None:
         self.cfg = cfg
+        self.machine = machine
+        """The host CPU as ``platform.machine()`` names it (None: this host's; tests inject another)."""
         self.profile_dir = profile_dir
         self.stop_timeout_s = stop_timeout_s
         self.children: dict[str, subprocess.Popen] = {}
@@ -89,7 +93,9 @@ class Supervisor:
 
     # ------------------------------------------------------------ start
     def start(self, ready_timeout_s: float) -> None:
-        """Create the segments, start the four processes, and wait until each reports ready."""
+        """Create the segments, start the four processes, and wait until each reports ready. Refuses
+        (``UnsupportedArchitecture``), before creating anything, on a CPU without x86's memory ordering."""
+        require_ordered_stores(self.machine)
         self._install_signal_handlers()
         self.ready_timeout_s = ready_timeout_s
         try:

@@ -39,7 +39,7 @@ class RuntimeConfig:
     predictor_path: str | None
     """Trained predictor file, if any."""
     load_timeout_s: float
-    """Longest the inference worker waits for one layer's experts before failing the request."""
+    """Longest a request may wait for experts in all (every layer's and token's waits added up) before it fails."""
     supervisor_pid: int
     """The launcher; workers exit when it goes."""
     hidden_max_tokens: int = 64

@@ -4,6 +4,9 @@ One record per MoE layer: a sequence number, the step, the number of rows, and u
 hidden state (float32). Writing is a seqlock: the sequence is odd while the inference worker writes; the predictor
 copies the rows and accepts them only if the sequence was even and unchanged across the copy. A record that was
 overwritten before the predictor got to it is dropped: the prediction would be for a layer already past.
+
+No fences: the seqlock relies on x86-64 keeping the writer's stores and the reader's loads in program order
+(``shm/ordering.py``; the runtime refuses to start on CPUs without that ordering).
 """
 
 from __future__ import annotations

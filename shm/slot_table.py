@@ -17,7 +17,8 @@ the new load from a wrong first chunk). The coordinator never writes ``slot_load
 Reading an expert is optimistic (a seqlock): read ``slot_seq``, check the expert and that every chunk is ready,
 compute, then read ``slot_seq`` again; a slot is reassigned (and its sequence bumped) before any copy into it
 starts, so an unchanged sequence proves the computation read a whole, stable expert. All fields are 8-byte
-aligned int64, so single stores are atomic; x86-64 keeps stores ordered (other CPUs would need fences here).
+aligned int64, so single stores are atomic. There are no fences: ordering relies on x86-64 (stores seen in
+program order, loads done in program order), see ``shm/ordering.py``; the runtime refuses to start on other CPUs.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ class SlotTable:
     def _invalidate(self, slot: SlotId, state: int, expert: int) -> None:
         """Change the owner, then bump the sequence number, in that order: a reader that saw the old number fails
         validation; one that sees the new number also sees the new owner, and no ready chunk (``slot_loaded`` is
-        tagged with an older number until the loader publishes for the new load)."""
+        tagged with an older number until the loader publishes for the new load).
+        x86 ordering relied on: these stores become visible in this order (no fence; shm/ordering.py)."""
         old = int(self.slot_expert[slot])
         if old >= 0 and self.expert_slot[old] == slot:
             self.expert_slot[old] = -1
@@ -170,7 +172,8 @@ class SlotTable:
         The count and ``seq`` go out in one store, so the check before it only spares a store that no reader would
         take: if the slot is reassigned between the two, the count still belongs to ``seq`` alone. The loader alone
         calls this, in the order its copies complete (one stream), so a load's count never overwrites that of a
-        later load of the same slot."""
+        later load of the same slot. x86 ordering relied on: the chunk's bytes, stored (and completed) before,
+        are visible before this word."""
         if not 0 <= chunks_ready <= self.n_chunks:
             raise ValueError(f"{chunks_ready} chunks ready of {self.n_chunks}")
         if self.slot_seq[slot] != seq:
@@ -180,7 +183,8 @@ class SlotTable:
 
     # ------------------------------------------------------------ inference side
     def lookup(self, expert: ExpertId) -> SlotView | None:
-        """Where ``expert`` is and how many chunks are ready, or None if it has no slot."""
+        """Where ``expert`` is and how many chunks are ready, or None if it has no slot. x86 ordering relied on:
+        ``slot_seq`` is loaded before the owner and the readiness, and those before the slot's bytes."""
         slot = int(self.expert_slot[expert])
         if slot < 0:
             return None

@@ -10,11 +10,23 @@ from pathlib import Path
 import pytest
 import zmq
 
-from coordinator.server import Coordinator
-from protocol.codec import decode
+from coordinator.requests import PendingRequest
+from coordinator.server import Coordinator, RunningRequest
+from protocol.codec import decode, dispatch, encode
 from protocol.config import RuntimeConfig
 from protocol.ids import ExpertId, LoadId, RequestId
-from protocol.messages import LoadExpert
+from protocol.messages import (
+    CancelGeneration,
+    Drained,
+    DrainRequested,
+    ErrorReported,
+    GateDecided,
+    Generate,
+    GenerationFinished,
+    GetHealth,
+    LoadExpert,
+    WorkerDied,
+)
 from shm.layout import ExpertLayout
 from shm.segment import Segment, segment_name
 from shm.slot_table import SlotTable
@@ -85,3 +97,90 @@ def test_a_release_nobody_reported_is_found_by_the_retry_timer(coordinator: tupl
     assert asyncio.run(scenario()) == []
     assert sorted(load.expert for load in received_loads(loader, 500)) == second
     assert coord._retry is None, "the timer stops once nothing waits"
+
+
+def run_request(coord: Coordinator, request_id: int, envelope: list[bytes]) -> None:
+    """Make ``request_id`` the running request, as ``_start_next`` does, without a client round trip."""
+    pending = PendingRequest(RequestId(request_id), envelope, Generate(prompt_ids=[1, 2, 3], max_new_tokens=4))
+    coord.running = RunningRequest(pending, 0.0)
+    coord.cache.begin_request(RequestId(request_id))
+
+
+def gate(request_id: int, experts: list[int]) -> GateDecided:
+    return GateDecided(request_id=RequestId(request_id), step=0, layer=0, experts=[ExpertId(e) for e in experts],
+                       ready_experts=[], sent_ns=0)
+
+
+def test_gate_reports_of_a_dead_inference_worker_load_nothing(coordinator: tuple[Coordinator, zmq.Socket]) -> None:
+    """Gate reports still queued from an inference worker that died arrive after ``WorkerDied``: they must not
+    re-add loads (nor waiting experts) for the request that is gone, before or after the next request starts."""
+    coord, loader = coordinator
+
+    async def scenario() -> None:
+        run_request(coord, 1, [b"gone-client"])
+        coord.cache.table.pin([ExpertId(0), ExpertId(1)])
+        dispatch(coord.worker_handlers, gate(1, [0, 1]))
+        loads = received_loads(loader, 500)
+        assert sorted(load.expert for load in loads) == [0, 1]
+        for load in loads:  # landed; still pinned when the worker dies
+            coord.cache.table.publish_ready(load.slot, load.seq, 1)
+            coord.cache.on_loaded(LoadId(load.load_id), load.seq)
+        dispatch(coord.worker_handlers, WorkerDied(role="inference", pid=1, exit_code=-9))
+        assert coord.running is None
+        dispatch(coord.worker_handlers, gate(1, [E, E + 1]))  # the dead worker's next layer, delivered late
+        assert coord.cache.waiting == [] and received_loads(loader, 50) == []
+        run_request(coord, 2, [b"next-client"])  # the restarted worker's request
+        dispatch(coord.worker_handlers, gate(1, [E + 2, E + 3]))
+        assert coord.cache.waiting == [] and received_loads(loader, 50) == []
+        dispatch(coord.worker_handlers, gate(2, [E + 4]))
+        assert [load.expert for load in received_loads(loader, 500)] == [E + 4]
+
+    asyncio.run(scenario())
+
+
+def test_at_the_drain_deadline_the_running_request_is_cancelled_and_ends_the_usual_way(
+        coordinator: tuple[Coordinator, zmq.Socket]) -> None:
+    """Past the drain deadline the running request is not forgotten: the worker is told to stop it, its client is
+    answered ``shutting_down`` when the worker reports it stopped, and only then is the runtime drained."""
+    coord, _loader = coordinator
+    ctx = zmq.Context.instance()
+    inference, supervisor = ctx.socket(zmq.PULL), ctx.socket(zmq.PULL)
+    inference.bind(coord.cfg.endpoint("inference"))
+    supervisor.bind(coord.cfg.endpoint("supervisor"))
+    client = ctx.socket(zmq.DEALER)
+    client.connect(coord.cfg.bind)
+
+    def replies(timeout_ms: int) -> list[object]:
+        out = []
+        while client.poll(timeout_ms):
+            out.append(decode(client.recv()))
+            timeout_ms = 10
+        return out
+
+    async def scenario() -> None:
+        client.send(encode(GetHealth()))
+        envelope = (await coord.client_router.recv_multipart())[:1]  # the client's identity, as serve_clients sees it
+        run_request(coord, 1, envelope)
+        coord.queue.admit(envelope, Generate(prompt_ids=[1], max_new_tokens=1), RequestId(2))
+        dispatch(coord.worker_handlers, DrainRequested(timeout_s=3600.0))
+        coord._drain_expired()  # what the drain timer calls at the deadline
+        assert inference.poll(500), "the running request was not cancelled"
+        assert decode(inference.recv()) == CancelGeneration(request_id=RequestId(1))
+        (queued_reply,) = replies(500)
+        assert isinstance(queued_reply, ErrorReported) and queued_reply.request_id == 2
+        assert queued_reply.code == "shutting_down"
+        assert coord.running is not None and coord.running.pending.request_id == 1, "forgotten while it runs"
+        assert not supervisor.poll(50), "drained while a request still runs"
+        dispatch(coord.worker_handlers, GenerationFinished(
+            request_id=RequestId(1), token_ids=[5, 6], text=None, prompt_tokens=3, ttft_ms=1.0, tpot_ms=1.0,
+            stall_ms=0.0, expert_uses=0, expert_hits=0, finish_reason="cancelled"))
+        (final,) = replies(500)
+        assert isinstance(final, ErrorReported) and (final.code, final.request_id) == ("shutting_down", 1)
+        assert coord.running is None
+        assert supervisor.poll(500) and isinstance(decode(supervisor.recv()), Drained)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for sock in (inference, supervisor, client):
+            sock.close(linger=0)

@@ -235,3 +235,19 @@ def test_kill_9_of_the_launcher_leaves_no_process_and_no_segment(runtime_factory
             raise AssertionError(f"{role} outlived its supervisor") from exc
     for run_dir in rt.root.glob("promoe-run-*"):  # the supervisor could not remove it; the test does
         shutil.rmtree(run_dir)
+
+
+def test_a_prefill_longer_than_the_heartbeat_deadline_keeps_its_worker(runtime_factory):
+    """The inference worker answers pings from its per-layer path too: a prefill that waits for its experts several
+    heartbeat deadlines long (every expert loaded on demand over an emulated 10 MB/s link) completes, and the
+    worker is neither killed nor restarted."""
+    heartbeat_s = 3.0
+    rt = runtime_factory("--policy", "ondemand", "--cache-experts", "48", "--link-gbps", "0.01",
+                         "--heartbeat-timeout-s", str(heartbeat_s))
+    with rt.client() as client:
+        done = client.generate(prompt_ids=[(7 * i) % 250 + 1 for i in range(96)], max_new_tokens=1)
+        health = client.health()
+    assert done.metrics["stall_ms"] > 2 * heartbeat_s * 1e3, f"the prefill was not long enough: {done.metrics}"
+    assert health.restarts["inference"] == 0 and "answered no ping" not in rt.log()
+    assert rt.stop() == 0
+    rt.assert_nothing_left()

@@ -187,6 +187,25 @@ def test_bitwise_equal_to_eager(make_rig, tokens: int, moe_layer: int) -> None:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("moe_layer", [0, 1])
+def test_expert_index_e_is_skipped_as_the_eager_loop_skips_it(make_rig, moe_layer: int) -> None:
+    """A router may emit index E (one past the last expert: no expert); eager skips it, so must the backend: no
+    pin, no report, no computation (layer 0's E would otherwise be layer 1's expert 0; the last layer's, no expert)."""
+    rig = make_rig()
+    rig.place_all()
+    hidden, index, weights = routing(7, seed=51)
+    index = index.clone()
+    index[::2, -1] = N_EXPERTS  # the last choice of every other token goes nowhere
+    out = rig.forward(moe_layer, hidden, index, weights)
+    assert torch.equal(out, eager(rig.modules[moe_layer], hidden, index, weights))
+    experts = [e for e in chosen(index) if e != N_EXPERTS]
+    ((_request, _layer, _step, gated),) = rig.gates
+    assert gated == [moe_layer * N_EXPERTS + e for e in experts]
+    assert rig.backend.stats.uses == len(experts)
+    assert int(rig.table.expert_pin.sum()) == 0
+
+
+@pytest.mark.timeout(60)
 def test_the_slot_not_the_model_is_what_is_computed(make_rig) -> None:
     """The backend must read the cache slots: a slot holding another expert changes the result."""
     rig = make_rig()
@@ -389,6 +408,53 @@ def test_load_timeout_names_the_layer_and_clears_the_pins(make_rig) -> None:
     rig.publish(partial)
     out = rig.forward(0, hidden, index, weights)
     assert torch.equal(out, eager(rig.modules[0], hidden, index, weights))
+
+
+class FakeClock:
+    """Nanoseconds that pass only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now_ns = 0
+
+    def __call__(self) -> int:
+        return self.now_ns
+
+
+@pytest.mark.timeout(60)
+def test_the_load_deadline_bounds_the_whole_requests_waiting_and_pings_are_answered_meanwhile(make_rig) -> None:
+    """Two layers each wait 0.7 s (fake clock) under a 1 s load deadline: each is under it, together they are not,
+    so the second fails. While waiting, the backend keeps calling ``keep_alive`` (how the worker answers pings)."""
+    clock = FakeClock()
+    rig = make_rig(load_timeout_s=1.0)
+    rig.backend.clock_ns = clock
+    rig.place_all()
+    hidden, index, weights = routing(7, seed=42)
+    late = chosen(index)[0]
+    calls: list[int] = []
+    release_at_ns = [700_000_000]
+
+    def keep_alive() -> None:  # each call while waiting lets 50 ms pass; at release_at_ns the expert lands
+        calls.append(clock.now_ns)
+        if rig.table.is_pinned(ExpertId(waiting[0])) and not rig.table.is_ready(rig.table.lookup(waiting[0])):
+            clock.now_ns += 50_000_000
+            if clock.now_ns >= release_at_ns[0]:
+                rig.publish(waiting[0])
+
+    rig.backend.keep_alive = keep_alive
+    waiting = [late]
+    rig.place(late, ready=False)
+    out = rig.forward(0, hidden, index, weights)
+    assert torch.equal(out, eager(rig.modules[0], hidden, index, weights))
+    assert 500_000_000 <= rig.backend.stats.stall_ns < 1_000_000_000  # under the budget: served
+    assert len(calls) >= 12, "keep_alive was not called while waiting"
+    waiting[0] = N_EXPERTS + late  # the next layer waits as long again: past the request's budget
+    rig.place(waiting[0], ready=False)
+    release_at_ns[0] = clock.now_ns + 700_000_000
+    with pytest.raises(LoadTimedOut) as info:
+        rig.forward(1, hidden, index, weights)
+    assert f"layer {MOE_LAYERS[1]} " in str(info.value) and "in all" in str(info.value)
+    assert clock.now_ns < release_at_ns[0], "it waited out the layer instead of the request's budget"
+    assert int(rig.table.expert_pin.sum()) == 0
 
 
 @pytest.mark.timeout(60)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import logging
+import math
 import os
 import signal
 import sys
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 IDLE_POLL_S = 0.2
 """How long a worker blocks on its inbox before checking again (signals interrupt the wait anyway)."""
+KEEP_ALIVE_INTERVAL_S = 0.1
+"""Inside long work, how often a worker looks for pings to answer (pings come every second)."""
 
 
 class WorkerStopping(BaseException):
@@ -92,6 +95,15 @@ class Inbox:
     def defer(self, message: Message) -> None:
         self.deferred.append(message)
 
+    def take_deferred(self, kind: type[Message]) -> list[Message]:
+        """Remove and return the deferred messages of type ``kind`` (the others keep their order)."""
+        taken = [m for m in self.deferred if isinstance(m, kind)]
+        if taken:
+            kept = [m for m in self.deferred if not isinstance(m, kind)]
+            self.deferred.clear()
+            self.deferred.extend(kept)
+        return taken
+
     def poll(self, timeout_s: float) -> Message | None:
         """Next message within ``timeout_s`` (0: do not wait), or None. Undecodable frames are logged and dropped."""
         if self.deferred:
@@ -145,6 +157,15 @@ class WorkerSockets:
     def answer_ping(self, msg: Ping) -> None:
         send(self.send_to_coordinator, PingAnswered(role=self.role, nonce=msg.nonce, sent_ns=msg.sent_ns))
 
+    def answer_pings(self) -> None:
+        """Take everything the socket holds without waiting: answer the pings, defer the rest (the serve loop
+        handles it later, in order). Safe from inside a handler (the same thread)."""
+        while (msg := self.inbox.receive(0)) is not None:
+            if isinstance(msg, Ping):
+                self.answer_ping(msg)
+            else:
+                self.inbox.defer(msg)
+
     def serve(self, handlers: dict[type[Message], Any]) -> None:
         """Handle inbox messages one at a time, forever (until ``WorkerStopping``)."""
         while True:
@@ -161,6 +182,25 @@ class WorkerSockets:
         self.send_to_coordinator.close(linger=0)
         self.send_to_supervisor.close(linger=0)
         self.ctx.term()
+
+
+class KeepAlive:
+    """Answers pings from inside long work (the inference worker's per-layer path), so that liveness does not
+    depend on how long a request is: called as often as convenient, it looks at the inbox at most every
+    ``interval_s`` (otherwise it costs one clock read)."""
+
+    def __init__(self, sockets: WorkerSockets, interval_s: float = KEEP_ALIVE_INTERVAL_S,
+                 clock_s: Callable[[], float] = time.monotonic) -> None:
+        self.sockets = sockets
+        self.interval_s = interval_s
+        self.clock_s = clock_s
+        self._next_s = -math.inf
+
+    def __call__(self) -> None:
+        now_s = self.clock_s()
+        if now_s >= self._next_s:
+            self._next_s = now_s + self.interval_s
+            self.sockets.answer_pings()
 
 
 def run_worker(role: str, argv: list[str] | None, body: Callable[[RuntimeConfig, WorkerSockets], None]) -> None:

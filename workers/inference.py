@@ -2,7 +2,8 @@
 experts backend that computes them from the cache slots. Runs one request at a time with ``generate()``.
 
 Per layer it sends one one-way ``GateDecided``; per token one ``TokenGenerated``. It never waits for a reply:
-readiness comes from the slot table.
+readiness comes from the slot table. It answers the coordinator's pings between tokens and from the per-layer
+path, so that a long prefill or a token with long waits for experts is not taken for a hung worker.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from shm.hidden_exchange import HiddenExchange
 from shm.layout import DTYPES
 from shm.segment import Segment
 from shm.slot_table import SlotTable
-from workers.bootstrap import WorkerSockets, now_ns, push_socket, run_worker, send
+from workers.bootstrap import KeepAlive, WorkerSockets, now_ns, push_socket, run_worker, send
 from workers.offloaded_experts import IMPLEMENTATION_NAME, LoadTimedOut, OffloadedExperts
 
 log = logging.getLogger(__name__)
@@ -87,10 +88,10 @@ class CancelCheck(StoppingCriteria):
     coordinator sent ``CancelGeneration`` for this request.
 
     Why a message and not a flag in shared memory: the inbox is already there and ordered with every other command
-    (a cancel can never overtake the ``StartGeneration`` it refers to, nor leak into the next request), the check is
-    one zero-timeout poll per token (microseconds; never per layer, and never a round trip), and draining the inbox
-    here also answers the coordinator's pings during a long generation. Anything else found is deferred to the
-    serve loop.
+    (a cancel can never overtake the ``StartGeneration`` it refers to, nor leak into the next request), and the
+    check is one zero-timeout poll per token (microseconds; never a round trip). Pings are answered here and, within
+    a token, from the experts backend's per-layer path (``KeepAlive``), which defers what else it finds: a cancel
+    it took out early is looked for among the deferred messages. Anything else is left to the serve loop.
     """
 
     def __init__(self, request_id: RequestId, sockets: WorkerSockets) -> None:
@@ -99,13 +100,11 @@ class CancelCheck(StoppingCriteria):
         self.cancelled = False
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        while not self.cancelled and (msg := self.sockets.inbox.receive(0)) is not None:
-            if isinstance(msg, CancelGeneration):
-                self.cancelled = msg.request_id == self.request_id  # a stale cancel of an earlier request: ignored
-            elif isinstance(msg, Ping):
-                self.sockets.answer_ping(msg)
-            else:
-                self.sockets.inbox.defer(msg)
+        self.sockets.answer_pings()
+        for msg in self.sockets.inbox.take_deferred(CancelGeneration):
+            assert isinstance(msg, CancelGeneration)
+            if msg.request_id == self.request_id:  # a stale cancel of an earlier request: ignored
+                self.cancelled = True
         return torch.full((input_ids.shape[0],), self.cancelled, dtype=torch.bool, device=input_ids.device)
 
 
@@ -268,7 +267,7 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
 
         backend = OffloadedExperts(lay, table, slots, experts_modules(model, lay.moe_layers), on_gate, on_released,
                                    cfg.load_timeout_s, on_hidden if cfg.prefetch else None,
-                                   reordered=cfg.reordered_inference)
+                                   reordered=cfg.reordered_inference, keep_alive=KeepAlive(sockets))
         backend.register()
         model.set_experts_implementation(IMPLEMENTATION_NAME)  # type: ignore[operator]
         worker = InferenceWorker(model, tokenizer, backend, sockets)

@@ -74,6 +74,8 @@ class OffloadedExperts:
         load_timeout_s: float,
         on_hidden: Callable[[int, int, int, torch.Tensor], None] | None = None,
         reordered: bool = True,
+        keep_alive: Callable[[], None] | None = None,
+        clock_ns: Callable[[], int] = time.perf_counter_ns,
     ) -> None:
         self.layout = layout
         self.table = table
@@ -84,6 +86,10 @@ class OffloadedExperts:
         self.reordered = reordered
         """False (ablation): compute in ascending expert order, waiting for each in turn."""
         self.load_timeout_s = load_timeout_s
+        """The most a request may wait for experts in all (its layers' and tokens' waits added up)."""
+        self.keep_alive = keep_alive
+        """Called at every layer and while waiting, between computations: the worker answers pings from here."""
+        self.clock_ns = clock_ns
         self._moe_layer_of = {id(m): i for i, m in enumerate(experts_modules)}
         self.request_id = 0
         self.step = -1
@@ -107,13 +113,18 @@ class OffloadedExperts:
         top_k_index: torch.Tensor,  # [T, k]
         top_k_weights: torch.Tensor,  # [T, k]
     ) -> torch.Tensor:
+        if self.keep_alive is not None:
+            self.keep_alive()
         moe_layer = self._moe_layer_of[id(module)]
         if moe_layer == 0:
             self.step += 1
         lay = self.layout
         if self.on_hidden is not None:  # first, so that the predictor gets the most lead time
             self.on_hidden(self.request_id, moe_layer, self.step, hidden_states)
-        chosen = torch.unique(top_k_index).tolist()  # ascending local expert indices
+        # ascending local expert indices; index E (one past the last expert) is skipped, as transformers' eager
+        # experts loop skips it (``if expert_idx == self.num_experts: continue``): a router may emit it for a
+        # token/slot that goes to no expert (expert-parallel sentinels)
+        chosen = [e for e in torch.unique(top_k_index).tolist() if e != lay.experts_per_layer]
         expert_ids = [lay.expert_id(moe_layer, e) for e in chosen]
         self.table.pin(expert_ids)
         ready_at_gate = sum(self.table.is_ready(self.table.lookup(eid)) for eid in expert_ids)
@@ -128,9 +139,11 @@ class OffloadedExperts:
         pending = dict(zip(chosen, expert_ids, strict=True))
         reading: list[Reading] = []
         wait_started: int | None = None
-        deadline = time.monotonic() + self.load_timeout_s
+        budget_ns = int(self.load_timeout_s * 1e9)
         backoff_s = 0.0
         while pending or reading:
+            if self.keep_alive is not None:
+                self.keep_alive()
             progressed = False
             candidates = list(pending.items()) if self.reordered else list(pending.items())[:1]
             for local, eid in candidates:
@@ -144,23 +157,23 @@ class OffloadedExperts:
             if not progressed and reading:  # nothing else to do: let the GPU finish what it reads
                 progressed = self._retire(reading, pending, outputs, wait=True)
             if pending and not progressed:
-                now = time.monotonic()
+                now_ns = self.clock_ns()
                 if wait_started is None:
-                    wait_started = time.perf_counter_ns()
-                if now > deadline:
+                    wait_started = now_ns
+                if self.stats.stall_ns + now_ns - wait_started > budget_ns:  # the whole request's waiting
                     self.table.expert_pin[list(pending.values())] = 0
                     raise LoadTimedOut(
-                        f"layer {lay.moe_layers[moe_layer]} step {self.step}: experts {sorted(pending)} not ready "
-                        f"after {self.load_timeout_s:.1f} s"
+                        f"layer {lay.moe_layers[moe_layer]} step {self.step}: experts {sorted(pending)} not ready; "
+                        f"the request waited for experts {self.load_timeout_s:.1f} s in all"
                     )
                 time.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2 or 10e-6, 100e-6)
             elif wait_started is not None:
-                self.stats.stall_ns += time.perf_counter_ns() - wait_started
+                self.stats.stall_ns += self.clock_ns() - wait_started
                 wait_started = None
                 backoff_s = 0.0
         if wait_started is not None:
-            self.stats.stall_ns += time.perf_counter_ns() - wait_started
+            self.stats.stall_ns += self.clock_ns() - wait_started
 
         final = torch.zeros_like(hidden_states)  # [T, H]
         for local in chosen:  # ascending, as the eager loop adds
