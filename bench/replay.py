@@ -101,8 +101,9 @@ class Predicted:
     """Per distance ``d``: ``[N, L, k]`` local experts predicted for the layer ``d`` ahead of each (token, layer),
     best first, and ``[N, L, k]`` their probabilities."""
     outlook: dict[int, np.ndarray]
-    """Per distance ``d`` (the lookahead's and ``L``, the same layer one token on): ``[N, L, E]`` float16, at each
-    (token, layer), the probability of every expert of the layer ``d`` ahead at its gate."""
+    """Per distance ``d`` (``L``: the same layer one token on): ``[N, L, E]`` float16, at each (token, layer), the
+    probability of every expert of the layer ``d`` ahead at its gate. (Outlooks at the lookahead's distances too
+    measured no better on the DeepSeek trace: 1.169x lru against 1.171x, link-bound at 12.5%.)"""
 
 
 def predictions_for(train: Trace, test: Trace, distances: tuple[int, ...], **fit_options: Any) -> Predicted:
@@ -117,7 +118,8 @@ def predictions_for(train: Trace, test: Trace, distances: tuple[int, ...], **fit
     outlook: dict[int, np.ndarray] = {}
     for d in (*distances, test.n_layers):
         probs = predictor.probabilities(test.experts, test.token_ids, test.prompt_offsets, d)  # [N, L, E]
-        outlook[d] = probs.astype(np.float16)
+        if d == test.n_layers:
+            outlook[d] = probs.astype(np.float16)
         if d in distances:
             best = np.argsort(-probs, axis=-1, kind="stable")[..., : test.top_k]  # [N, L, k]
             top[d] = best.astype(np.int16), np.take_along_axis(probs, best, axis=-1).astype(np.float32)
@@ -135,8 +137,9 @@ def oracle_predictions(test: Trace, distances: tuple[int, ...]) -> Predicted:
         ahead = np.arange(n_layers)[None, :] + d  # [1, L]
         t = np.minimum(np.arange(n)[:, None] + ahead // n_layers, n - 1)  # [N, L]
         experts = test.experts[t, ahead % n_layers].astype(np.int16)  # [N, L, k]
-        outlook[d] = np.zeros((n, n_layers, test.experts_per_layer), dtype=np.float16)
-        np.put_along_axis(outlook[d], experts.astype(np.int64), 1.0, axis=-1)
+        if d == n_layers:
+            outlook[d] = np.zeros((n, n_layers, test.experts_per_layer), dtype=np.float16)
+            np.put_along_axis(outlook[d], experts.astype(np.int64), 1.0, axis=-1)
         if d in distances:
             top[d] = experts, np.ones(experts.shape, dtype=np.float32)
     return Predicted(top, outlook)
