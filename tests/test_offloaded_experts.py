@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -251,16 +250,20 @@ def test_late_experts_in_reverse_order_give_the_same_bits(make_rig, moe_layer: i
         rig.place(eid, ready=eid in ready_now)
     rig.publish(late[0], chunks=rig.layout.n_chunks - 1)  # all but one chunk: not ready either
     order = rig.record_computes()
+    to_publish = list(reversed(late))  # the highest expert first
+    polls_without_news = 0
 
     def loader() -> None:
-        for eid in reversed(late):  # the highest expert first
-            time.sleep(0.02)
-            rig.publish(eid)
+        """Runs between the backend's polls: once a poll has found nothing new, the next expert lands."""
+        nonlocal polls_without_news
+        polls_without_news = polls_without_news + 1 if len(order) == len(late) - len(to_publish) + 1 else 0
+        if polls_without_news >= 2 and to_publish:
+            rig.publish(to_publish.pop(0))
+            polls_without_news = 0
 
-    thread = threading.Thread(target=loader, daemon=True)
-    thread.start()
+    rig.backend.keep_alive = loader
     out = rig.forward(moe_layer, hidden, index, weights)
-    thread.join(10)
+    assert not to_publish
     assert torch.equal(out, eager(rig.modules[moe_layer], hidden, index, weights))
     assert order == [experts[0], *reversed(experts[1:])], "experts were not computed as they became ready"
     stats = rig.backend.stats
@@ -280,16 +283,16 @@ def test_chosen_experts_are_pinned_until_computed(make_rig) -> None:
     for eid in ids:
         rig.place(eid, ready=eid != ids[-1])
     pins_seen: list[list[int]] = []
+    order = rig.record_computes()
 
     def loader() -> None:
-        time.sleep(0.05)
-        pins_seen.append([int(p) for p in rig.table.expert_pin[ids]])
-        rig.publish(ids[-1])
+        """Between polls, once every other expert is computed: look at the pins, then the last expert lands."""
+        if len(order) == len(ids) - 1 and not pins_seen:
+            pins_seen.append([int(p) for p in rig.table.expert_pin[ids]])
+            rig.publish(ids[-1])
 
-    thread = threading.Thread(target=loader, daemon=True)
-    thread.start()
+    rig.backend.keep_alive = loader
     rig.forward(0, hidden, index, weights)
-    thread.join(10)
     assert pins_seen == [[0] * (len(ids) - 1) + [1]]  # computed ones unpinned, the waited-for one still pinned
     assert int(rig.table.expert_pin.sum()) == 0
 
@@ -321,7 +324,8 @@ def test_a_slot_reassigned_during_the_computation_is_not_used(make_rig) -> None:
     target = moe_layer * N_EXPERTS + target_local
     intruder = 0  # an expert of the other layer, not used by this call
     computes: list[int] = []
-    threads: list[threading.Thread] = []
+    torn: list[int] = []  # the slot taken from the target, until the target is back in it
+    polls = 0
     original = rig.backend._compute
 
     def compute(module: Any, local: int, slot: SlotId, *rest: Any) -> Any:
@@ -330,20 +334,19 @@ def test_a_slot_reassigned_during_the_computation_is_not_used(make_rig) -> None:
             # between the lookup and the validity check, the coordinator gives the slot to another expert and the
             # loader starts filling it: what this computation reads is not the target expert any more
             rig.place(intruder, slot=int(slot), ready=False)
-
-            def back() -> None:  # later the right expert is loaded again (in the same slot)
-                time.sleep(0.03)
-                rig.place(target, slot=int(slot))
-
-            threads.append(threading.Thread(target=back, daemon=True))
-            threads[-1].start()
+            torn.append(int(slot))
         return original(module, local, slot, *rest)
 
+    def back() -> None:  # between polls, the second after the tear: the right expert is loaded again (same slot)
+        nonlocal polls
+        polls += bool(torn)
+        if polls == 2:
+            rig.place(target, slot=torn[0])
+
     rig.backend._compute = compute  # type: ignore[method-assign]
+    rig.backend.keep_alive = back
     out = rig.forward(moe_layer, hidden, index, weights)
-    for thread in threads:
-        thread.join(10)
-    assert threads, "the target expert was never computed"
+    assert torn and polls >= 2, "the target expert was never computed, or never waited for"
     assert computes.count(target_local) == 2, "the torn computation was not retried"
     assert rig.backend.stats.retries == 1
     assert rig.backend.stats.stall_ns > 0
@@ -359,24 +362,24 @@ def test_a_slot_reassigned_before_the_lookup_is_waited_for(make_rig) -> None:
     hidden, index, weights = routing(7, seed=32)
     target = chosen(index)[0]
     spare = N_EXPERTS + chosen(index)[0]  # layer-1 twin; its slot is reused for the target later
-    threads: list[threading.Thread] = []
     record = rig.backend.on_gate
+    order = rig.record_computes()
+    polls = 0
 
     def on_gate(*args: Any) -> None:
         record(*args)
         rig.place(spare, slot=target, ready=True)  # the target's slot now holds another expert
 
-        def back() -> None:
-            time.sleep(0.03)
+    def back() -> None:  # between polls, the second with only the target left: it is loaded again, elsewhere
+        nonlocal polls
+        polls += len(order) == len(chosen(index)) - 1
+        if polls == 2:
             rig.place(target, slot=spare)
 
-        threads.append(threading.Thread(target=back, daemon=True))
-        threads[-1].start()
-
     rig.backend.on_gate = on_gate
+    rig.backend.keep_alive = back
     out = rig.forward(0, hidden, index, weights)
-    for thread in threads:
-        thread.join(10)
+    assert polls >= 2
     assert torch.equal(out, eager(rig.modules[0], hidden, index, weights))
     assert rig.backend.stats.hits == len(chosen(index))  # all were ready when the gate decided
     assert rig.backend.stats.stall_ns > 0
@@ -467,10 +470,16 @@ def test_without_reordered_inference_experts_are_computed_in_ascending_order(mak
     for eid in ids:
         rig.place(eid, ready=eid != ids[0])
     order = rig.record_computes()
-    thread = threading.Thread(target=lambda: (time.sleep(0.05), rig.publish(ids[0])), daemon=True)
-    thread.start()
+    polls = 0
+
+    def loader() -> None:  # between polls: the lowest expert lands at the fifth, while the others are ready
+        nonlocal polls
+        polls += 1
+        if polls == 5:
+            rig.publish(ids[0])
+
+    rig.backend.keep_alive = loader
     out = rig.forward(0, hidden, index, weights)
-    thread.join(10)
-    assert order == experts, "without reordering the computation must follow ascending expert order"
+    assert polls >= 5 and order == experts, "without reordering the computation must follow ascending expert order"
     assert torch.equal(out, eager(rig.modules[0], hidden, index, weights))
-    assert rig.backend.stats.stall_ns > 40e6
+    assert rig.backend.stats.stall_ns > 0
