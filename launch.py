@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", type=Path, default=None,
                    help="text file for --train-predictor (default: the Python standard library's sources)")
     p.add_argument("--train-tokens", type=int, default=24_576, help="corpus tokens traced by --train-predictor")
+    p.add_argument("--record-trace", type=Path, metavar="FILE", default=None,
+                   help="write every request's routing to FILE (.npz, the format of ../shared/traces, rewritten "
+                        "after each request), for bench/replay.py and bench/predictors.py")
+    p.add_argument("--record-hidden", action="store_true",
+                   help="with --record-trace: also each MoE layer's input (float16), for hidden-state predictors")
     p.add_argument("--bind", default=None,
                    help=f"client socket address (default {DEFAULT_BIND} when serving; a private ipc:// "
                         "socket in one-shot mode)")
@@ -171,7 +176,9 @@ def make_config(args: argparse.Namespace, run_dir: Path, one_shot: bool):  # -> 
         supervisor_pid=os.getpid(), early_preemption=not args.no_early_preemption,
         reordered_inference=not args.no_reordered_inference, max_queue=args.max_queue,
         request_timeout_s=args.request_timeout_s, vocab_size=int(ckpt.config["vocab_size"]),
-        curve_keys_dir=str(args.curve_keys.resolve()) if args.curve_keys else None)
+        curve_keys_dir=str(args.curve_keys.resolve()) if args.curve_keys else None,
+        record_trace=str(args.record_trace.resolve()) if args.record_trace else None,
+        record_hidden=args.record_hidden)
 
 
 def check_serving_flags(args: argparse.Namespace, bind: str) -> str | None:

@@ -56,6 +56,10 @@ class RuntimeConfig:
     """Server-wide deadline of a request from its arrival, queued or running (None: none); caps ``deadline_s``."""
     vocab_size: int | None = None
     """Token ids a request may carry (checked on admission; None: left to the inference worker)."""
+    record_trace: str | None = None
+    """Append every request's routing to this trace file (``workers/trace_recorder.py``; None: no recording)."""
+    record_hidden: bool = False
+    """With ``record_trace``: also each MoE layer's input (hidden states), for judging hidden-state predictors."""
     curve_keys_dir: str | None = None
     """ZeroMQ CURVE on the client socket: server keypair and ``authorized_clients/`` here (None: no encryption)."""
 

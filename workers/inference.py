@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ from shm.segment import Segment
 from shm.slot_table import SlotTable
 from workers.bootstrap import KeepAlive, WorkerSockets, now_ns, push_socket, run_worker, send
 from workers.offloaded_experts import IMPLEMENTATION_NAME, LoadTimedOut, OffloadedExperts
+from workers.trace_recorder import TraceRecorder
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +111,11 @@ class CancelCheck(StoppingCriteria):
 
 
 class InferenceWorker:
-    def __init__(self, model: Any, tokenizer: Any, backend: OffloadedExperts, sockets: WorkerSockets) -> None:
+    def __init__(self, model: Any, tokenizer: Any, backend: OffloadedExperts, sockets: WorkerSockets,
+                 recorder: TraceRecorder | None = None) -> None:
         self.model = model
+        self.recorder = recorder
+        """``--record-trace``: every request's routing, appended to a trace file."""
         self.tokenizer = tokenizer
         self.backend = backend
         self.sockets = sockets
@@ -186,11 +191,15 @@ class InferenceWorker:
         streamer = TokenStreamer(msg.request_id, self.send_to_coordinator, self.tokenizer)
         cancel = CancelCheck(msg.request_id, self.sockets)
         self.backend.begin_request(msg.request_id)
+        if self.recorder is not None:
+            self.recorder.begin_request()
         started = time.perf_counter_ns()
         with torch.inference_mode():
             output = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
                                          stopping_criteria=StoppingCriteriaList([cancel]), **kwargs)
         new_ids = output[0, len(ids):].tolist()
+        if self.recorder is not None:
+            self.recorder.end_request(ids, new_ids)
         if cancel.cancelled:
             finish_reason = "cancelled"
         elif new_ids and new_ids[-1] in stop_ids:
@@ -270,7 +279,12 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
                                    reordered=cfg.reordered_inference, keep_alive=KeepAlive(sockets))
         backend.register()
         model.set_experts_implementation(IMPLEMENTATION_NAME)  # type: ignore[operator]
-        worker = InferenceWorker(model, tokenizer, backend, sockets)
+        recorder = None
+        if cfg.record_trace is not None:
+            recorder = TraceRecorder(Path(cfg.record_trace), len(lay.moe_layers), lay.experts_per_layer,
+                                     cfg.record_hidden, tokenizer)
+            backend.on_routing = recorder.on_routing
+        worker = InferenceWorker(model, tokenizer, backend, sockets, recorder)
 
         def on_configure(msg: ConfigureInference) -> None:  # between requests (configure_cache)
             backend.on_hidden = on_hidden if msg.hidden_states else None

@@ -90,6 +90,8 @@ class OffloadedExperts:
         self.keep_alive = keep_alive
         """Called at every layer and while waiting, between computations: the worker answers pings from here."""
         self.clock_ns = clock_ns
+        self.on_routing: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None
+        """(MoE layer, step, ``top_k_index [T, k]``, the layer's input ``[T, H]``) at every gate: trace recording."""
         self._moe_layer_of = {id(m): i for i, m in enumerate(experts_modules)}
         self.request_id = 0
         self.step = -1
@@ -127,6 +129,8 @@ class OffloadedExperts:
         chosen = [e for e in torch.unique(top_k_index).tolist() if e != lay.experts_per_layer]
         expert_ids = [lay.expert_id(moe_layer, e) for e in chosen]
         self.table.pin(expert_ids)
+        if self.on_routing is not None:
+            self.on_routing(moe_layer, self.step, top_k_index, hidden_states)
         ready_at_gate = sum(self.table.is_ready(self.table.lookup(eid)) for eid in expert_ids)
         self.stats.uses += len(expert_ids)
         self.stats.hits += ready_at_gate
