@@ -1,20 +1,23 @@
 """Every policy, ``all_resident`` and the ablation steps over the same prompts, on CPU with an emulated link.
 
     python bench/offload.py [--link-gbps 0.25] [--cache-fractions 0.125,0.25,0.5] [--predictor FILE] [--model-path DIR]
-                            [--new-tokens 32] [--json PATH] [--plot PATH]
+                            [--new-tokens 32] [--repeat N] [--json PATH] [--plot PATH]
 
 Each configuration starts the runtime, runs one warm-up request, then the measured prompts (greedy). For
 ``all_resident`` (cache = every expert) the warm-up is the measured prompts themselves, so that every expert they
 use is already on the device. The floor (DESIGN.md section 7) is ``max(t_all_resident, B / W)``: ``B`` is the
 bytes that Belady's optimal replacement must load for the routing trace of the measured prompts (recorded here
 with transformers, which the runtime matches token for token), ``W`` the emulated link. The ablation adds the
-paper's techniques one by one to prefetching at 25% cache.
+paper's techniques one by one to prefetching at 25% cache. With ``--repeat N`` every case runs N times, one round
+of all cases after another (so that a machine's drifting noise falls on every case alike), and each row is the
+medians of its runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -114,6 +117,21 @@ def run(checkpoint: Path, root: Path, name: str, flags: list[str], new_tokens: i
     }
 
 
+def median_of(runs: list[dict]) -> dict:
+    """One row from repeated runs of a case: the median of every number (of those that are not None), the
+    generated tokens if every run generated the same ones (else None), and how many runs."""
+    row: dict = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        if key == "tokens":
+            row[key] = values[0] if all(v == values[0] for v in values) else None
+        else:
+            numbers = [v for v in values if v is not None]
+            row[key] = statistics.median(numbers) if numbers else None
+    row["runs"] = len(runs)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--link-gbps", type=float, default=0.25)
@@ -122,6 +140,8 @@ def main() -> None:
     p.add_argument("--predictor", type=Path, default=None, help="also run promoe with this trained predictor")
     p.add_argument("--model-path", type=Path, default=None,
                    help="checkpoint to run (default: the embedded default model)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every case N times, all cases interleaved in each round, and report medians")
     p.add_argument("--json", type=Path, default=None, help="write the rows here")
     p.add_argument("--plot", type=Path, default=Path("bench/results/offload-tpot.png"), help="PNG of TPOT vs cache")
     args = p.parse_args()
@@ -137,26 +157,29 @@ def main() -> None:
     accesses = [a for trace in traces for a in trace]
     rows = []
     started = time.perf_counter()
+    cases = [("all_resident", n_experts, ["--policy", "lru", "--cache-experts", str(n_experts), *link])]
+    cases += [(name, size, ["--policy", name.split("+")[0], "--cache-experts", str(size), *extra, *link])
+              for size in sizes for name, extra in policies]
+    quarter = max(lay.top_k, n_experts // 4)
+    cases += [(f"ablation: {step}", quarter, ["--policy", "promoe", "--cache-experts", str(quarter), *flags, *link])
+              for step, flags in ABLATION]
+    runs: list[list[dict]] = [[] for _ in cases]
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        resident = run(checkpoint, root, "all_resident", ["--policy", "lru", "--cache-experts", str(n_experts),
-                                                         *link], args.new_tokens, warm_all=True)
-        rows.append({"policy": "all_resident", "cache_experts": n_experts, **resident})
-        cases = [(name, size, ["--policy", name.split("+")[0], "--cache-experts", str(size), *extra, *link])
-                 for size in sizes for name, extra in policies]
-        quarter = max(lay.top_k, n_experts // 4)
-        cases += [(f"ablation: {step}", quarter, ["--policy", "promoe", "--cache-experts", str(quarter), *flags,
-                                                  *link]) for step, flags in ABLATION]
-        for name, size, flags in cases:
-            rows.append({"policy": name, "cache_experts": size, **run(checkpoint, root, f"{name}{size}", flags,
-                                                                     args.new_tokens, warm_all=False)})
+        for round_ in range(args.repeat):  # every case once per round: noise drifts alike over all of them
+            for i, (name, size, flags) in enumerate(cases):
+                runs[i].append(run(checkpoint, Path(tmp), f"{name}{size}r{round_}", flags, args.new_tokens,
+                                   warm_all=name == "all_resident"))
+    for (name, size, _), case_runs in zip(cases, runs, strict=True):
+        rows.append({"policy": name, "cache_experts": size, **median_of(case_runs)})
+    resident = rows[0]
+    resident_tokens = resident["tokens"]
     for row in rows:
         b = belady_misses(accesses, row["cache_experts"]) * expert_nbytes
         floor_ms = max(resident["time_ms"], b / (args.link_gbps * 1e9) * 1e3)
         row["belady_bytes"] = b
         row["vs_all_resident"] = row["tpot_ms"] / resident["tpot_ms"]
         row["vs_floor"] = row["time_ms"] / floor_ms
-        row["exact"] = row.pop("tokens") == resident["tokens"]
+        row["exact"] = resident_tokens is not None and row.pop("tokens") == resident_tokens
     print_table(rows, args, time.perf_counter() - started)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +189,7 @@ def main() -> None:
 
 def print_table(rows: list[dict], args: argparse.Namespace, elapsed_s: float) -> None:
     print(f"CPU, emulated link {args.link_gbps} GB/s, {len(PROMPTS)} prompts x {args.new_tokens} tokens, "
-          f"{elapsed_s:.0f} s")
+          f"medians of {args.repeat} run(s), {elapsed_s:.0f} s")
     head = ("policy", "cache", "TTFT ms", "TPOT ms", "hit", "stall ms", "GoodPred", "x resident", "x floor", "exact")
     print(f"{head[0]:28}" + "".join(f" {h:>10}" for h in head[1:]))
     for r in rows:
