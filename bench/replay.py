@@ -100,10 +100,10 @@ class Predicted:
     top: dict[int, tuple[np.ndarray, np.ndarray]]
     """Per distance ``d``: ``[N, L, k]`` local experts predicted for the layer ``d`` ahead of each (token, layer),
     best first, and ``[N, L, k]`` their probabilities."""
-    outlook: dict[int, np.ndarray]
-    """Per distance ``d`` (``L``: the same layer one token on): ``[N, L, E]`` float16, at each (token, layer), the
-    probability of every expert of the layer ``d`` ahead at its gate. (Outlooks at the lookahead's distances too
-    measured no better on the DeepSeek trace: 1.169x lru against 1.171x, link-bound at 12.5%.)"""
+    outlook: np.ndarray
+    """``[N, L, E]`` float16: at each (token, layer), the probability of every expert of that layer at its gate one
+    token on (distance ``L``). (Outlooks at the lookahead's distances too measured no better on the DeepSeek trace:
+    1.169x lru against 1.171x, link-bound at 12.5%.)"""
 
 
 def predictions_for(train: Trace, test: Trace, distances: tuple[int, ...], **fit_options: Any) -> Predicted:
@@ -115,33 +115,28 @@ def predictions_for(train: Trace, test: Trace, distances: tuple[int, ...], **fit
     predictor = RoutingPredictor.fit(train.experts, train.token_ids, train.prompt_offsets, train.experts_per_layer,
                                      distances=tuple(sorted({1, 2, 3, test.n_layers, *distances})), **fit_options)
     top: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    outlook: dict[int, np.ndarray] = {}
-    for d in (*distances, test.n_layers):
+    for d in distances:
         probs = predictor.probabilities(test.experts, test.token_ids, test.prompt_offsets, d)  # [N, L, E]
-        if d == test.n_layers:
-            outlook[d] = probs.astype(np.float16)
-        if d in distances:
-            best = np.argsort(-probs, axis=-1, kind="stable")[..., : test.top_k]  # [N, L, k]
-            top[d] = best.astype(np.int16), np.take_along_axis(probs, best, axis=-1).astype(np.float32)
+        best = np.argsort(-probs, axis=-1, kind="stable")[..., : test.top_k]  # [N, L, k]
+        top[d] = best.astype(np.int16), np.take_along_axis(probs, best, axis=-1).astype(np.float32)
+    outlook = predictor.probabilities(test.experts, test.token_ids, test.prompt_offsets, test.n_layers)
     log.info("routing predictor: fit and predict in %.1f s", time.perf_counter() - started)
-    return Predicted(top, outlook)
+    return Predicted(top, outlook.astype(np.float16))
 
 
 def oracle_predictions(test: Trace, distances: tuple[int, ...]) -> Predicted:
     """The experts the target gates will really choose, with probability 1: the ceiling of any predictor at these
     distances (a prediction past a prompt's last token names that token's own layer again, and is never scored)."""
     n, n_layers, _ = test.experts.shape
-    top: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    outlook: dict[int, np.ndarray] = {}
-    for d in (*distances, n_layers):
+    def chosen(d: int) -> np.ndarray:
+        """``[N, L, k]`` what the gate ``d`` layers after each (token, layer) chose."""
         ahead = np.arange(n_layers)[None, :] + d  # [1, L]
         t = np.minimum(np.arange(n)[:, None] + ahead // n_layers, n - 1)  # [N, L]
-        experts = test.experts[t, ahead % n_layers].astype(np.int16)  # [N, L, k]
-        if d == n_layers:
-            outlook[d] = np.zeros((n, n_layers, test.experts_per_layer), dtype=np.float16)
-            np.put_along_axis(outlook[d], experts.astype(np.int64), 1.0, axis=-1)
-        if d in distances:
-            top[d] = experts, np.ones(experts.shape, dtype=np.float32)
+        return test.experts[t, ahead % n_layers].astype(np.int64)
+
+    top = {d: (chosen(d).astype(np.int16), np.ones((n, n_layers, test.top_k), dtype=np.float32)) for d in distances}
+    outlook = np.zeros((n, n_layers, test.experts_per_layer), dtype=np.float16)
+    np.put_along_axis(outlook, chosen(n_layers), 1.0, axis=-1)
     return Predicted(top, outlook)
 
 
@@ -156,11 +151,10 @@ def run_config(config: Config, test: Trace, predicted: Predicted | None) -> dict
             return experts[t, layer].tolist(), probabilities[t, layer].tolist()
 
         if config.outlook:
-            def outlook(t: int, layer: int, distance: int) -> np.ndarray:
-                return predicted.outlook[distance][t, layer].astype(np.float64)
+            def outlook(t: int, layer: int) -> np.ndarray:
+                return predicted.outlook[t, layer].astype(np.float64)
     model = ReplayModel(config.policy, n_slots, test.n_layers, test.experts_per_layer, test.top_k,
-                        config.profile, lookahead=config.lookahead, predict=predict, outlook=outlook,
-                        outlook_distances=tuple(predicted.outlook) if predicted is not None else ())
+                        config.profile, lookahead=config.lookahead, predict=predict, outlook=outlook)
     result = model.run(test.experts, test.prompt_offsets.tolist())
     row = {
         "policy": config.policy, "cache_fraction": config.cache_fraction, "cache_experts": n_slots,

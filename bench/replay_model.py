@@ -44,9 +44,9 @@ from workers.chunk_queue import ChunkQueue, QueuedLoad
 Predict = Callable[[int, int, int], tuple[Sequence[int], Sequence[float] | None]]
 """(token index in the trace, MoE layer, distance) -> local experts predicted for the target layer, and the
 probability of each (None if the predictor gives none)."""
-Outlook = Callable[[int, int, int], np.ndarray]
-"""(token index in the trace, MoE layer, distance) -> ``[E]`` probability of each expert of the target layer at its
-gate (ranks what is resident; never loads)."""
+Outlook = Callable[[int, int], np.ndarray]
+"""(token index in the trace, MoE layer) -> ``[E]`` probability of each expert of that layer at its gate one token
+on (ranks what is resident; never loads)."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ _PREDICT, _GATE, _CHUNK, _OUTLOOK = 0, 1, 2, 3
 class ReplayModel:
     def __init__(self, policy: str, n_slots: int, n_layers: int, experts_per_layer: int, top_k: int,
                  profile: DeviceProfile, *, lookahead: int | tuple[int, ...] = 2, predict: Predict | None = None,
-                 outlook: Outlook | None = None, outlook_distances: tuple[int, ...] = (),
+                 outlook: Outlook | None = None,
                  early_preemption: bool = True, reordered: bool = True) -> None:
         self.profile = profile
         self.n_layers = n_layers
@@ -112,8 +112,6 @@ class ReplayModel:
         self.cache = CacheDirectory(self.table, self.layout, make_policy(policy, self.layout), early_preemption)
         self.predict = predict if self.cache.policy.prefetches else None
         self.outlook = outlook if self.cache.policy.prefetches else None
-        self.outlook_distances = sorted(outlook_distances, reverse=True)
-        """Distances of the outlooks given at every gate (farthest first: a nearer word on a target comes later)."""
         self.queue = ChunkQueue()
         self.result = ReplayResult()
         self._events: list[tuple[float, int, int, object]] = []
@@ -265,8 +263,9 @@ class ReplayModel:
                     start = now
                     if self.predict is not None:  # made from this layer's gate decision: known at the gate
                         self._prediction(t, t - first, layer, start + gate_ms)
-                    if self.outlook is not None:
-                        self._outlooks(t, t - first, layer, start + gate_ms + p.predictor_ms)
+                    if self.outlook is not None:  # made at this gate for the same layer one token on
+                        self._at(start + gate_ms + p.predictor_ms, _OUTLOOK,
+                                 (t - first + 1, layer, self.outlook(t, layer)))
                     self._at(start + gate_ms, _GATE, (t - first, layer,
                                                       [ExpertId(e) for e in dict.fromkeys(chosen[layer])]))
                     now = self._run_until_layer_done()
@@ -281,13 +280,6 @@ class ReplayModel:
         self.result.predicted_ready = counters.predicted_ready
         self.table.close()
         return self.result
-
-    def _outlooks(self, t: int, step: int, layer: int, at_ms: float) -> None:
-        assert self.outlook is not None
-        for distance in self.outlook_distances:
-            target = layer + distance
-            self._at(at_ms, _OUTLOOK, (step + target // self.n_layers, target % self.n_layers,
-                                       self.outlook(t, layer, distance)))
 
     def _prediction(self, t: int, step: int, layer: int, known_ms: float) -> None:
         assert self.predict is not None

@@ -121,16 +121,21 @@ def leftover_segments(run_id: str | None = None) -> list[str]:
     return sorted(p.name for p in SHM_DIR.iterdir() if p.name.startswith(prefix))
 
 
-def unlink_leftovers(run_id: str) -> list[str]:
-    """Last-resort cleanup by name, for a run whose owner died without unlinking."""
+def _unlink_all(names: Iterable[str]) -> list[str]:
+    """Remove these names from /dev/shm; those already gone are skipped. Returns the names removed."""
     removed = []
-    for name in leftover_segments(run_id):
+    for name in names:
         try:
             os.unlink(SHM_DIR / name)
             removed.append(name)
         except FileNotFoundError:
             pass
     return removed
+
+
+def unlink_leftovers(run_id: str) -> list[str]:
+    """Last-resort cleanup by name, for a run whose owner died without unlinking."""
+    return _unlink_all(leftover_segments(run_id))
 
 
 def torch_files_of(pids: Iterable[int]) -> list[str]:
@@ -146,11 +151,4 @@ def unlink_torch_files(pids: Iterable[int]) -> list[str]:
     IPC reference counters itself). A pid that names a live process now is skipped: it is no longer the process
     whose files were meant, or it is still running and owns them."""
     gone = [pid for pid in pids if not Path(f"/proc/{pid}").exists()]
-    removed = []
-    for name in torch_files_of(gone):
-        try:
-            os.unlink(SHM_DIR / name)
-            removed.append(name)
-        except FileNotFoundError:
-            pass
-    return removed
+    return _unlink_all(torch_files_of(gone))
