@@ -7,7 +7,9 @@ finding a victim O(log n): no scan over all slots on the critical path.
 
 Rules:
 - an expert is never evicted while its slot is being loaded or while the inference worker has it pinned (chosen by
-  the current gate and not yet computed);
+  the current gate and not yet computed). The pins are the worker's alone (the coordinator only reads them), and
+  they are read only while a request may hold them: from ``forget_request`` (a failed request, or a dead worker's,
+  whose pins stay until its successor clears them at start) to the next ``begin_request`` they are not;
 - an expert predicted for a layer in the window (not yet reached) is evicted only by a precise load that finds
   nothing else, never by a speculative one;
 - a speculative load never evicts an expert that a gate chose within the last token's worth of layers: with a
@@ -85,6 +87,8 @@ class CacheDirectory:
         self.request_id: RequestId | None = None
         self.position: Position = (-1, -1)
         self._next_load_id = 1
+        self._pins_held = True
+        """Whether ``expert_pin`` may hold a running request's pins (see ``forget_request``)."""
         self.outbox: list[Message] = []
         self.reconfigure(policy, layout.n_slots, early_preemption)
 
@@ -156,6 +160,7 @@ class CacheDirectory:
 
     def begin_request(self, request_id: RequestId) -> None:
         self.request_id = request_id
+        self._pins_held = True
         self.request_counters = CacheCounters()
         self.position = (-1, -1)
         self._last_chosen.clear()
@@ -213,7 +218,7 @@ class CacheDirectory:
                 self._preempt_speculation(chosen)
         if not self.policy.keeps_experts:
             for expert in sorted(self._resident - chosen):
-                if not self.table.is_pinned(expert):
+                if not self.is_pinned(expert):
                     self._evict(self._slot_of[expert])
         for expert in experts:
             if expert not in self._slot_of and expert not in self._waiting:
@@ -248,7 +253,7 @@ class CacheDirectory:
             self._unused_since_load.pop(load.expert, None)
             self._charge(load.request_id, wasted_bytes=done * chunk_nbytes, preempted=1)
             self._free_slot(load.slot)
-            if self.table.is_pinned(load.expert) and load.expert not in self._waiting:
+            if self.is_pinned(load.expert) and load.expert not in self._waiting:
                 self._waiting.append(load.expert)  # the gate chose it while its preemption was under way
         self._assign_waiting()
 
@@ -277,10 +282,18 @@ class CacheDirectory:
                               [self.table.chunks_ready(load.slot) for load in preempting])
 
     def forget_request(self) -> None:
-        """After a failed request nothing is in use or waited for any more."""
-        self.table.expert_pin[:] = 0
+        """After a failed request nothing is in use or waited for any more. The pins are not written here (the
+        inference worker is their only writer): a live worker cleared them before reporting the failure; a dead
+        one's stay until its successor clears them at start, before it reports ready. Until the next
+        ``begin_request`` (which follows that report) they are not read."""
+        self._pins_held = False
         self._waiting.clear()
         self.table.waiting_for_slot = self._waiting_flag = False
+
+    def is_pinned(self, expert: ExpertId) -> bool:
+        """Pinned by the inference worker for the running request (never, between ``forget_request`` and the next
+        ``begin_request``)."""
+        return self._pins_held and self.table.is_pinned(expert)
 
     # ------------------------------------------------------------ internals
     def _charge(self, request_id: RequestId | None, **amounts: int) -> None:
@@ -365,7 +378,7 @@ class CacheDirectory:
         expert and the position it is predicted for), only a victim the policy values below the guess."""
         if self._free:
             return heapq.heappop(self._free)
-        is_pinned = self.table.is_pinned
+        is_pinned = self.is_pinned
         if priority == PRIORITY_SPECULATIVE:
             victim = self.policy.victim(lambda e: not is_pinned(e) and not self.is_protected(e)
                                         and not self._recently_chosen(e), incoming)

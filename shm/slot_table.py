@@ -6,7 +6,9 @@ It is how readiness reaches the inference worker with no round trip. Every word 
   directory) and ``waiting_for_slot``;
 - the loader writes ``slot_loaded`` after a chunk's copy has completed: the sequence number of the load it serves
   and that load's landed chunk count, packed in one 64-bit word (``pack_loaded``) and written in one store;
-- the inference worker writes ``expert_pin`` (set when its gate chose the expert, cleared once computed).
+- the inference worker writes ``expert_pin`` (set when its gate chose the expert, cleared once computed; all
+  cleared when a request ends, before its result is sent, and when a worker starts, before it reports ready, so that
+  a predecessor that died mid-request leaves none behind). The coordinator only reads the pins.
 
 A slot's ready count is the count in ``slot_loaded`` if the sequence number packed with it is the slot's current
 ``slot_seq``, else 0. So readiness cannot be published into a slot's next owner: a load that the coordinator
@@ -218,6 +220,10 @@ class SlotTable:
 
     def unpin(self, expert: ExpertId) -> None:
         self.expert_pin[expert] = 0
+
+    def clear_pins(self) -> None:
+        """Unpin every expert (a request has ended, or a worker starts)."""
+        self.expert_pin[:] = 0
 
     def close(self) -> None:
         del self._header, self.slot_expert, self.slot_seq, self.slot_loaded, self.slot_state

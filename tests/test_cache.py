@@ -398,14 +398,25 @@ def test_lru_keeps_unchosen_experts(make_rig) -> None:
     assert rig.cache.counters.evictions == 0
 
 
-def test_forget_request_clears_pins_and_what_waits(make_rig) -> None:
-    rig = make_rig(n_slots=2)
-    rig.gate(0, 1)
-    rig.gate(2, at=(0, 1))  # both slots pinned: 2 waits
-    assert rig.cache.waiting == [2] and rig.table.waiting_for_slot
+def test_forget_request_drops_what_waits_and_leaves_the_pins_to_the_inference_worker(make_rig) -> None:
+    """The inference worker is the pins' only writer. After a failed request (or its worker's death) the directory
+    drops what waits and does not read the pins (a dead worker's stay set) until the next request begins, which is
+    after the restarted worker cleared them at start."""
+    rig = make_rig(n_slots=3, policy="promoe")
+    spec = loads_in(rig.predict(0, 2, 2 * E))
+    for load in loads_in(rig.gate(0, 1)):
+        rig.loaded(load)  # resident, still pinned
+    assert rig.gate(E, at=(0, 1)) == [Preempt(load_ids=[spec[0].load_id])]  # no slot: E waits
+    assert rig.cache.waiting == [E] and rig.table.waiting_for_slot
+    rig.table.pin([ExpertId(2 * E)])  # pinned too when the worker died
+    rig.cache.end_request()
     rig.cache.forget_request()
-    assert not rig.table.is_pinned(ExpertId(0)) and not rig.table.is_pinned(ExpertId(1))
+    assert rig.table.is_pinned(ExpertId(0)) and rig.table.is_pinned(ExpertId(1)), "the coordinator wrote the pins"
     assert rig.cache.waiting == [] and not rig.table.waiting_for_slot
+    assert rig.preempted(spec, [0]) == [], "a dead worker's pin made a wait and a load"
+    rig.table.clear_pins()  # the restarted inference worker, before it reports ready
+    rig.cache.begin_request(RequestId(2))
+    assert experts_of(rig.gate(E, E + 1, at=(0, 1))) == [E, E + 1]
 
 
 def test_waiting_flag_is_raised_before_the_pin_scan(make_rig) -> None:

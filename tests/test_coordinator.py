@@ -20,12 +20,15 @@ from protocol.messages import (
     Drained,
     DrainRequested,
     ErrorReported,
+    ExpertLoaded,
     GateDecided,
     Generate,
+    GenerationFailed,
     GenerationFinished,
     GetHealth,
     LoadExpert,
     WorkerDied,
+    WorkerRestarted,
 )
 from shm.layout import ExpertLayout
 from shm.segment import Segment, segment_name
@@ -129,6 +132,7 @@ def test_gate_reports_of_a_dead_inference_worker_load_nothing(coordinator: tuple
         assert coord.running is None
         dispatch(coord.worker_handlers, gate(1, [E, E + 1]))  # the dead worker's next layer, delivered late
         assert coord.cache.waiting == [] and received_loads(loader, 50) == []
+        coord.cache.table.clear_pins()  # the restarted inference worker, before it reports ready
         run_request(coord, 2, [b"next-client"])  # the restarted worker's request
         dispatch(coord.worker_handlers, gate(1, [E + 2, E + 3]))
         assert coord.cache.waiting == [] and received_loads(loader, 50) == []
@@ -136,6 +140,34 @@ def test_gate_reports_of_a_dead_inference_worker_load_nothing(coordinator: tuple
         assert [load.expert for load in received_loads(loader, 500)] == [E + 4]
 
     asyncio.run(scenario())
+
+
+def test_the_coordinator_only_reads_the_pins(coordinator: tuple[Coordinator, zmq.Socket]) -> None:
+    """The inference worker is the pins' only writer: through gates, loads, a failed request, the worker's death
+    and its restart the coordinator (its view of the pins read-only here) writes none of them."""
+    coord, loader = coordinator
+    coord.cache.table.expert_pin.flags.writeable = False
+    worker = SlotTable(coord.cache.table.segment, LAYOUT.n_slots, LAYOUT.n_experts, LAYOUT.n_chunks, init=False)
+
+    async def scenario() -> None:
+        for request_id, end in ((1, GenerationFailed(request_id=RequestId(1), code="internal", message="boom")),
+                                (2, WorkerDied(role="inference", pid=1, exit_code=-9))):
+            run_request(coord, request_id, [b"gone-client"])
+            worker.pin([ExpertId(0), ExpertId(1)])
+            dispatch(coord.worker_handlers, gate(request_id, [0, 1]))
+            for load in received_loads(loader, 500):
+                worker.publish_ready(load.slot, load.seq, 1)
+                dispatch(coord.worker_handlers, ExpertLoaded(load_id=load.load_id, expert=load.expert,
+                                                             slot=load.slot, seq=load.seq, nbytes=0, copy_ns=0))
+            dispatch(coord.worker_handlers, end)
+            assert coord.running is None
+            assert worker.is_pinned(ExpertId(0)) and worker.is_pinned(ExpertId(1))
+        dispatch(coord.worker_handlers, WorkerRestarted(role="inference", pid=2))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        worker.close()  # its views (the segment stays mapped for the coordinator's table)
 
 
 def test_at_the_drain_deadline_the_running_request_is_cancelled_and_ends_the_usual_way(

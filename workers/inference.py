@@ -125,23 +125,23 @@ class InferenceWorker:
         self.device = next(model.parameters()).device
 
     def on_start_generation(self, msg: StartGeneration) -> None:
+        """Run the request and report how it ended; its pins are cleared before the report goes out, so the
+        coordinator never handles the end of a request while a pin of it is still set."""
+        result: GenerationFinished | GenerationFailed
         try:
             result = self.generate(msg)
         except BadRequest as exc:
-            send(self.send_to_coordinator, GenerationFailed(request_id=msg.request_id, code=exc.code,
-                                                            message=str(exc)))
+            result = GenerationFailed(request_id=msg.request_id, code=exc.code, message=str(exc))
         except LoadTimedOut as exc:
             log.error("request %d: %s", msg.request_id, exc)
-            send(self.send_to_coordinator, GenerationFailed(request_id=msg.request_id, code="load_timeout",
-                                                            message=str(exc)))
+            result = GenerationFailed(request_id=msg.request_id, code="load_timeout", message=str(exc))
         except Exception as exc:  # the worker survives a failing request; the client hears why
             log.exception("request %d failed", msg.request_id)
-            send(self.send_to_coordinator, GenerationFailed(request_id=msg.request_id, code="internal",
-                                                            message=f"{type(exc).__name__}: {exc}"))
-        else:
-            send(self.send_to_coordinator, result)
+            result = GenerationFailed(request_id=msg.request_id, code="internal",
+                                      message=f"{type(exc).__name__}: {exc}")
         finally:
-            self.backend.table.expert_pin[:] = 0
+            self.backend.table.clear_pins()
+        send(self.send_to_coordinator, result)
 
     def on_cancel_generation(self, msg: CancelGeneration) -> None:
         log.debug("cancel of request %d, which is no longer running", msg.request_id)
@@ -246,10 +246,19 @@ def open_slots(cfg: RuntimeConfig, sockets: WorkerSockets) -> tuple[SlotArray, z
     return gpu_slots, send_to_loader
 
 
+def open_table(cfg: RuntimeConfig) -> SlotTable:
+    """Attach the slot table and clear every pin: a predecessor that died mid-request leaves its pins set, and this
+    worker is their only writer. Done before the worker reports ready, so before its first request."""
+    lay = cfg.layout
+    table = SlotTable(Segment.attach(cfg.segment("table")), lay.n_slots, lay.n_experts, lay.n_chunks, init=False)
+    table.clear_pins()
+    return table
+
+
 def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
     lay = cfg.layout
     slots, send_to_loader = open_slots(cfg, sockets)
-    table = SlotTable(Segment.attach(cfg.segment("table")), lay.n_slots, lay.n_experts, lay.n_chunks, init=False)
+    table = open_table(cfg)
     hidden_exchange = HiddenExchange(Segment.attach(cfg.segment("hidden")), len(lay.moe_layers), lay.hidden_size,
                                      cfg.hidden_max_tokens)
     send_to_coordinator = sockets.send_to_coordinator
