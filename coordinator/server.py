@@ -26,8 +26,9 @@ from coordinator.metrics import Totals, cache_metrics
 from coordinator.policies import make_policy
 from coordinator.requests import PendingRequest, Rejected, RequestQueue, split_envelope
 from coordinator.worker_watch import WORKER_ROLES, WorkerWatch
-from protocol.codec import MAX_MESSAGE_NBYTES, ProtocolError, decode, dispatch, encode
+from protocol.codec import MAX_MESSAGE_NBYTES, ProtocolError, decode, encode
 from protocol.config import RuntimeConfig
+from protocol.dispatch import Dispatcher
 from protocol.ids import RequestId
 from protocol.messages import (
     CancelGeneration,
@@ -114,7 +115,7 @@ class Coordinator:
         self._ping_nonce = 0
         self._retry: asyncio.TimerHandle | None = None
         self.watch = WorkerWatch(cfg.heartbeat_timeout_s)
-        self.worker_handlers: dict[type[Message], Any] = {
+        self.from_workers = Dispatcher("coordinator", {
             GateDecided: self.on_gate_decided,
             ExpertsPredicted: self.on_experts_predicted,
             ExpertsReleased: self.on_experts_released,
@@ -127,14 +128,15 @@ class Coordinator:
             WorkerDied: self.on_worker_died,
             WorkerRestarted: self.on_worker_restarted,
             DrainRequested: self.on_drain_requested,
-        }
+        })
         self.draining = False
         """Set by ``DrainRequested``: new requests are refused, accepted ones finish."""
         self._drained_sent = False
         self.totals = Totals()
-        self.client_handlers: dict[type[Message], Any] = {
+        self.from_clients = Dispatcher("coordinator (clients)", {
             Generate: self.on_generate, GetHealth: self.on_get_health, GetStats: self.on_get_stats,
-            CancelGeneration: self.on_cancel_generation, ConfigureCache: self.on_configure_cache}
+            CancelGeneration: self.on_cancel_generation, ConfigureCache: self.on_configure_cache},
+            unexpected_level=logging.DEBUG)  # a client's mistake, answered, not the runtime's
         self.configurator = CacheConfigurator(cfg, self.cache, self.send_to, self._reply, self._start_next)
 
     # ------------------------------------------------------------ worker events
@@ -464,7 +466,7 @@ class Coordinator:
                 msg = decode(frame)
                 if not isinstance(msg, PingAnswered):
                     self._count()
-                dispatch(self.worker_handlers, msg)
+                self.from_workers(msg)
             except ProtocolError as exc:
                 log.error("dropped a worker frame (%s): %s", exc.code, exc)
 
@@ -476,12 +478,12 @@ class Coordinator:
                 if len(body) != 1:
                     raise ProtocolError("malformed", f"a request is one frame, got {len(body)}")
                 msg = decode(body[0])
-                if type(msg) not in self.client_handlers:
-                    raise ProtocolError("unexpected_type", f"{msg.TAG!r} is not a client request")
             except ProtocolError as exc:
                 self._reply(envelope, ErrorReported(code=exc.code, message=str(exc)))
                 continue
-            self.client_handlers[type(msg)](envelope, msg)
+            if not self.from_clients(msg, envelope):
+                self._reply(envelope, ErrorReported(code="unexpected_type",
+                                                    message=f"{msg.TAG!r} is not a client request"))
 
     async def ping_workers(self) -> None:
         """Heartbeats: a ping a second to every worker; one silent for ``heartbeat_timeout_s`` (hung, stopped,

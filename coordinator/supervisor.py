@@ -33,6 +33,7 @@ import zmq
 
 from protocol.codec import MAX_MESSAGE_NBYTES, ProtocolError, decode
 from protocol.config import ROLES, RuntimeConfig
+from protocol.dispatch import Dispatcher
 from protocol.messages import Drained, DrainRequested, WorkerDied, WorkerRestarted, WorkerSilent, WorkerStarted
 from shm.cache_slots import CacheSlots
 from shm.expert_store import HostExpertStore
@@ -87,6 +88,8 @@ class Supervisor:
         self._stopped = False
         self._ctx = zmq.Context()
         self.recv_from_workers: zmq.Socket | None = None
+        self.dispatch = Dispatcher("supervisor", {Drained: self._on_drained, WorkerSilent: self._on_worker_silent,
+                                                  WorkerStarted: self._on_worker_started})
         self._wakeup_r, self._wakeup_w = os.pipe()
         os.set_blocking(self._wakeup_w, False)
         os.set_blocking(self._wakeup_r, False)
@@ -167,23 +170,26 @@ class Supervisor:
             except ProtocolError as exc:
                 log.error("dropped a frame on the supervisor socket: %s", exc)
                 continue
-            if isinstance(msg, Drained):
-                self._drained = True
-                continue
-            if isinstance(msg, WorkerSilent):
-                child = self.children.get(msg.role)
-                if msg.role in self.restartable and child is not None and msg.role not in self._starting:
-                    log.error("%s (pid %d) silent for %.0f s: killing it", msg.role, child.pid, msg.silent_s)
-                    child.kill()  # its pidfd wakes the next wait(): the usual death-and-restart path
-                continue
-            if not isinstance(msg, WorkerStarted) or self._starting.pop(msg.role, None) is None:
-                log.error("unexpected %s on the supervisor socket", type(msg).__name__)
-                continue
-            log.debug("%s ready (pid %d)", msg.role, msg.pid)
-            if self.restarts.get(msg.role):
-                log.info("%s restarted (pid %d, restart %d)", msg.role, msg.pid, self.restarts[msg.role])
-                assert self.send_to_coordinator is not None
-                send(self.send_to_coordinator, WorkerRestarted(role=msg.role, pid=msg.pid))
+            self.dispatch(msg)
+
+    def _on_drained(self, msg: Drained) -> None:
+        self._drained = True
+
+    def _on_worker_silent(self, msg: WorkerSilent) -> None:
+        child = self.children.get(msg.role)
+        if msg.role in self.restartable and child is not None and msg.role not in self._starting:
+            log.error("%s (pid %d) silent for %.0f s: killing it", msg.role, child.pid, msg.silent_s)
+            child.kill()  # its pidfd wakes the next wait(): the usual death-and-restart path
+
+    def _on_worker_started(self, msg: WorkerStarted) -> None:
+        if self._starting.pop(msg.role, None) is None:
+            log.error("unexpected %s of %s, which is not starting", type(msg).__name__, msg.role)
+            return
+        log.debug("%s ready (pid %d)", msg.role, msg.pid)
+        if self.restarts.get(msg.role):
+            log.info("%s restarted (pid %d, restart %d)", msg.role, msg.pid, self.restarts[msg.role])
+            assert self.send_to_coordinator is not None
+            send(self.send_to_coordinator, WorkerRestarted(role=msg.role, pid=msg.pid))
 
     # ------------------------------------------------------------ watch
     def _install_signal_handlers(self) -> None:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Callable
-from typing import Any, TypeVar, Union
+from typing import Any, Union
 
 import msgpack
 
@@ -113,14 +112,3 @@ def _conforms(value: Any, hint: Any) -> bool:
 def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint)
 
-
-M = TypeVar("M", bound=Message)
-Handler = Callable[[Any], Any]
-
-
-def dispatch(table: dict[type[Message], Handler], message: Message) -> Any:
-    """Call the handler registered for ``type(message)``; a type the process does not handle is an error."""
-    handler = table.get(type(message))
-    if handler is None:
-        raise ProtocolError("unexpected_type", f"{type(message).__name__} is not handled here")
-    return handler(message)

@@ -12,7 +12,7 @@ import zmq
 
 from coordinator.requests import PendingRequest
 from coordinator.server import Coordinator, RunningRequest
-from protocol.codec import decode, dispatch, encode
+from protocol.codec import decode, encode
 from protocol.config import RuntimeConfig
 from protocol.ids import ExpertId, LoadId, RequestId
 from protocol.messages import (
@@ -122,21 +122,21 @@ def test_gate_reports_of_a_dead_inference_worker_load_nothing(coordinator: tuple
     async def scenario() -> None:
         run_request(coord, 1, [b"gone-client"])
         coord.cache.table.pin([ExpertId(0), ExpertId(1)])
-        dispatch(coord.worker_handlers, gate(1, [0, 1]))
+        coord.from_workers(gate(1, [0, 1]))
         loads = received_loads(loader, 500)
         assert sorted(load.expert for load in loads) == [0, 1]
         for load in loads:  # landed; still pinned when the worker dies
             coord.cache.table.publish_ready(load.slot, load.seq, 1)
             coord.cache.on_loaded(LoadId(load.load_id), load.seq)
-        dispatch(coord.worker_handlers, WorkerDied(role="inference", pid=1, exit_code=-9))
+        coord.from_workers(WorkerDied(role="inference", pid=1, exit_code=-9))
         assert coord.running is None
-        dispatch(coord.worker_handlers, gate(1, [E, E + 1]))  # the dead worker's next layer, delivered late
+        coord.from_workers(gate(1, [E, E + 1]))  # the dead worker's next layer, delivered late
         assert coord.cache.waiting == [] and received_loads(loader, 50) == []
         coord.cache.table.clear_pins()  # the restarted inference worker, before it reports ready
         run_request(coord, 2, [b"next-client"])  # the restarted worker's request
-        dispatch(coord.worker_handlers, gate(1, [E + 2, E + 3]))
+        coord.from_workers(gate(1, [E + 2, E + 3]))
         assert coord.cache.waiting == [] and received_loads(loader, 50) == []
-        dispatch(coord.worker_handlers, gate(2, [E + 4]))
+        coord.from_workers(gate(2, [E + 4]))
         assert [load.expert for load in received_loads(loader, 500)] == [E + 4]
 
     asyncio.run(scenario())
@@ -154,15 +154,15 @@ def test_the_coordinator_only_reads_the_pins(coordinator: tuple[Coordinator, zmq
                                 (2, WorkerDied(role="inference", pid=1, exit_code=-9))):
             run_request(coord, request_id, [b"gone-client"])
             worker.pin([ExpertId(0), ExpertId(1)])
-            dispatch(coord.worker_handlers, gate(request_id, [0, 1]))
+            coord.from_workers(gate(request_id, [0, 1]))
             for load in received_loads(loader, 500):
                 worker.publish_ready(load.slot, load.seq, 1)
-                dispatch(coord.worker_handlers, ExpertLoaded(load_id=load.load_id, expert=load.expert,
+                coord.from_workers(ExpertLoaded(load_id=load.load_id, expert=load.expert,
                                                              slot=load.slot, seq=load.seq, nbytes=0, copy_ns=0))
-            dispatch(coord.worker_handlers, end)
+            coord.from_workers(end)
             assert coord.running is None
             assert worker.is_pinned(ExpertId(0)) and worker.is_pinned(ExpertId(1))
-        dispatch(coord.worker_handlers, WorkerRestarted(role="inference", pid=2))
+        coord.from_workers(WorkerRestarted(role="inference", pid=2))
 
     try:
         asyncio.run(scenario())
@@ -194,7 +194,7 @@ def test_at_the_drain_deadline_the_running_request_is_cancelled_and_ends_the_usu
         envelope = (await coord.client_router.recv_multipart())[:1]  # the client's identity, as serve_clients sees it
         run_request(coord, 1, envelope)
         coord.queue.admit(envelope, Generate(prompt_ids=[1], max_new_tokens=1), RequestId(2))
-        dispatch(coord.worker_handlers, DrainRequested(timeout_s=3600.0))
+        coord.from_workers(DrainRequested(timeout_s=3600.0))
         coord._drain_expired()  # what the drain timer calls at the deadline
         assert inference.poll(500), "the running request was not cancelled"
         assert decode(inference.recv()) == CancelGeneration(request_id=RequestId(1))
@@ -203,7 +203,7 @@ def test_at_the_drain_deadline_the_running_request_is_cancelled_and_ends_the_usu
         assert queued_reply.code == "shutting_down"
         assert coord.running is not None and coord.running.pending.request_id == 1, "forgotten while it runs"
         assert not supervisor.poll(50), "drained while a request still runs"
-        dispatch(coord.worker_handlers, GenerationFinished(
+        coord.from_workers(GenerationFinished(
             request_id=RequestId(1), token_ids=[5, 6], text=None, prompt_tokens=3, ttft_ms=1.0, tpot_ms=1.0,
             stall_ms=0.0, expert_uses=0, expert_hits=0, finish_reason="cancelled"))
         (final,) = replies(500)

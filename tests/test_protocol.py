@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from typing import Any, Union
@@ -11,7 +12,8 @@ import msgpack
 import pytest
 
 from protocol import messages
-from protocol.codec import ProtocolError, decode, dispatch, encode
+from protocol.codec import ProtocolError, decode, encode
+from protocol.dispatch import Dispatcher
 from protocol.messages import ALL_MESSAGES, PROTOCOL_VERSION, Message
 
 
@@ -222,30 +224,34 @@ def test_bad_field_message_is_bounded() -> None:
 
 
 # ---------------------------------------------------------------- dispatch
-def test_dispatch_calls_the_handler_of_the_type() -> None:
-    calls: list[tuple[str, Message]] = []
-    table = {
-        messages.Ping: lambda m: calls.append(("ping", m)) or "ping-result",
-        messages.Preempt: lambda m: calls.append(("preempt", m)) or "preempt-result",
-    }
+def test_dispatcher_calls_the_handler_of_the_type_with_the_loop_s_context() -> None:
+    calls: list[tuple[str, object, Message]] = []
+    dispatch = Dispatcher("test", {
+        messages.Ping: lambda envelope, m: calls.append(("ping", envelope, m)),
+        messages.Preempt: lambda envelope, m: calls.append(("preempt", envelope, m)),
+    })
     preempt = messages.Preempt(load_ids=[1, 2])
-    assert dispatch(table, preempt) == "preempt-result"
     ping = messages.Ping(nonce=1, sent_ns=2)
-    assert dispatch(table, ping) == "ping-result"
-    assert calls == [("preempt", preempt), ("ping", ping)]
+    assert dispatch(preempt, [b"peer"]) and dispatch(ping, [b"other"])
+    assert calls == [("preempt", [b"peer"], preempt), ("ping", [b"other"], ping)]
+    assert dispatch.unexpected == 0
 
 
-def test_dispatch_of_a_decoded_frame() -> None:
+def test_dispatcher_of_a_decoded_frame() -> None:
     seen: list[Message] = []
     message = messages.Reorder(load_ids=[3, 1])
-    dispatch({messages.Reorder: seen.append}, decode(encode(message)))
+    assert Dispatcher("test", {messages.Reorder: seen.append})(decode(encode(message)))
     assert seen == [message]
 
 
-def test_dispatch_rejects_an_unhandled_type() -> None:
+def test_dispatcher_logs_counts_and_drops_an_unhandled_type(caplog: pytest.LogCaptureFixture) -> None:
     calls: list[Message] = []
-    with pytest.raises(ProtocolError) as info:
-        dispatch({messages.Ping: calls.append}, messages.Reorder(load_ids=[1]))
-    assert info.value.code == "unexpected_type"
-    assert "Reorder" in str(info.value)
+    dispatch = Dispatcher("loader", {messages.Ping: calls.append})
+    with caplog.at_level(logging.ERROR, logger="protocol.dispatch"):
+        assert dispatch(messages.Reorder(load_ids=[1])) is False
+        assert dispatch(messages.Reorder(load_ids=[2])) is False
+    assert calls == [] and dispatch.unexpected == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "loader: dropped Reorder, which is not handled here (1 so far)",
+        "loader: dropped Reorder, which is not handled here (2 so far)"]
     assert calls == []

@@ -16,14 +16,14 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import FrameType
-from typing import Any
 
 import zmq
 
-from protocol.codec import MAX_MESSAGE_NBYTES, ProtocolError, decode, dispatch, encode
+from protocol.codec import MAX_MESSAGE_NBYTES, ProtocolError, decode, encode
 from protocol.config import RuntimeConfig
+from protocol.dispatch import Dispatcher, Handler
 from protocol.messages import Message, Ping, PingAnswered, WorkerStarted
 
 log = logging.getLogger(__name__)
@@ -166,16 +166,13 @@ class WorkerSockets:
             else:
                 self.inbox.defer(msg)
 
-    def serve(self, handlers: dict[type[Message], Any]) -> None:
+    def serve(self, handlers: Mapping[type[Message], Handler]) -> None:
         """Handle inbox messages one at a time, forever (until ``WorkerStopping``)."""
+        dispatch = Dispatcher(self.role, handlers)
         while True:
             msg = self.inbox.poll(IDLE_POLL_S)
-            if msg is None:
-                continue
-            try:
-                dispatch(handlers, msg)
-            except ProtocolError as exc:
-                log.error("rejected %s: %s", type(msg).__name__, exc)
+            if msg is not None:
+                dispatch(msg)
 
     def close(self) -> None:
         self.inbox.close()

@@ -18,8 +18,8 @@ import zmq
 from models.checkpoint import open_checkpoint
 from models.streaming import fill_store as stream_experts
 from models.synthetic_experts import fill_store as fill_synthetic
-from protocol.codec import dispatch
 from protocol.config import RuntimeConfig
+from protocol.dispatch import Dispatcher
 from protocol.messages import (
     ConfigureLoader,
     ExpertLoaded,
@@ -65,13 +65,13 @@ class Loader:
         is preempted or overtaken at expert granularity, as with one chunk per expert."""
         self._partial: QueuedLoad | None = None
         """The load whose chunks are being handed out, while some are left."""
-        self.handlers: dict[type[Message], object] = {
+        self.dispatch = Dispatcher("loader", {
             LoadExpert: self.on_load_expert,
             Preempt: self.on_preempt,
             Reorder: self.on_reorder,
             Ping: self.on_ping,
             ConfigureLoader: self.on_configure_loader,
-        }
+        })
 
     def on_load_expert(self, msg: LoadExpert) -> None:
         if self.queue.holds(msg.load_id):
@@ -108,8 +108,8 @@ class Loader:
         msg = self.inbox.poll(timeout_s)
         while msg is not None:
             try:
-                dispatch(self.handlers, msg)  # type: ignore[arg-type]
-            except ValueError as exc:
+                self.dispatch(msg)
+            except ValueError as exc:  # a command the chunk queue refuses
                 log.error("rejected %s: %s", type(msg).__name__, exc)
             msg = self.inbox.poll(0)
 
@@ -215,7 +215,7 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
             engine = CpuCopyEngine(store, slots, cfg.link_gbps)
         loader = Loader(cfg, table, engine, sockets.inbox, sockets.send_to_coordinator)
         for msg in early:  # what arrived while waiting for the slots, in arrival order
-            dispatch(loader.handlers, msg)  # type: ignore[arg-type]
+            loader.dispatch(msg)
         sockets.announce_ready()
         loader.serve()
     finally:
