@@ -3,6 +3,9 @@ runs them one at a time on the inference worker, owns the cache directory and tu
 
 It runs a uvloop event loop with zmq.asyncio. Every message it handles is one-way: nothing here is waited on by the
 inference worker's hot path.
+
+Split by role: what clients ask and how each request ends is ``coordinator/lifecycle.py``; what the workers report,
+``coordinator/worker_events.py``; this file holds the sockets, the handler tables, the three loops and ``main``.
 """
 
 from __future__ import annotations
@@ -11,10 +14,8 @@ import asyncio
 import logging
 import os
 import signal
-import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -22,18 +23,18 @@ import zmq.asyncio
 from coordinator.auth import serve_curve
 from coordinator.cache import CacheDirectory
 from coordinator.configure import CacheConfigurator
-from coordinator.metrics import Totals, cache_metrics
+from coordinator.lifecycle import RunningRequest
+from coordinator.metrics import Totals
 from coordinator.policies import make_policy
-from coordinator.requests import PendingRequest, Rejected, RequestQueue, split_envelope
+from coordinator.requests import RequestQueue, split_envelope
+from coordinator.worker_events import WorkerEvents
 from coordinator.worker_watch import WORKER_ROLES, WorkerWatch
-from protocol.codec import MAX_MESSAGE_NBYTES, ProtocolError, decode, encode
+from protocol.codec import MAX_MESSAGE_NBYTES, ProtocolError, decode
 from protocol.config import RuntimeConfig
 from protocol.dispatch import Dispatcher
-from protocol.ids import RequestId
 from protocol.messages import (
     CancelGeneration,
     ConfigureCache,
-    Drained,
     DrainRequested,
     ErrorReported,
     ExpertLoaded,
@@ -41,23 +42,14 @@ from protocol.messages import (
     ExpertsReleased,
     GateDecided,
     Generate,
-    GenerationCancelled,
-    GenerationDone,
     GenerationFailed,
     GenerationFinished,
-    GenerationQueued,
-    GenerationStarted,
     GetHealth,
     GetStats,
-    HealthReported,
     LoadsPreempted,
-    Message,
     Ping,
     PingAnswered,
-    StartGeneration,
-    StatsReported,
     TokenGenerated,
-    TokenStreamed,
     WorkerDied,
     WorkerRestarted,
     WorkerSilent,
@@ -72,21 +64,9 @@ log = logging.getLogger(__name__)
 PING_INTERVAL_S = 1.0
 CLIENT_SNDHWM = 100_000
 """Replies queued per client connection before the ROUTER refuses more (a token stream of a slow reader)."""
-WAITING_RETRY_S = 0.002
-"""While experts wait for a slot, how often the coordinator looks for one without being told."""
 
 
-@dataclass
-class RunningRequest:
-    pending: PendingRequest
-    started_s: float
-    """Event-loop time when it was handed to the inference worker."""
-    messages: int = 0
-    """ZeroMQ messages the coordinator sent or received for this request."""
-    gate_latency_ns: list[int] = field(default_factory=list)
-
-
-class Coordinator:
+class Coordinator(WorkerEvents):
     def __init__(self, cfg: RuntimeConfig, table: SlotTable) -> None:
         self.cfg = cfg
         self.actx = zmq.asyncio.Context()
@@ -139,324 +119,6 @@ class Coordinator:
             unexpected_level=logging.DEBUG)  # a client's mistake, answered, not the runtime's
         self.configurator = CacheConfigurator(cfg, self.cache, self.send_to, self._reply, self._start_next)
 
-    # ------------------------------------------------------------ worker events
-    def _count(self) -> None:
-        if self.running is not None:
-            self.running.messages += 1
-
-    def _send_to_loader(self) -> None:
-        """Send what the cache directory decided, in order; keep retrying while experts wait for a slot."""
-        for command in self.cache.drain():
-            send(self.send_to["loader"], command)
-            self._count()
-        if self.cache.waiting and self._retry is None:
-            self._retry = asyncio.get_running_loop().call_later(WAITING_RETRY_S, self.retry_waiting)
-        self.configurator.try_apply()  # a configure_cache waits for the cache to settle
-
-    def retry_waiting(self) -> None:
-        """Safety net for a release whose ``ExpertsReleased`` was not sent (the flag and the pin crossed)."""
-        self._retry = None
-        self.cache.on_released()
-        self._send_to_loader()
-
-    def on_gate_decided(self, msg: GateDecided) -> None:
-        """Only for the running request: a report still queued from a dead inference worker (or of a request that
-        has ended) arrives after ``WorkerDied``, and must not pin the cache to loads for a request that is gone."""
-        if self.running is None or self.running.pending.request_id != msg.request_id:
-            log.debug("dropped a gate report of request %d, which is not running", msg.request_id)
-            return
-        self.running.gate_latency_ns.append(now_ns() - msg.sent_ns)
-        self.cache.on_gate(msg.step, msg.layer, msg.experts, msg.ready_experts)
-        self._send_to_loader()
-
-    def on_experts_predicted(self, msg: ExpertsPredicted) -> None:
-        if self.running is not None and self.running.pending.request_id == msg.request_id:
-            self.cache.on_predicted(msg.step, msg.layer, msg.experts)
-            self._send_to_loader()
-
-    def on_experts_released(self, msg: ExpertsReleased) -> None:
-        self.cache.on_released()
-        self._send_to_loader()
-
-    def on_expert_loaded(self, msg: ExpertLoaded) -> None:
-        self.cache.on_loaded(msg.load_id, msg.seq)
-        self._send_to_loader()
-
-    def on_loads_preempted(self, msg: LoadsPreempted) -> None:
-        self.cache.on_preempted(msg.load_ids, msg.chunks_done)
-        self._send_to_loader()
-
-    def on_token_generated(self, msg: TokenGenerated) -> None:
-        running = self.running
-        if (running is not None and running.pending.request.stream and running.pending.request_id == msg.request_id
-                and running.pending.abandoned is None):
-            self._reply(running.pending.envelope,
-                        TokenStreamed(request_id=msg.request_id, index=msg.index, token_id=msg.token_id,
-                                      text=msg.text))
-
-    def on_generation_finished(self, msg: GenerationFinished) -> None:
-        running = self._finish(msg.request_id)
-        if running is None:
-            return
-        counters = self.cache.request_counters
-        self.cache.end_request()
-        self._send_to_loader()
-        wall_s = asyncio.get_running_loop().time() - running.started_s
-        abandoned = running.pending.abandoned
-        self.totals.add(msg, wall_s, abandoned)
-        if abandoned is not None:  # cancelled, past its deadline, or its client left: stopped at a token boundary
-            self._reply_abandoned(running.pending, f"stopped after {len(msg.token_ids)} token(s)")
-            self._start_next()
-            return
-        latencies = running.gate_latency_ns
-        metrics: dict[str, float | int | None] = {
-            "prompt_tokens": msg.prompt_tokens,
-            "ttft_ms": msg.ttft_ms,
-            "tpot_ms": msg.tpot_ms,
-            "hit_rate": msg.expert_hits / msg.expert_uses if msg.expert_uses else None,
-            "stall_ms": msg.stall_ms,
-            "expert_uses": msg.expert_uses,
-            "wall_ms": wall_s * 1e3,
-            **cache_metrics(counters, self.cache.policy.prefetches, wall_s, self.cfg.link_gbps),
-            "cache_experts": self.configurator.settings.cache_experts,
-            "zmq_messages": running.messages,
-            "zmq_messages_per_token": running.messages / max(len(msg.token_ids), 1),
-            "gate_message_latency_us_p50": statistics.median(latencies) / 1e3 if latencies else None,
-        }
-        self._reply(running.pending.envelope, GenerationDone(
-            request_id=msg.request_id, token_ids=msg.token_ids, text=msg.text, finish_reason=msg.finish_reason,
-            metrics=metrics))
-        self._start_next()
-
-    def on_generation_failed(self, msg: GenerationFailed) -> None:
-        running = self._finish(msg.request_id)
-        if running is None:
-            return
-        self.totals.requests_failed += 1
-        self.cache.end_request()
-        self.cache.forget_request()
-        self._send_to_loader()
-        if running.pending.abandoned != "peer_gone":
-            self._reply(running.pending.envelope, ErrorReported(code=msg.code, message=msg.message,
-                                                                request_id=msg.request_id))
-        self._start_next()
-
-    def on_ping_answered(self, msg: PingAnswered) -> None:
-        self.watch.answered(msg.role, asyncio.get_running_loop().time(), now_ns() - msg.sent_ns)
-
-    def on_worker_died(self, msg: WorkerDied) -> None:
-        """From the supervisor, which is restarting it. A dead inference worker takes the running request with it:
-        that client gets an error now; the queue waits for the restart. A dead loader's queue is re-issued when its
-        successor reports ready; meanwhile the inference worker waits on the slot table as for any slow load."""
-        log.error("%s (pid %d) died with exit code %d; the supervisor restarts it", msg.role, msg.pid, msg.exit_code)
-        self.watch.died(msg.role)
-        running = self.running
-        if msg.role == "inference" and running is not None:
-            self.running = None
-            self.totals.requests_failed += 1
-            self.cache.end_request()
-            self.cache.forget_request()
-            self._send_to_loader()
-            message = (f"the inference worker died (exit code {msg.exit_code}) during this request; it is being "
-                       "restarted, later requests will be served")
-            self._reply(running.pending.envelope, ErrorReported(code="worker_died", message=message,
-                                                                request_id=running.pending.request_id))
-        self._report_if_drained()
-
-    def on_worker_restarted(self, msg: WorkerRestarted) -> None:
-        log.info("%s is back (pid %d)", msg.role, msg.pid)
-        self.watch.restarted(msg.role, asyncio.get_running_loop().time())
-        self.configurator.tell(msg.role)  # the settings in force, before anything else it serves
-        if msg.role == "loader":
-            self.cache.reissue_loads()
-            self._send_to_loader()
-        elif msg.role == "inference":
-            self._start_next()
-
-    def on_drain_requested(self, msg: DrainRequested) -> None:
-        log.info("draining: %d running, %d queued; new requests are refused", self.running is not None,
-                 len(self.queue))
-        self.draining = True
-        asyncio.get_running_loop().call_later(msg.timeout_s, self._drain_expired)
-        self._report_if_drained()
-
-    def _drain_expired(self) -> None:
-        """The drain deadline passed: queued requests get ``shutting_down`` now; the running one is cancelled like
-        any other (the worker stops at its next token) and ends through the usual path, answered ``shutting_down``
-        when the worker reports it stopped. ``Drained`` follows once nothing runs."""
-        if self._drained_sent:
-            return
-        log.warning("drain deadline passed: cancelling the running request, answering the queued ones with "
-                    "shutting_down")
-        self.answer_queued("shutting_down", "the runtime is stopping (drain deadline passed)")
-        if self.running is not None and self.running.pending.abandoned is None:
-            self._cancel_running("shutting_down")
-        self._report_if_drained()
-
-    def _report_if_drained(self) -> None:
-        if self.draining and not self._drained_sent and self.running is None and not self.queue:
-            self._drained_sent = True
-            send(self.send_to_supervisor, Drained())
-
-    def answer_all(self, code: str, message: str) -> None:
-        """Answer the running request and every queued one with an error (none is left unanswered): only when the
-        coordinator itself stops, so that nothing will report on the running request any more."""
-        if self.running is not None:
-            pending = self.running.pending
-            self.running = None
-            pending.disarm()
-            self._reply(pending.envelope, ErrorReported(code=code, message=message, request_id=pending.request_id))
-        self.answer_queued(code, message)
-
-    def answer_queued(self, code: str, message: str) -> None:
-        """Answer every queued request (and a pending ``configure_cache``) with an error and empty the queue."""
-        self.configurator.cancel(code, message)
-        held = list(self.queue)
-        self.queue.clear()
-        for pending in held:
-            self._reply(pending.envelope, ErrorReported(code=code, message=message, request_id=pending.request_id))
-
-    def _finish(self, request_id: RequestId) -> RunningRequest | None:
-        running = self.running
-        if running is None or running.pending.request_id != request_id:
-            log.error("result for request %d, which is not running", request_id)
-            return None
-        self.running = None
-        running.pending.disarm()
-        return running
-
-    # ------------------------------------------------------------ client requests
-    def on_generate(self, envelope: list[bytes], msg: Generate) -> None:
-        if self.draining:
-            self._reply(envelope, ErrorReported(code="shutting_down", message="the runtime is stopping"))
-            return
-        try:
-            pending = self.queue.admit(envelope, msg, RequestId(self._next_request_id))
-        except Rejected as exc:
-            self.totals.requests_rejected += 1
-            self._reply(envelope, ErrorReported(code=exc.code, message=str(exc)))
-            return
-        self._next_request_id += 1
-        ahead = len(self.queue) - 1 + (self.running is not None)
-        self._reply(envelope, GenerationQueued(request_id=pending.request_id, position=ahead))
-        if self.running is None:
-            self._start_next()
-
-    def on_cancel_generation(self, envelope: list[bytes], msg: CancelGeneration) -> None:
-        """Only the connection that sent a request may cancel it; to any other it is unknown."""
-        queued = self.queue.get(msg.request_id)
-        running = self.running.pending if self.running is not None else None
-        if queued is not None and queued.peer == envelope[0]:
-            self.queue.remove(msg.request_id)
-            self._reply(envelope, GenerationCancelled(request_id=msg.request_id))
-            queued.abandoned = "cancelled"
-            self.totals.count_abandoned("cancelled")
-            self._reply_abandoned(queued, "cancelled while queued")
-        elif running is not None and running.request_id == msg.request_id and running.peer == envelope[0] \
-                and running.abandoned is None:
-            self._cancel_running("cancelled")
-            self._reply(envelope, GenerationCancelled(request_id=msg.request_id))
-        else:
-            self._reply(envelope, ErrorReported(
-                code="unknown_request", request_id=msg.request_id,
-                message=f"request {msg.request_id} is not queued or running for this connection"))
-
-    def on_deadline(self, pending: PendingRequest) -> None:
-        pending.timer = None
-        if self.queue.remove(pending.request_id) is not None:
-            pending.abandoned = "deadline_exceeded"
-            self.totals.count_abandoned("deadline_exceeded")
-            self._reply_abandoned(pending, "deadline passed while queued")
-        elif self.running is not None and self.running.pending is pending and pending.abandoned is None:
-            self._cancel_running("deadline_exceeded")
-
-    def _cancel_running(self, code: str) -> None:
-        """Tell the inference worker, one-way, to stop the running request at its next token boundary."""
-        assert self.running is not None
-        pending = self.running.pending
-        pending.abandoned = code
-        pending.disarm()
-        send(self.send_to["inference"], CancelGeneration(request_id=pending.request_id))
-        self._count()
-
-    def _peer_gone(self, peer: bytes) -> None:
-        """A client connection closed: drop its queued requests and stop its running one."""
-        for pending in self.queue.of_peer(peer):
-            self.queue.remove(pending.request_id)
-            self.totals.count_abandoned("peer_gone")
-        running = self.running.pending if self.running is not None else None
-        if running is not None and running.peer == peer:
-            if running.abandoned is None:
-                self._cancel_running("peer_gone")
-            running.abandoned = "peer_gone"
-        log.info("a client left; its requests are dropped")
-
-    def _reply_abandoned(self, pending: PendingRequest, detail: str) -> None:
-        code = pending.abandoned
-        if code is not None and code != "peer_gone":
-            self._reply(pending.envelope, ErrorReported(code=code, message=f"request {pending.request_id}: {detail}",
-                                                        request_id=pending.request_id))
-
-    def on_configure_cache(self, envelope: list[bytes], msg: ConfigureCache) -> None:
-        if self.draining:
-            self._reply(envelope, ErrorReported(code="shutting_down", message="the runtime is stopping"))
-            return
-        busy = None
-        if self.running is not None or self.queue:
-            busy = f"{self.running is not None:d} request(s) running, {len(self.queue)} queued"
-        self.configurator.request(envelope, msg, busy)
-
-    def on_get_health(self, envelope: list[bytes], msg: GetHealth) -> None:
-        now = asyncio.get_running_loop().time()
-        self._reply(envelope, HealthReported(
-            workers=self.watch.answering(now),
-            queued=len(self.queue),
-            running=self.running.pending.request_id if self.running else None,
-            round_trip_us=self.watch.round_trip_us(),
-            restarts=dict(self.watch.restarts),
-            draining=self.draining,
-        ))
-
-    def on_get_stats(self, envelope: list[bytes], msg: GetStats) -> None:
-        self._reply(envelope, StatsReported(totals=self.totals.report(
-            self.cache.counters, self.cache.policy.prefetches, self.cfg.link_gbps)))
-
-    def _start_next(self) -> None:
-        pending = None
-        while (pending is None and self.running is None and "inference" not in self.watch.down
-               and self.configurator.pending is None):
-            pending = self.queue.pop_next()
-            if pending is None:
-                break
-            if not self._reply(pending.envelope, GenerationStarted(request_id=pending.request_id)):
-                pending.disarm()  # nobody to answer: not worth running
-                self.totals.count_abandoned("peer_gone")
-                pending = None
-        if pending is None:
-            self._report_if_drained()
-            return
-        req = pending.request
-        self.running = RunningRequest(pending, asyncio.get_running_loop().time())
-        self.cache.begin_request(pending.request_id)
-        send(self.send_to["inference"], StartGeneration(
-            request_id=pending.request_id, max_new_tokens=req.max_new_tokens, prompt=req.prompt,
-            prompt_ids=req.prompt_ids, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-            chat=req.chat, stop_ids=req.stop_ids))
-        self._count()
-
-    def _reply(self, envelope: list[bytes], msg: Message) -> bool:
-        """Send to a client; False if it could not be delivered (a client that is gone is forgotten)."""
-        # zmq.asyncio resolves a NOBLOCK send at once: its future is done here, with the send's error if any.
-        sent = cast("asyncio.Future[Any]",
-                    self.client_router.send_multipart([*envelope, encode(msg)], flags=zmq.NOBLOCK))
-        exc = sent.exception() if sent.done() else None
-        if exc is None:
-            return True
-        if isinstance(exc, zmq.ZMQError) and exc.errno == zmq.EHOSTUNREACH:
-            self._peer_gone(envelope[0])
-        else:
-            log.warning("could not reply %s to a client: %s", type(msg).__name__, exc)
-        return False
 
     # ------------------------------------------------------------ loops
     async def serve_workers(self) -> None:

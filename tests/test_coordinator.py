@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import zmq
 
+from coordinator.lifecycle import RunningRequest
 from coordinator.requests import PendingRequest
-from coordinator.server import Coordinator, RunningRequest
+from coordinator.server import Coordinator
 from protocol.codec import decode, encode
 from protocol.config import RuntimeConfig
 from protocol.ids import ExpertId, LoadId, RequestId

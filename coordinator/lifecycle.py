@@ -1,0 +1,265 @@
+"""The coordinator's request lifecycle: what clients ask (generate, cancel, health, stats, configure_cache) and how
+each request goes from the queue to running to exactly one final answer: started in arrival order, cancelled,
+past its deadline, its client gone, failed, or answered ``shutting_down`` when the runtime drains (the
+supervisor's ``DrainRequested``) or stops.
+
+A base of ``Coordinator`` (``coordinator/server.py``), which owns the sockets and the state declared here;
+``coordinator/worker_events.py`` handles what the workers report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import zmq
+import zmq.asyncio
+
+from coordinator.cache import CacheDirectory
+from coordinator.configure import CacheConfigurator
+from coordinator.metrics import Totals
+from coordinator.requests import PendingRequest, Rejected, RequestQueue
+from coordinator.worker_watch import WorkerWatch
+from protocol.codec import encode
+from protocol.config import RuntimeConfig
+from protocol.ids import RequestId
+from protocol.messages import (
+    CancelGeneration,
+    ConfigureCache,
+    Drained,
+    DrainRequested,
+    ErrorReported,
+    Generate,
+    GenerationCancelled,
+    GenerationQueued,
+    GenerationStarted,
+    GetHealth,
+    GetStats,
+    HealthReported,
+    Message,
+    StartGeneration,
+    StatsReported,
+)
+from workers.bootstrap import send
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningRequest:
+    pending: PendingRequest
+    started_s: float
+    """Event-loop time when it was handed to the inference worker."""
+    messages: int = 0
+    """ZeroMQ messages the coordinator sent or received for this request."""
+    gate_latency_ns: list[int] = field(default_factory=list)
+
+
+class RequestLifecycle:
+    cfg: RuntimeConfig
+    client_router: zmq.asyncio.Socket
+    send_to: dict[str, zmq.Socket]
+    send_to_supervisor: zmq.Socket
+    cache: CacheDirectory
+    queue: RequestQueue
+    running: RunningRequest | None
+    watch: WorkerWatch
+    configurator: CacheConfigurator
+    totals: Totals
+    draining: bool
+    """Set by ``DrainRequested``: new requests are refused, accepted ones finish."""
+    _drained_sent: bool
+    _next_request_id: int
+
+    def _count(self) -> None:
+        """One more ZeroMQ message sent or received for the running request (its ``zmq_messages`` metric)."""
+        if self.running is not None:
+            self.running.messages += 1
+
+    # ------------------------------------------------------------ client requests
+    def on_generate(self, envelope: list[bytes], msg: Generate) -> None:
+        if self.draining:
+            self._reply(envelope, ErrorReported(code="shutting_down", message="the runtime is stopping"))
+            return
+        try:
+            pending = self.queue.admit(envelope, msg, RequestId(self._next_request_id))
+        except Rejected as exc:
+            self.totals.requests_rejected += 1
+            self._reply(envelope, ErrorReported(code=exc.code, message=str(exc)))
+            return
+        self._next_request_id += 1
+        ahead = len(self.queue) - 1 + (self.running is not None)
+        self._reply(envelope, GenerationQueued(request_id=pending.request_id, position=ahead))
+        if self.running is None:
+            self._start_next()
+
+    def on_cancel_generation(self, envelope: list[bytes], msg: CancelGeneration) -> None:
+        """Only the connection that sent a request may cancel it; to any other it is unknown."""
+        queued = self.queue.get(msg.request_id)
+        running = self.running.pending if self.running is not None else None
+        if queued is not None and queued.peer == envelope[0]:
+            self.queue.remove(msg.request_id)
+            self._reply(envelope, GenerationCancelled(request_id=msg.request_id))
+            queued.abandoned = "cancelled"
+            self.totals.count_abandoned("cancelled")
+            self._reply_abandoned(queued, "cancelled while queued")
+        elif running is not None and running.request_id == msg.request_id and running.peer == envelope[0] \
+                and running.abandoned is None:
+            self._cancel_running("cancelled")
+            self._reply(envelope, GenerationCancelled(request_id=msg.request_id))
+        else:
+            self._reply(envelope, ErrorReported(
+                code="unknown_request", request_id=msg.request_id,
+                message=f"request {msg.request_id} is not queued or running for this connection"))
+
+    def on_deadline(self, pending: PendingRequest) -> None:
+        pending.timer = None
+        if self.queue.remove(pending.request_id) is not None:
+            pending.abandoned = "deadline_exceeded"
+            self.totals.count_abandoned("deadline_exceeded")
+            self._reply_abandoned(pending, "deadline passed while queued")
+        elif self.running is not None and self.running.pending is pending and pending.abandoned is None:
+            self._cancel_running("deadline_exceeded")
+
+    def _cancel_running(self, code: str) -> None:
+        """Tell the inference worker, one-way, to stop the running request at its next token boundary."""
+        assert self.running is not None
+        pending = self.running.pending
+        pending.abandoned = code
+        pending.disarm()
+        send(self.send_to["inference"], CancelGeneration(request_id=pending.request_id))
+        self._count()
+
+    def _peer_gone(self, peer: bytes) -> None:
+        """A client connection closed: drop its queued requests and stop its running one."""
+        for pending in self.queue.of_peer(peer):
+            self.queue.remove(pending.request_id)
+            self.totals.count_abandoned("peer_gone")
+        running = self.running.pending if self.running is not None else None
+        if running is not None and running.peer == peer:
+            if running.abandoned is None:
+                self._cancel_running("peer_gone")
+            running.abandoned = "peer_gone"
+        log.info("a client left; its requests are dropped")
+
+    def _reply_abandoned(self, pending: PendingRequest, detail: str) -> None:
+        code = pending.abandoned
+        if code is not None and code != "peer_gone":
+            self._reply(pending.envelope, ErrorReported(code=code, message=f"request {pending.request_id}: {detail}",
+                                                        request_id=pending.request_id))
+
+    def on_configure_cache(self, envelope: list[bytes], msg: ConfigureCache) -> None:
+        if self.draining:
+            self._reply(envelope, ErrorReported(code="shutting_down", message="the runtime is stopping"))
+            return
+        busy = None
+        if self.running is not None or self.queue:
+            busy = f"{self.running is not None:d} request(s) running, {len(self.queue)} queued"
+        self.configurator.request(envelope, msg, busy)
+
+    def on_get_health(self, envelope: list[bytes], msg: GetHealth) -> None:
+        now = asyncio.get_running_loop().time()
+        self._reply(envelope, HealthReported(
+            workers=self.watch.answering(now),
+            queued=len(self.queue),
+            running=self.running.pending.request_id if self.running else None,
+            round_trip_us=self.watch.round_trip_us(),
+            restarts=dict(self.watch.restarts),
+            draining=self.draining,
+        ))
+
+    def on_get_stats(self, envelope: list[bytes], msg: GetStats) -> None:
+        self._reply(envelope, StatsReported(totals=self.totals.report(
+            self.cache.counters, self.cache.policy.prefetches, self.cfg.link_gbps)))
+
+    def _start_next(self) -> None:
+        pending = None
+        while (pending is None and self.running is None and "inference" not in self.watch.down
+               and self.configurator.pending is None):
+            pending = self.queue.pop_next()
+            if pending is None:
+                break
+            if not self._reply(pending.envelope, GenerationStarted(request_id=pending.request_id)):
+                pending.disarm()  # nobody to answer: not worth running
+                self.totals.count_abandoned("peer_gone")
+                pending = None
+        if pending is None:
+            self._report_if_drained()
+            return
+        req = pending.request
+        self.running = RunningRequest(pending, asyncio.get_running_loop().time())
+        self.cache.begin_request(pending.request_id)
+        send(self.send_to["inference"], StartGeneration(
+            request_id=pending.request_id, max_new_tokens=req.max_new_tokens, prompt=req.prompt,
+            prompt_ids=req.prompt_ids, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+            chat=req.chat, stop_ids=req.stop_ids))
+        self._count()
+
+    def _reply(self, envelope: list[bytes], msg: Message) -> bool:
+        """Send to a client; False if it could not be delivered (a client that is gone is forgotten)."""
+        # zmq.asyncio resolves a NOBLOCK send at once: its future is done here, with the send's error if any.
+        sent = cast("asyncio.Future[Any]",
+                    self.client_router.send_multipart([*envelope, encode(msg)], flags=zmq.NOBLOCK))
+        exc = sent.exception() if sent.done() else None
+        if exc is None:
+            return True
+        if isinstance(exc, zmq.ZMQError) and exc.errno == zmq.EHOSTUNREACH:
+            self._peer_gone(envelope[0])
+        else:
+            log.warning("could not reply %s to a client: %s", type(msg).__name__, exc)
+        return False
+
+    # ------------------------------------------------------------ draining, stopping, ending
+    def on_drain_requested(self, msg: DrainRequested) -> None:
+        log.info("draining: %d running, %d queued; new requests are refused", self.running is not None,
+                 len(self.queue))
+        self.draining = True
+        asyncio.get_running_loop().call_later(msg.timeout_s, self._drain_expired)
+        self._report_if_drained()
+
+    def _drain_expired(self) -> None:
+        """The drain deadline passed: queued requests get ``shutting_down`` now; the running one is cancelled like
+        any other (the worker stops at its next token) and ends through the usual path, answered ``shutting_down``
+        when the worker reports it stopped. ``Drained`` follows once nothing runs."""
+        if self._drained_sent:
+            return
+        log.warning("drain deadline passed: cancelling the running request, answering the queued ones with "
+                    "shutting_down")
+        self.answer_queued("shutting_down", "the runtime is stopping (drain deadline passed)")
+        if self.running is not None and self.running.pending.abandoned is None:
+            self._cancel_running("shutting_down")
+        self._report_if_drained()
+
+    def _report_if_drained(self) -> None:
+        if self.draining and not self._drained_sent and self.running is None and not self.queue:
+            self._drained_sent = True
+            send(self.send_to_supervisor, Drained())
+
+    def answer_all(self, code: str, message: str) -> None:
+        """Answer the running request and every queued one with an error (none is left unanswered): only when the
+        coordinator itself stops, so that nothing will report on the running request any more."""
+        if self.running is not None:
+            pending = self.running.pending
+            self.running = None
+            pending.disarm()
+            self._reply(pending.envelope, ErrorReported(code=code, message=message, request_id=pending.request_id))
+        self.answer_queued(code, message)
+
+    def answer_queued(self, code: str, message: str) -> None:
+        """Answer every queued request (and a pending ``configure_cache``) with an error and empty the queue."""
+        self.configurator.cancel(code, message)
+        held = list(self.queue)
+        self.queue.clear()
+        for pending in held:
+            self._reply(pending.envelope, ErrorReported(code=code, message=message, request_id=pending.request_id))
+
+    def _finish(self, request_id: RequestId) -> RunningRequest | None:
+        running = self.running
+        if running is None or running.pending.request_id != request_id:
+            log.error("result for request %d, which is not running", request_id)
+            return None
+        self.running = None
+        running.pending.disarm()
+        return running
