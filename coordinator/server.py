@@ -110,7 +110,6 @@ class Coordinator(WorkerEvents):
             DrainRequested: self.on_drain_requested,
         })
         self.draining = False
-        """Set by ``DrainRequested``: new requests are refused, accepted ones finish."""
         self._drained_sent = False
         self.totals = Totals()
         self.from_clients = Dispatcher("coordinator (clients)", {
@@ -118,7 +117,6 @@ class Coordinator(WorkerEvents):
             CancelGeneration: self.on_cancel_generation, ConfigureCache: self.on_configure_cache},
             unexpected_level=logging.DEBUG)  # a client's mistake, answered, not the runtime's
         self.configurator = CacheConfigurator(cfg, self.cache, self.send_to, self._reply, self._start_next)
-
 
     # ------------------------------------------------------------ loops
     async def serve_workers(self) -> None:
