@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 import uuid
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "after each request), for bench/replay.py and bench/predictors.py")
     p.add_argument("--record-hidden", action="store_true",
                    help="with --record-trace: also each MoE layer's input (float16), for hidden-state predictors")
+    p.add_argument("--stand-in-cores", action="store_true",
+                   help="CPU only: the inference worker alone on one core, every other process on the rest (the "
+                        "CPU stand-in's model of a GPU, as bench/offload.py runs it)")
     p.add_argument("--bind", default=None,
                    help=f"client socket address (default {DEFAULT_BIND} when serving; a private ipc:// "
                         "socket in one-shot mode)")
@@ -144,7 +148,6 @@ def resolve_device(requested: str | None) -> str:
 
 
 def make_config(args: argparse.Namespace, run_dir: Path, one_shot: bool):  # -> RuntimeConfig
-    import os
 
     from models.checkpoint import CheckpointError, open_checkpoint
     from protocol.config import RuntimeConfig
@@ -178,7 +181,18 @@ def make_config(args: argparse.Namespace, run_dir: Path, one_shot: bool):  # -> 
         request_timeout_s=args.request_timeout_s, vocab_size=int(ckpt.config["vocab_size"]),
         curve_keys_dir=str(args.curve_keys.resolve()) if args.curve_keys else None,
         record_trace=str(args.record_trace.resolve()) if args.record_trace else None,
-        record_hidden=args.record_hidden)
+        record_hidden=args.record_hidden, inference_core=stand_in_core(args.stand_in_cores, device))
+
+
+def stand_in_core(wanted: bool, device: str) -> int | None:
+    """``--stand-in-cores``: the core of the inference worker (the first this process may use), or None."""
+    if not wanted:
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if device != "cpu" or len(cores) < 2:
+        raise SystemExit(f"--stand-in-cores needs the CPU device and two cores or more (device {device}, "
+                         f"{len(cores)} core(s) usable)")
+    return cores[0]
 
 
 def check_serving_flags(args: argparse.Namespace, bind: str) -> str | None:

@@ -1,7 +1,8 @@
 """Every policy, ``all_resident`` and the ablation steps over the same prompts, on CPU with an emulated link.
 
     python bench/offload.py [--link-gbps 0.25] [--cache-fractions 0.125,0.25,0.5] [--predictor FILE] [--model-path DIR]
-                            [--new-tokens 32] [--repeat N] [--json PATH] [--plot PATH]
+                            [--new-tokens 32] [--repeat N] [--policies lru,promoe] [--no-ablation]
+                            [--no-stand-in-cores] [--json PATH] [--plot PATH]
 
 Each configuration starts the runtime, runs one warm-up request, then the measured prompts (greedy). For
 ``all_resident`` (cache = every expert) the warm-up is the measured prompts themselves, so that every expert they
@@ -11,12 +12,18 @@ with transformers, which the runtime matches token for token), ``W`` the emulate
 paper's techniques one by one to prefetching at 25% cache. With ``--repeat N`` every case runs N times, one round
 of all cases after another (so that a machine's drifting noise falls on every case alike), and each row is the
 medians of its runs.
+
+The CPU stand-in's model of a GPU (``launch.py --stand-in-cores``, on by default wherever two cores are usable): the
+inference worker computes alone on one core with one thread, as a GPU computes beside its host; the loader (its
+memcpy stands for the copy engine's DMA, its pacing sleeps), the predictor and the coordinator share the other
+cores. Every policy runs under the same placement.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -142,6 +149,10 @@ def main() -> None:
                    help="checkpoint to run (default: the embedded default model)")
     p.add_argument("--repeat", type=int, default=1,
                    help="run every case N times, all cases interleaved in each round, and report medians")
+    p.add_argument("--policies", default="ondemand,lru,lfu,promoe", help="policies to run (comma list)")
+    p.add_argument("--no-ablation", action="store_true", help="leave out the ablation rows")
+    p.add_argument("--no-stand-in-cores", action="store_true",
+                   help="let the operating system place the processes (default: launch.py --stand-in-cores)")
     p.add_argument("--json", type=Path, default=None, help="write the rows here")
     p.add_argument("--plot", type=Path, default=Path("bench/results/offload-tpot.png"), help="PNG of TPOT vs cache")
     args = p.parse_args()
@@ -150,7 +161,9 @@ def main() -> None:
     n_experts, expert_nbytes = lay.n_experts, lay.expert_nbytes
     sizes = [max(lay.top_k, round(n_experts * float(f))) for f in args.cache_fractions.split(",")]
     link = ["--link-gbps", str(args.link_gbps)]
-    policies = [("ondemand", []), ("lru", []), ("lfu", []), ("promoe", [])]
+    if not args.no_stand_in_cores and len(os.sched_getaffinity(0)) >= 2:
+        link.append("--stand-in-cores")
+    policies: list[tuple[str, list[str]]] = [(name, []) for name in args.policies.split(",")]
     if args.predictor is not None:
         policies.append(("promoe+learned", ["--predictor", str(args.predictor)]))
     traces = routing_trace(checkpoint, args.new_tokens)
@@ -162,7 +175,7 @@ def main() -> None:
               for size in sizes for name, extra in policies]
     quarter = max(lay.top_k, n_experts // 4)
     cases += [(f"ablation: {step}", quarter, ["--policy", "promoe", "--cache-experts", str(quarter), *flags, *link])
-              for step, flags in ABLATION]
+              for step, flags in ([] if args.no_ablation else ABLATION)]
     runs: list[list[dict]] = [[] for _ in cases]
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.repeat):  # every case once per round: noise drifts alike over all of them
@@ -189,7 +202,8 @@ def main() -> None:
 
 def print_table(rows: list[dict], args: argparse.Namespace, elapsed_s: float) -> None:
     print(f"CPU, emulated link {args.link_gbps} GB/s, {len(PROMPTS)} prompts x {args.new_tokens} tokens, "
-          f"medians of {args.repeat} run(s), {elapsed_s:.0f} s")
+          f"medians of {args.repeat} run(s), stand-in cores {'off' if args.no_stand_in_cores else 'on'}, "
+          f"{elapsed_s:.0f} s")
     head = ("policy", "cache", "TTFT ms", "TPOT ms", "hit", "stall ms", "GoodPred", "x resident", "x floor", "exact")
     print(f"{head[0]:28}" + "".join(f" {h:>10}" for h in head[1:]))
     for r in rows:

@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = parse_run_dir("coordinator", argv)
     become("coordinator", cfg.supervisor_pid)
+    cfg.place("coordinator")
     lay = cfg.layout
     table = SlotTable(Segment.attach(cfg.segment("table")), lay.n_slots, lay.n_experts, lay.n_chunks, init=False)
     coordinator = Coordinator(cfg, table)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,6 +63,21 @@ class RuntimeConfig:
     """With ``record_trace``: also each MoE layer's input (hidden states), for judging hidden-state predictors."""
     curve_keys_dir: str | None = None
     """ZeroMQ CURVE on the client socket: server keypair and ``authorized_clients/`` here (None: no encryption)."""
+    inference_core: int | None = None
+    """The CPU stand-in's model of a GPU (``--stand-in-cores``): the inference worker alone on this core with one
+    torch thread, every other process of the runtime on the remaining cores, so that loading, predicting and
+    coordinating take no time from the model's compute (on a GPU they run beside it). None: no placement."""
+
+    def place(self, role: str) -> None:
+        """Put the calling process of ``role`` on its cores (``inference_core``); nothing when there is no placement."""
+        if self.inference_core is None:
+            return
+        cores = {self.inference_core} if role == "inference" else os.sched_getaffinity(0) - {self.inference_core}
+        os.sched_setaffinity(0, cores)
+        if role == "inference":
+            import torch
+
+            torch.set_num_threads(1)
 
     @property
     def prefetch(self) -> bool:

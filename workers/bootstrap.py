@@ -204,6 +204,7 @@ def run_worker(role: str, argv: list[str] | None, body: Callable[[RuntimeConfig,
     """The ``main`` of every worker: become ``promoe::<role>``, run ``body`` until SIGTERM, release the sockets."""
     cfg = parse_run_dir(role, argv)
     become(role, cfg.supervisor_pid)
+    cfg.place(role)
     sockets = WorkerSockets(cfg, role)
     try:
         body(cfg, sockets)
