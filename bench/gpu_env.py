@@ -18,12 +18,12 @@ import sys
 import zipfile
 from pathlib import Path
 
-DISTRIBUTIONS = ("torch", "transformers", "pyzmq", "msgpack", "numpy", "safetensors", "tokenizers", "huggingface-hub",
-                 "setproctitle", "psutil", "uvloop", "pytest", "pytest-asyncio", "pytest-timeout", "hypothesis",
-                 "matplotlib")
+DISTRIBUTIONS = ("torch", "transformers", "pyzmq", "msgpack", "msgspec", "numpy", "safetensors", "tokenizers",
+                 "huggingface-hub", "setproctitle", "psutil", "uvloop", "pytest", "pytest-asyncio", "pytest-timeout",
+                 "hypothesis", "matplotlib")
 """Whose versions are printed."""
-IMPORTED = {"pyzmq": "zmq", "setproctitle": "setproctitle", "msgpack": "msgpack", "uvloop": "uvloop",
-            "psutil": "psutil"}
+IMPORTED = {"pyzmq": "zmq", "setproctitle": "setproctitle", "msgpack": "msgpack", "msgspec": "msgspec",
+            "uvloop": "uvloop", "psutil": "psutil"}
 """Also imported (cheap, and where a carried binary wheel or a missing package would break the runtime first)."""
 
 

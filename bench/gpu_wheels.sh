@@ -3,8 +3,8 @@
 #
 #   bash bench/gpu_wheels.sh [--check]
 #
-# - Wheels for the device's Python 3.12, manylinux x86_64, no dependencies (pip download --no-deps): pyzmq and
-#   setproctitle (not installed there) and pytest-asyncio (not there either). Versions are pinned to the ones this
+# - Wheels for the device's Python 3.12, manylinux x86_64, no dependencies (pip download --no-deps): pyzmq,
+#   setproctitle and msgspec (the wire codec; not assumed there) and pytest-asyncio (not there either). Versions are pinned to the ones this
 #   project is tested with; bench/gpu_env.py checks their requirements against the device's packages at run time.
 # - transformers is NOT carried: the device's 5.17.0 has what we use (its get_correct_experts_implementation reads
 #   the registered experts implementations, so set_experts_implementation("promoe_offload") works; checked in
@@ -17,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS=("pyzmq==27.3.0" "setproctitle==1.3.8" "pytest-asyncio==1.5.0")
+WHEELS=("pyzmq==27.3.0" "setproctitle==1.3.8" "msgspec==0.23.0" "pytest-asyncio==1.5.0")
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_26_x86_64
            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64
            --platform manylinux_2_5_x86_64)
@@ -52,9 +52,9 @@ if [ "${1:-}" = "--check" ]; then
     if [ -n "$py312" ]; then  # exactly the device's install command, with a Python of the device's version
         "$py312" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$target" \
             .whl/*.whl
-        PYTHONPATH="$target" "$py312" -c "import sys, zmq, setproctitle; print('imports under', \
+        PYTHONPATH="$target" "$py312" -c "import sys, zmq, setproctitle, msgspec; print('imports under', \
 sys.version.split()[0], ': zmq', zmq.__version__, 'libzmq', zmq.zmq_version(), '| setproctitle', \
-setproctitle.__version__)"
+setproctitle.__version__, '| msgspec', msgspec.__version__)"
         PYTHONPATH="$target" "$py312" -c "import pytest_asyncio; print('pytest_asyncio ok')" 2>/dev/null \
             || echo "pytest_asyncio: not importable without pytest in this Python 3.12 (the device has pytest)"
     else

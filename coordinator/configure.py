@@ -73,7 +73,7 @@ class CacheSettings:
         if msg.cache_experts is not None and not top_k <= msg.cache_experts <= max_slots:
             raise ValueError(f"cache_experts must be in {top_k} (one layer's top-k) .. {max_slots} (the slots "
                              f"allocated at start), got {msg.cache_experts}")
-        changes = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg) if getattr(msg, f.name) is not None}
+        changes = {f.name: getattr(msg, f.name) for f in dataclasses.fields(self) if getattr(msg, f.name) is not None}
         return dataclasses.replace(self, **changes)
 
     def reply(self, max_slots: int) -> CacheConfigured:

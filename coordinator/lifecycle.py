@@ -192,9 +192,8 @@ class RequestLifecycle:
         self.running = RunningRequest(pending, asyncio.get_running_loop().time())
         self.cache.begin_request(pending.request_id)
         send(self.send_to["inference"], StartGeneration(
-            request_id=pending.request_id, max_new_tokens=req.max_new_tokens, prompt=req.prompt,
-            prompt_ids=req.prompt_ids, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-            chat=req.chat, stop_ids=req.stop_ids))
+            request_id=pending.request_id, params=req.sampling_params(), prompt=req.prompt,
+            prompt_ids=req.prompt_ids, chat=req.chat))
         self._count()
 
     def _reply(self, envelope: list[bytes], msg: Message) -> bool:

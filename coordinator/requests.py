@@ -9,19 +9,12 @@ running, and the coordinator decides what firing means in each case.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from protocol.codec import range_problem
 from protocol.ids import RequestId
 from protocol.messages import Generate
-
-MAX_NEW_TOKENS = 4096
-MAX_PROMPT_TOKENS = 16384
-MAX_STOP_IDS = 64
-MAX_TEMPERATURE = 100.0
-MAX_DEADLINE_S = 24 * 3600.0
-SEED_RANGE = range(0, 1 << 64)
 
 
 @dataclass
@@ -123,26 +116,12 @@ class RequestQueue:
 
 
 def validate_generate(msg: Generate) -> str | None:
-    """Why the request is not acceptable, or None (token ids are checked against the vocabulary by the worker)."""
+    """Why the request is not acceptable, or None: exactly one prompt, and the ranges the schema declares (decoding
+    a frame checks them already; a ``Generate`` built in process has not been through it). Token ids are checked
+    against the vocabulary on admission and by the worker."""
     if (msg.prompt is None) == (msg.prompt_ids is None):
         return "give exactly one of prompt and prompt_ids"
-    if msg.prompt_ids is not None and not 1 <= len(msg.prompt_ids) <= MAX_PROMPT_TOKENS:
-        return f"prompt_ids must hold 1..{MAX_PROMPT_TOKENS} ids"
-    if msg.prompt is not None and not msg.prompt:
-        return "prompt is empty"
-    if not 1 <= msg.max_new_tokens <= MAX_NEW_TOKENS:
-        return f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}, got {msg.max_new_tokens}"
-    if not (math.isfinite(msg.temperature) and 0 <= msg.temperature <= MAX_TEMPERATURE):
-        return f"temperature must be in 0..{MAX_TEMPERATURE:g}, got {msg.temperature}"
-    if not (math.isfinite(msg.top_p) and 0 < msg.top_p <= 1):
-        return f"top_p must be in (0, 1], got {msg.top_p}"
-    if msg.seed is not None and msg.seed not in SEED_RANGE:
-        return f"seed must be in 0..2**64-1, got {msg.seed}"
-    if msg.stop_ids is not None and not 1 <= len(msg.stop_ids) <= MAX_STOP_IDS:
-        return f"stop_ids must hold 1..{MAX_STOP_IDS} ids (or be nil)"
-    if msg.deadline_s is not None and not (math.isfinite(msg.deadline_s) and 0 < msg.deadline_s <= MAX_DEADLINE_S):
-        return f"deadline_s must be in (0, {MAX_DEADLINE_S:g}], got {msg.deadline_s}"
-    return None
+    return range_problem(msg)
 
 
 def split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:

@@ -49,7 +49,7 @@ from protocol.messages import (
     LoadsPreempted,
     Ping,
     PingAnswered,
-    TokenGenerated,
+    TokenStreamed,
     WorkerDied,
     WorkerRestarted,
     WorkerSilent,
@@ -101,7 +101,7 @@ class Coordinator(WorkerEvents):
             ExpertsReleased: self.on_experts_released,
             ExpertLoaded: self.on_expert_loaded,
             LoadsPreempted: self.on_loads_preempted,
-            TokenGenerated: self.on_token_generated,
+            TokenStreamed: self.on_token_streamed,
             GenerationFinished: self.on_generation_finished,
             GenerationFailed: self.on_generation_failed,
             PingAnswered: self.on_ping_answered,
@@ -139,6 +139,8 @@ class Coordinator(WorkerEvents):
                     raise ProtocolError("malformed", f"a request is one frame, got {len(body)}")
                 msg = decode(body[0])
             except ProtocolError as exc:
+                if exc.code == "bad_request":  # a value out of its declared range: refused as on admission
+                    self.totals.requests_rejected += 1
                 self._reply(envelope, ErrorReported(code=exc.code, message=str(exc)))
                 continue
             if not self.from_clients(msg, envelope):

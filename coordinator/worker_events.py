@@ -24,7 +24,6 @@ from protocol.messages import (
     GenerationFinished,
     LoadsPreempted,
     PingAnswered,
-    TokenGenerated,
     TokenStreamed,
     WorkerDied,
     WorkerRestarted,
@@ -82,13 +81,12 @@ class WorkerEvents(RequestLifecycle):
         self.cache.on_preempted(msg.load_ids, msg.chunks_done)
         self._send_to_loader()
 
-    def on_token_generated(self, msg: TokenGenerated) -> None:
+    def on_token_streamed(self, msg: TokenStreamed) -> None:
+        """Forward the worker's token, the same message, to a client that asked for ``stream``."""
         running = self.running
         if (running is not None and running.pending.request.stream and running.pending.request_id == msg.request_id
                 and running.pending.abandoned is None):
-            self._reply(running.pending.envelope,
-                        TokenStreamed(request_id=msg.request_id, index=msg.index, token_id=msg.token_id,
-                                      text=msg.text))
+            self._reply(running.pending.envelope, msg)
 
     def on_generation_finished(self, msg: GenerationFinished) -> None:
         running = self._finish(msg.request_id)

@@ -1,17 +1,20 @@
-"""The one codec: dataclass message <-> msgpack map, with strict validation on decode.
+"""The one codec: ``protocol.messages`` structs <-> msgpack maps, validated by msgspec against the schema.
 
-Decoding never trusts the sender: an undecodable frame, a wrong version, an unknown type, a missing or unknown
-field, or a field of the wrong type each raise ``ProtocolError`` with a ``code`` a reply can carry.
+Decoding never trusts the sender. A valid frame takes the fast path (the envelope read, then one typed decode that
+checks every field's type, unknown fields and the ranges). A frame that fails is diagnosed again, slowly, to name
+the first problem with the ``code`` a reply carries, in this order: ``malformed`` (not msgpack, not a map, a key
+that is not a string, a string that is not UTF-8), ``bad_version``, ``unknown_type``, then field by field in
+declaration order ``missing_field`` or ``bad_field``, then ``unknown_field``, and last ``bad_request`` (a value out
+of its declared range).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
+import functools
 import typing
-from typing import Any, Union
+from typing import Any
 
-import msgpack
+import msgspec
 
 from protocol.messages import ALL_MESSAGES, PROTOCOL_VERSION, Message
 
@@ -30,85 +33,89 @@ class ProtocolError(ValueError):
         self.code = code
 
 
+class _Envelope(msgspec.Struct):
+    """What every frame must carry whatever its type; other keys are skipped unread."""
+
+    v: Any = None
+    type: Any = None
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_ENVELOPE = msgspec.msgpack.Decoder(_Envelope)
+_MESSAGE = msgspec.msgpack.Decoder(typing.Union[ALL_MESSAGES])  # noqa: UP007
+
+
 def encode(message: Message) -> bytes:
-    body: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": message.TAG}
-    for f in dataclasses.fields(message):
-        body[f.name] = getattr(message, f.name)
-    return msgpack.packb(body, use_bin_type=True)
+    return _ENCODER.encode(message)
 
 
 def decode(frame: bytes) -> Message:
     try:
-        body = msgpack.unpackb(frame, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise ProtocolError("malformed", f"frame is not valid msgpack: {exc}") from None
+        envelope = _ENVELOPE.decode(frame)
+        if _is_version(envelope.v):
+            return _MESSAGE.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        pass
+    raise _diagnose(frame)
+
+
+def range_problem(message: Message) -> str | None:
+    """Why a message built in process breaks its declared ranges (decoding checks them), or None."""
+    try:
+        _redecode(message, type(message))
+    except msgspec.ValidationError as exc:
+        return f"{message.TAG}: {exc}"
+    return None
+
+
+def _is_version(value: Any) -> bool:
+    return type(value) is int and value == PROTOCOL_VERSION
+
+
+def _diagnose(frame: bytes) -> ProtocolError:
+    """The first problem of a frame the fast path refused."""
+    try:
+        body = msgspec.msgpack.decode(frame)
+    except Exception as exc:  # garbage: DecodeError, or an unhashable map key
+        return ProtocolError("malformed", f"frame is not valid msgpack: {exc}")
     if not isinstance(body, dict):
-        raise ProtocolError("malformed", f"message must be a map, got {type(body).__name__}")
+        return ProtocolError("malformed", f"message must be a map, got {type(body).__name__}")
+    if not all(isinstance(key, (str, bytes)) for key in body):
+        return ProtocolError("malformed", "message keys must be strings")
     version = body.pop("v", None)
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError("bad_version", f"protocol version {version!r} is not {PROTOCOL_VERSION}")
+    if not _is_version(version):
+        return ProtocolError("bad_version", f"protocol version {version!r:.40} is not {PROTOCOL_VERSION}")
     tag = body.pop("type", None)
     cls = _BY_TAG.get(tag) if isinstance(tag, str) else None
     if cls is None:
-        raise ProtocolError("unknown_type", f"unknown message type {tag!r}")
-    return _build(cls, body)
-
-
-def _build(cls: type[Message], body: dict[str, Any]) -> Message:
-    hints = _hints(cls)
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name in body:
-            value = body.pop(f.name)
-            if not _conforms(value, hints[f.name]):
-                raise ProtocolError(
-                    "bad_field", f"{cls.TAG}.{f.name}: {value!r:.80} is not {_type_name(hints[f.name])}"
-                )
-            kwargs[f.name] = value
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ProtocolError("missing_field", f"{cls.TAG}: missing field {f.name!r}")
+        return ProtocolError("unknown_type", f"unknown message type {tag!r:.40}")
+    fields = {name: body.pop(name) for name in cls.__struct_fields__ if name in body}
+    for f in msgspec.structs.fields(cls):
+        if f.name not in fields:
+            if f.required:
+                return ProtocolError("missing_field", f"{cls.TAG}: missing field {f.name!r}")
+            continue
+        try:
+            _redecode(fields[f.name], _plain_types(cls)[f.name])
+        except msgspec.ValidationError:
+            hint = _plain_types(cls)[f.name]
+            return ProtocolError("bad_field", f"{cls.TAG}.{f.name}: {fields[f.name]!r:.80} is not "
+                                              f"{getattr(hint, '__name__', None) or hint}")
     if body:
-        raise ProtocolError("unknown_field", f"{cls.TAG}: unknown field(s) {sorted(map(str, body))}")
-    return cls(**kwargs)
+        return ProtocolError("unknown_field", f"{cls.TAG}: unknown field(s) {sorted(map(str, body))}")
+    try:
+        _redecode({"type": tag, **fields}, cls)
+    except msgspec.ValidationError as exc:
+        return ProtocolError("bad_request", f"{cls.TAG}: {exc}")
+    return ProtocolError("malformed", f"{cls.TAG}: not decodable as sent (a key given twice?)")
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
+def _redecode(value: Any, hint: Any) -> None:
+    """Decode ``value`` as ``hint`` the way it came on the wire (msgpack str, bin, ext stay distinct)."""
+    msgspec.msgpack.decode(msgspec.msgpack.encode(value), type=hint)
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
-
-
-def _conforms(value: Any, hint: Any) -> bool:
-    supertype = getattr(hint, "__supertype__", None)  # NewType
-    if supertype is not None:
-        return _conforms(value, supertype)
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        return any(_conforms(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if hint is bytes:
-        return isinstance(value, bytes)
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_conforms(v, item) for v in value)
-    if origin is dict:
-        key, item = typing.get_args(hint)
-        return isinstance(value, dict) and all(_conforms(k, key) and _conforms(v, item) for k, v in value.items())
-    raise TypeError(f"codec cannot check fields of type {hint!r}")
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint)
-
+@functools.cache
+def _plain_types(cls: type[Message]) -> dict[str, Any]:
+    """Field name -> type without its range (``Annotated`` constraints dropped): ``bad_field`` is only about type."""
+    return typing.get_type_hints(cls)

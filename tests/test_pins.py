@@ -15,7 +15,7 @@ import torch
 
 from protocol.config import RuntimeConfig
 from protocol.ids import ExpertId, RequestId
-from protocol.messages import GenerationFailed, GenerationFinished, Message, StartGeneration
+from protocol.messages import GenerationFailed, GenerationFinished, Message, SamplingParams, StartGeneration
 from shm.layout import ExpertLayout
 from shm.segment import Segment
 from shm.slot_table import SlotTable
@@ -83,7 +83,8 @@ def test_a_request_s_pins_are_cleared_before_its_report_goes_out(table, monkeypa
 
     monkeypatch.setattr(worker, "generate", generate)
     monkeypatch.setattr(inference, "send", send)
-    worker.on_start_generation(StartGeneration(request_id=RequestId(1), max_new_tokens=1, prompt_ids=[1]))
+    worker.on_start_generation(StartGeneration(request_id=RequestId(1), params=SamplingParams(max_new_tokens=1),
+                                                prompt_ids=[1]))
     ((report, pins_when_sent),) = sent
     assert isinstance(report, GenerationFinished if outcome == "finished" else GenerationFailed)
     assert pins_when_sent == 0, "the report went out with the request's pins still set"

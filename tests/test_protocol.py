@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import types
 import typing
 from typing import Any, Union
 
 import msgpack
+import msgspec
 import pytest
 
 from protocol import messages
 from protocol.codec import ProtocolError, decode, encode
 from protocol.dispatch import Dispatcher
-from protocol.messages import ALL_MESSAGES, PROTOCOL_VERSION, Message
+from protocol.messages import ALL_MESSAGES, PROTOCOL_VERSION, Message, SamplingParams
 
 
 # ---------------------------------------------------------------- sample instances from the type hints
 def _sample(hint: Any, seed: int, *, prefer_none: bool) -> Any:
     """A value of ``hint`` that depends on ``seed`` (so two fields of one message differ)."""
+    if typing.get_origin(hint) is typing.Annotated:  # a declared range: the sample is clamped into it
+        base, *metas = typing.get_args(hint)
+        value = _sample(base, seed, prefer_none=prefer_none)
+        for meta in metas:
+            if isinstance(value, (int, float)) and meta.le is not None:
+                value = min(value, meta.le)
+        return value
     supertype = getattr(hint, "__supertype__", None)  # NewType ids
     if supertype is not None:
         return _sample(supertype, seed, prefer_none=prefer_none)
@@ -46,13 +53,21 @@ def _sample(hint: Any, seed: int, *, prefer_none: bool) -> Any:
         key, item = typing.get_args(hint)
         assert key is str, f"sample builder knows only str keys, not {key!r}"
         return {f"k{i}": _sample(item, seed + i, prefer_none=False) for i in range(2)}
+    if hint is SamplingParams:  # in range: a nested struct is checked like a message
+        return SamplingParams(max_new_tokens=seed % 4096 + 1, temperature=seed % 100 + 0.25, top_p=0.5, seed=seed,
+                              stop_ids=[seed, seed + 1])
     raise AssertionError(f"sample builder does not know {hint!r}: extend it for the new message field")
 
 
+def fields_of(cls: type[Message]) -> list[msgspec.structs.FieldInfo]:
+    """The message's own fields (not the version every message carries)."""
+    return [f for f in msgspec.structs.fields(cls) if f.name != "v"]
+
+
 def sample_message(cls: type[Message], *, prefer_none: bool = False) -> Message:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     kwargs = {f.name: _sample(hints[f.name], 10 * i + 1, prefer_none=prefer_none)
-              for i, f in enumerate(dataclasses.fields(cls))}
+              for i, f in enumerate(fields_of(cls))}
     return cls(**kwargs)
 
 
@@ -94,9 +109,8 @@ def test_round_trip(cls: type[Message], prefer_none: bool) -> None:
 @pytest.mark.parametrize("cls", ALL_MESSAGES, ids=lambda c: c.__name__)
 def test_round_trip_with_defaults(cls: type[Message]) -> None:
     """Only the required fields given: the defaults survive too."""
-    hints = typing.get_type_hints(cls)
-    required = {f.name: _sample(hints[f.name], 3, prefer_none=False) for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    hints = typing.get_type_hints(cls, include_extras=True)
+    required = {f.name: _sample(hints[f.name], 3, prefer_none=False) for f in fields_of(cls) if f.required}
     message = cls(**required)
     assert decode(encode(message)) == message
 
@@ -221,6 +235,48 @@ def test_bad_field_message_is_bounded() -> None:
     """A huge wrong value is not echoed back whole in the error message."""
     error = _expect("bad_field", frame(_ping_body(nonce="x" * 10_000)))
     assert len(str(error)) < 300
+
+
+@pytest.mark.parametrize("version", [True, 1.0], ids=["bool", "float"])
+def test_version_is_the_integer_one(version: Any) -> None:
+    _expect("bad_version", frame(_ping_body(v=version)))
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [
+        ({"max_new_tokens": 0}, "bad_request"),
+        ({"top_p": 1.5}, "bad_request"),
+        ({"temperature": float("nan")}, "bad_request"),
+        ({"stop_ids": []}, "bad_request"),
+        ({"seed": -1}, "bad_request"),
+        ({"max_new_tokens": 0, "colour": 1}, "unknown_field"),  # every other problem is named before a range
+        ({"max_new_tokens": 0, "top_p": "high"}, "bad_field"),
+    ],
+    ids=["max-new-tokens", "top-p", "nan-temperature", "no-stop-ids", "negative-seed", "unknown-first",
+         "type-first"],
+)
+def test_declared_ranges_are_checked_last(fields: dict[str, Any], code: str) -> None:
+    error = _expect(code, frame({"v": PROTOCOL_VERSION, "type": "generate", "prompt_ids": [1], **fields}))
+    assert error.args[0].startswith("generate")
+
+
+def test_a_range_inside_a_nested_struct_is_checked() -> None:
+    body = body_of(messages.StartGeneration(request_id=1, params=SamplingParams(), prompt_ids=[1]))
+    body["params"]["top_p"] = 0.0
+    _expect("bad_field", frame(body))
+
+
+def test_generate_carries_the_sampling_params_flat() -> None:
+    """Same names, types (with ranges) and defaults: ``Generate.sampling_params`` hands them on unchanged."""
+    generate_hints = typing.get_type_hints(messages.Generate, include_extras=True)
+    generate_defaults = {f.name: f.default for f in fields_of(messages.Generate)}
+    for f in msgspec.structs.fields(SamplingParams):
+        assert generate_hints[f.name] == typing.get_type_hints(SamplingParams, include_extras=True)[f.name]
+        assert generate_defaults[f.name] == f.default
+    request = messages.Generate(max_new_tokens=7, prompt="x", temperature=0.5, top_p=0.9, seed=3, stop_ids=[2])
+    assert request.sampling_params() == SamplingParams(max_new_tokens=7, temperature=0.5, top_p=0.9, seed=3,
+                                                       stop_ids=[2])
 
 
 # ---------------------------------------------------------------- dispatch

@@ -1,7 +1,7 @@
 """The inference worker process (``promoe::inference``): the transformers model without its experts, plus the
 experts backend that computes them from the cache slots. Runs one request at a time with ``generate()``.
 
-Per layer it sends one one-way ``GateDecided``; per token one ``TokenGenerated``. It never waits for a reply:
+Per layer it sends one one-way ``GateDecided``; per token one ``TokenStreamed``. It never waits for a reply:
 readiness comes from the slot table. It answers the coordinator's pings between tokens and from the per-layer
 path, so that a long prefill or a token with long waits for experts is not taken for a hung worker.
 """
@@ -33,7 +33,7 @@ from protocol.messages import (
     HiddenStateWritten,
     Ping,
     StartGeneration,
-    TokenGenerated,
+    TokenStreamed,
 )
 from shm.cache_slots import CacheSlots, SlotArray
 from shm.hidden_exchange import HiddenExchange
@@ -77,8 +77,8 @@ class TokenStreamer:
         self.last_ns = stamp
         for token in value.reshape(-1).tolist():
             text = self.detokenizer.push(int(token)) if self.detokenizer is not None else ""
-            send(self.send_to_coordinator, TokenGenerated(request_id=self.request_id, index=self.count,
-                                                          token_id=int(token), text=text))
+            send(self.send_to_coordinator, TokenStreamed(request_id=self.request_id, index=self.count,
+                                                         token_id=int(token), text=text))
             self.count += 1
 
     def end(self) -> None:
@@ -168,18 +168,20 @@ class InferenceWorker:
             raise BadRequest("bad_request", "give prompt or prompt_ids")
         if not ids:
             raise BadRequest("bad_request", "the prompt is empty")
-        if len(ids) + msg.max_new_tokens > self.max_positions:
-            raise BadRequest("bad_request", f"{len(ids)} prompt tokens + {msg.max_new_tokens} new tokens exceed the "
+        new_tokens = msg.params.max_new_tokens
+        if len(ids) + new_tokens > self.max_positions:
+            raise BadRequest("bad_request", f"{len(ids)} prompt tokens + {new_tokens} new tokens exceed the "
                                             f"model's {self.max_positions} positions")
         return ids
 
     def generate(self, msg: StartGeneration) -> GenerationFinished:
         ids = self.prompt_ids(msg)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)  # [1, prompt_tokens]
-        kwargs: dict[str, Any] = {"max_new_tokens": msg.max_new_tokens}
-        if msg.temperature > 0:
-            kwargs.update(do_sample=True, temperature=msg.temperature, top_p=msg.top_p)
-            torch.manual_seed(msg.seed if msg.seed is not None else int.from_bytes(os.urandom(4), "little"))
+        params = msg.params
+        kwargs: dict[str, Any] = {"max_new_tokens": params.max_new_tokens}
+        if params.temperature > 0:
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
+            torch.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little"))
         else:
             kwargs.update(do_sample=False)
         model_eos = self.model.generation_config.eos_token_id
@@ -224,7 +226,7 @@ class InferenceWorker:
 
     def stop_ids(self, msg: StartGeneration, model_eos: int | list[int] | None) -> set[int]:
         """The request's stop ids and the model's own end-of-sequence ids."""
-        stop = set(msg.stop_ids or ())
+        stop = set(msg.params.stop_ids or ())
         self.check_ids(sorted(stop), "stop_ids")
         if isinstance(model_eos, int):
             stop.add(model_eos)
