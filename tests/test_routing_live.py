@@ -5,6 +5,7 @@ reach the coordinator."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,20 @@ def test_a_predictor_behind_its_inbox_records_and_predicts_from_the_newest(predi
 def test_a_predictor_of_another_shape_is_refused(predictor: RoutingPredictor) -> None:
     with pytest.raises(ValueError, match="MoE layers"):
         LiveRoutingPredictor(layout(n_layers=L + 1), predictor, 2, lambda m: None)
+
+
+def test_launch_refuses_a_routing_predictor_for_another_model(predictor: RoutingPredictor, tmp_path: Path) -> None:
+    from launch import check_routing_predictor
+
+    predictor.save(tmp_path / "p.npz")
+    args = argparse.Namespace(routing_predictor=tmp_path / "p.npz", predictor=None)
+    check_routing_predictor(args, layout())
+    with pytest.raises(SystemExit, match="is for 4 MoE layers x 8 experts"):
+        check_routing_predictor(args, layout(per_layer=E * 2))
+    with pytest.raises(SystemExit, match="not both"):
+        check_routing_predictor(argparse.Namespace(routing_predictor=tmp_path / "p.npz", predictor=tmp_path), layout())
+    with pytest.raises(SystemExit, match="cannot read it"):
+        check_routing_predictor(argparse.Namespace(routing_predictor=tmp_path / "none.npz", predictor=None), layout())
 
 
 def test_the_feed_reports_each_steps_last_tokens_and_their_ids() -> None:
