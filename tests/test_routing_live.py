@@ -192,11 +192,14 @@ def test_serving_with_the_routing_predictor_gives_transformers_tokens(runtime_fa
     fitted = RoutingPredictor.fit(experts, rng.integers(0, 256, 120), np.array([0, 60, 120]), 32, distances=(2, 6),
                                   epochs=1, hidden=16, min_steps=5, threads=1)
     fitted.save(tmp_path / "routing.npz")
-    rt = runtime_factory("--policy", "promoe", "--cache-experts", "48", "--link-gbps", "5",
-                         "--routing-predictor", str(tmp_path / "routing.npz"))
+    rt = runtime_factory("--policy", "promoe", "--cache-experts", "48", "--link-gbps", "5", "--routing-predictor",
+                         str(tmp_path / "routing.npz"), "--record-trace", str(tmp_path / "rec.npz"))
     with rt.client() as client:
         done = client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=NEW_TOKENS)
         totals = client.stats()
     assert done.token_ids == reference["ids"]
     assert done.metrics["prefetch_precision"] is not None
     assert totals["predictions_received"] > 0 and totals["outlooks_received"] > 0
+    # the trace recorder shares the gate hook with the feed: both are served
+    recorded = np.load(tmp_path / "rec.npz")
+    assert recorded["model_token_ids"].tolist() == [*PROMPT_IDS, *reference["ids"][:-1]]

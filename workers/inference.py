@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ class TokenStreamer:
     """transformers streamer: forwards each new token one-way and timestamps the first and the last."""
 
     def __init__(self, request_id: RequestId, send_to_coordinator: zmq.Socket, tokenizer: Any,
-                 on_token: Any = None) -> None:
+                 on_token: Callable[[int], None] | None = None) -> None:
         self.request_id = request_id
         self.on_token = on_token
         """Called with each generated id (the routing feed's token ids)."""
