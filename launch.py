@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ablation: compute experts in ascending order, waiting for each, instead of as they land")
     p.add_argument("--predictor", type=Path, default=None,
                    help="trained predictor file (from --train-predictor); without it, skip-layer gate reuse")
+    p.add_argument("--routing-predictor", type=Path, metavar="FILE", default=None,
+                   help="predict from the gates' routing and the token ids with this routing predictor (.npz, from "
+                        "python -m training.routing_fit on a --record-trace file) instead of hidden states; it also "
+                        "ranks resident experts for promoe's eviction")
     p.add_argument("--train-predictor", type=Path, metavar="OUT", default=None,
                    help="trace the model over a corpus, train the predictor, print its accuracy table, write OUT")
     p.add_argument("--corpus", type=Path, default=None,
@@ -165,6 +169,8 @@ def make_config(args: argparse.Namespace, run_dir: Path, one_shot: bool):  # -> 
         raise SystemExit(f"cannot serve this checkpoint: {exc}") from None
     if args.predictor is not None and not args.predictor.is_file():
         raise SystemExit(f"--predictor {args.predictor}: no such file (make one with --train-predictor)")
+    if args.routing_predictor is not None:
+        check_routing_predictor(args, probe)
     n_slots = cache_slots(args, probe.n_experts, probe.top_k, probe.slot_nbytes)
     layout = ckpt.layout(n_slots=n_slots, n_chunks=args.chunks_per_expert, compute_dtype=compute_dtype)
     log.info("%s (%s): %d MoE layers x %d experts of %.2f MB in %s; computing in %s on %s", ckpt.path,
@@ -181,7 +187,8 @@ def make_config(args: argparse.Namespace, run_dir: Path, one_shot: bool):  # -> 
         request_timeout_s=args.request_timeout_s, vocab_size=int(ckpt.config["vocab_size"]),
         curve_keys_dir=str(args.curve_keys.resolve()) if args.curve_keys else None,
         record_trace=str(args.record_trace.resolve()) if args.record_trace else None,
-        record_hidden=args.record_hidden, inference_core=stand_in_core(args.stand_in_cores, device))
+        record_hidden=args.record_hidden, inference_core=stand_in_core(args.stand_in_cores, device),
+        routing_predictor_path=str(args.routing_predictor.resolve()) if args.routing_predictor else None)
 
 
 def stand_in_core(wanted: bool, device: str) -> int | None:
@@ -193,6 +200,25 @@ def stand_in_core(wanted: bool, device: str) -> int | None:
         raise SystemExit(f"--stand-in-cores needs the CPU device and two cores or more (device {device}, "
                          f"{len(cores)} core(s) usable)")
     return cores[0]
+
+
+def check_routing_predictor(args: argparse.Namespace, layout) -> None:  # layout: ExpertLayout
+    """``--routing-predictor``: a readable file made for this model's routing, not given with ``--predictor``."""
+    from training.routing_predictor import RoutingPredictor
+
+    path = args.routing_predictor
+    if args.predictor is not None:
+        raise SystemExit("give --predictor (hidden states) or --routing-predictor (routing), not both")
+    try:
+        shape = RoutingPredictor.load(path).shape
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise SystemExit(f"--routing-predictor {path}: cannot read it ({exc}); make one with "
+                         "python -m training.routing_fit") from None
+    if (shape.n_layers, shape.experts_per_layer, shape.top_k) != (len(layout.moe_layers), layout.experts_per_layer,
+                                                                  layout.top_k):
+        raise SystemExit(f"--routing-predictor {path} is for {shape.n_layers} MoE layers x {shape.experts_per_layer} "
+                         f"experts (top-{shape.top_k}); this model has {len(layout.moe_layers)} x "
+                         f"{layout.experts_per_layer} (top-{layout.top_k})")
 
 
 def check_serving_flags(args: argparse.Namespace, bind: str) -> str | None:

@@ -67,6 +67,10 @@ class Totals:
     """Wall time with a request running."""
     requests_rejected: int = 0
     """Refused on admission (``bad_request``, ``busy``)."""
+    predictions_received: int = 0
+    """``ExpertsPredicted`` of the running request (older ones are dropped)."""
+    outlooks_received: int = 0
+    """``OutlookPredicted`` of the running request (``--routing-predictor``)."""
     abandoned: Counter[str] = field(default_factory=Counter)
     """Requests ended early, by why: ``cancelled``, ``deadline_exceeded``, ``peer_gone`` (client left)."""
 
@@ -96,5 +100,7 @@ class Totals:
             "stall_ms": self.stall_ms,
             "expert_uses": self.expert_uses,
             "busy_s": self.busy_s,
+            "predictions_received": self.predictions_received,
+            "outlooks_received": self.outlooks_received,
             **cache_metrics(counters, prefetches, self.busy_s, link_gbps),
         }

@@ -47,6 +47,7 @@ from protocol.messages import (
     GetHealth,
     GetStats,
     LoadsPreempted,
+    OutlookPredicted,
     Ping,
     PingAnswered,
     TokenStreamed,
@@ -98,6 +99,7 @@ class Coordinator(WorkerEvents):
         self.from_workers = Dispatcher("coordinator", {
             GateDecided: self.on_gate_decided,
             ExpertsPredicted: self.on_experts_predicted,
+            OutlookPredicted: self.on_outlook_predicted,
             ExpertsReleased: self.on_experts_released,
             ExpertLoaded: self.on_expert_loaded,
             LoadsPreempted: self.on_loads_preempted,

@@ -11,6 +11,8 @@ import asyncio
 import logging
 import statistics
 
+import numpy as np
+
 from coordinator.lifecycle import RequestLifecycle
 from coordinator.metrics import cache_metrics
 from protocol.messages import (
@@ -23,6 +25,7 @@ from protocol.messages import (
     GenerationFailed,
     GenerationFinished,
     LoadsPreempted,
+    OutlookPredicted,
     PingAnswered,
     TokenStreamed,
     WorkerDied,
@@ -66,8 +69,16 @@ class WorkerEvents(RequestLifecycle):
 
     def on_experts_predicted(self, msg: ExpertsPredicted) -> None:
         if self.running is not None and self.running.pending.request_id == msg.request_id:
-            self.cache.on_predicted(msg.step, msg.layer, msg.experts)
+            self.totals.predictions_received += 1
+            self.cache.on_predicted(msg.step, msg.layer, msg.experts, msg.probabilities)
             self._send_to_loader()
+
+    def on_outlook_predicted(self, msg: OutlookPredicted) -> None:
+        """The routing predictor's outlook of a layer one token on: ranks resident experts (loads nothing); only
+        for the running request."""
+        if self.running is not None and self.running.pending.request_id == msg.request_id:
+            self.totals.outlooks_received += 1
+            self.cache.on_outlook(msg.step, msg.layer, np.asarray(msg.probabilities, dtype=np.float64))
 
     def on_experts_released(self, msg: ExpertsReleased) -> None:
         self.cache.on_released()

@@ -61,6 +61,9 @@ class RuntimeConfig:
     """Append every request's routing to this trace file (``workers/trace_recorder.py``; None: no recording)."""
     record_hidden: bool = False
     """With ``record_trace``: also each MoE layer's input (hidden states), for judging hidden-state predictors."""
+    routing_predictor_path: str | None = None
+    """Routing predictor file (``.npz`` of ``training.routing_predictor``): the predictor worker predicts from the
+    gates' routing and the token ids (``workers/routing_live.py``) instead of hidden states (None: not used)."""
     curve_keys_dir: str | None = None
     """ZeroMQ CURVE on the client socket: server keypair and ``authorized_clients/`` here (None: no encryption)."""
     inference_core: int | None = None

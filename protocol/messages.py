@@ -227,6 +227,21 @@ class HiddenStateWritten(Message):
     n_tokens: int
 
 
+class GateRouted(Message):
+    """Inference -> predictor (``--routing-predictor``), one-way at every gate: the gate of MoE layer ``layer`` at
+    step ``step`` routed the step's last ``len(token_ids)`` tokens (at most ``workers.routing_live.KEEP_TOKENS``)."""
+
+    request_id: RequestId
+    step: int
+    layer: int
+    n_tokens: int
+    """Tokens in the step (the prompt's length at step 0, else 1)."""
+    token_ids: list[int]
+    """The model's ids of the step's last tokens, oldest first."""
+    experts: list[list[int]]
+    """``[len(token_ids)][top_k]`` the experts (local to the layer) the gate chose for each of them."""
+
+
 class ExpertsPredicted(Message):
     """The predictor expects the gate of MoE layer ``layer`` at step ``step`` to choose ``experts``."""
 
@@ -234,13 +249,27 @@ class ExpertsPredicted(Message):
     step: int
     layer: int
     experts: list[ExpertId]
+    probabilities: list[float] | None = None
+    """The predictor's probability of each of ``experts`` (None: it gives none; the policy uses its precision)."""
+
+
+class OutlookPredicted(Message):
+    """Predictor -> coordinator (``--routing-predictor``), one-way: the probability that the gate of MoE layer
+    ``layer`` at step ``step`` chooses each of the layer's experts (the policy ranks resident experts with it)."""
+
+    request_id: RequestId
+    step: int
+    layer: int
+    probabilities: list[float]
+    """``[experts_per_layer]``, by local expert id."""
 
 
 class ConfigureInference(Message):
     """Coordinator -> inference worker, between requests (after ``ConfigureCache``, or after a restart)."""
 
     hidden_states: bool
-    """Write each MoE layer's input for the predictor (only while predictions drive loads)."""
+    """Feed the predictor at each MoE layer (its input, or with ``--routing-predictor`` the gate's routing; only
+    while predictions drive loads)."""
     reordered_inference: bool
     """Compute experts as they become ready."""
 
@@ -273,7 +302,9 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     GenerationFinished,
     GenerationFailed,
     HiddenStateWritten,
+    GateRouted,
     ExpertsPredicted,
+    OutlookPredicted,
     ConfigureInference,
     ConfigureLoader,
     Generate,

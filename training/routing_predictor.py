@@ -289,6 +289,22 @@ class RoutingPredictor:
                 out[i: i + batch, layer] = torch.sigmoid(logits / self.net.temperature).numpy()
         return out
 
+    @torch.no_grad()
+    def predict_at(self, experts: np.ndarray, token_ids: np.ndarray, layer: int,
+                   distances: tuple[int, ...]) -> dict[int, np.ndarray]:
+        """At MoE ``layer`` of the last token of a window of one prompt (``experts [T, L, k]``, ``token_ids [T]``,
+        oldest first; the window's first token is taken as the prompt's first): per distance ``d``, ``[E]`` float32
+        the probability of every expert ``d`` layers ahead. The features of ``probabilities`` (``_rows``), for one
+        position: the last token's layers after ``layer`` are never read, and a window of the last three tokens
+        gives what the whole prompt would."""
+        offsets = np.array([0, len(experts)], dtype=np.int64)
+        out: dict[int, np.ndarray] = {}
+        for d in distances:
+            rows, _, target_layer = _rows(self.shape, experts, token_ids, offsets, d)
+            logits = self.net(torch.from_numpy(np.ascontiguousarray(rows[-1:, layer])), int(target_layer[-1, layer]))
+            out[d] = torch.sigmoid(logits / self.net.temperature)[0].numpy()
+        return out
+
     def save(self, path: Path) -> None:
         state = {name: t.detach().numpy() for name, t in self.net.state_dict().items()}
         state.update({f"shape.{k}": np.asarray(v, dtype=np.int64) for k, v in asdict(self.shape).items()})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from shm.segment import Segment
 from shm.slot_table import SlotTable
 from workers.bootstrap import KeepAlive, WorkerSockets, now_ns, push_socket, run_worker, send
 from workers.offloaded_experts import IMPLEMENTATION_NAME, LoadTimedOut, OffloadedExperts
+from workers.routing_live import RoutingFeed
 from workers.trace_recorder import TraceRecorder
 
 log = logging.getLogger(__name__)
@@ -58,8 +60,11 @@ class BadRequest(ValueError):
 class TokenStreamer:
     """transformers streamer: forwards each new token one-way and timestamps the first and the last."""
 
-    def __init__(self, request_id: RequestId, send_to_coordinator: zmq.Socket, tokenizer: Any) -> None:
+    def __init__(self, request_id: RequestId, send_to_coordinator: zmq.Socket, tokenizer: Any,
+                 on_token: Callable[[int], None] | None = None) -> None:
         self.request_id = request_id
+        self.on_token = on_token
+        """Called with each generated id (the routing feed's token ids)."""
         self.detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
         self.send_to_coordinator = send_to_coordinator
         self.prompt_seen = False
@@ -76,6 +81,8 @@ class TokenStreamer:
             self.first_ns = stamp
         self.last_ns = stamp
         for token in value.reshape(-1).tolist():
+            if self.on_token is not None:
+                self.on_token(int(token))
             text = self.detokenizer.push(int(token)) if self.detokenizer is not None else ""
             send(self.send_to_coordinator, TokenStreamed(request_id=self.request_id, index=self.count,
                                                          token_id=int(token), text=text))
@@ -112,10 +119,12 @@ class CancelCheck(StoppingCriteria):
 
 class InferenceWorker:
     def __init__(self, model: Any, tokenizer: Any, backend: OffloadedExperts, sockets: WorkerSockets,
-                 recorder: TraceRecorder | None = None) -> None:
+                 recorder: TraceRecorder | None = None, feed: RoutingFeed | None = None) -> None:
         self.model = model
         self.recorder = recorder
         """``--record-trace``: every request's routing, appended to a trace file."""
+        self.feed = feed
+        """``--routing-predictor``: every gate's routing, to the predictor."""
         self.tokenizer = tokenizer
         self.backend = backend
         self.sockets = sockets
@@ -190,11 +199,14 @@ class InferenceWorker:
         stop_ids = self.stop_ids(msg, model_eos)
         if stop_ids:  # transformers' own end-of-sequence handling: it stops right after any of these ids
             kwargs["eos_token_id"] = sorted(stop_ids)
-        streamer = TokenStreamer(msg.request_id, self.send_to_coordinator, self.tokenizer)
+        streamer = TokenStreamer(msg.request_id, self.send_to_coordinator, self.tokenizer,
+                                 self.feed.on_token if self.feed is not None else None)
         cancel = CancelCheck(msg.request_id, self.sockets)
         self.backend.begin_request(msg.request_id)
         if self.recorder is not None:
             self.recorder.begin_request()
+        if self.feed is not None:
+            self.feed.begin_request(msg.request_id, ids)
         started = time.perf_counter_ns()
         with torch.inference_mode():
             output = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
@@ -285,8 +297,11 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
             send(send_to_predictor, HiddenStateWritten(request_id=RequestId(request_id), step=step, layer=moe_layer,
                                                        n_tokens=n_tokens))
 
+        feed = None
+        if cfg.routing_predictor_path is not None:  # the predictor reads routing, not hidden states
+            feed = RoutingFeed(lambda m: send(send_to_predictor, m), cfg.prefetch)
         backend = OffloadedExperts(lay, table, slots, experts_modules(model, lay.moe_layers), on_gate, on_released,
-                                   cfg.load_timeout_s, on_hidden if cfg.prefetch else None,
+                                   cfg.load_timeout_s, on_hidden if cfg.prefetch and feed is None else None,
                                    reordered=cfg.reordered_inference, keep_alive=KeepAlive(sockets))
         backend.register()
         model.set_experts_implementation(IMPLEMENTATION_NAME)  # type: ignore[operator]
@@ -294,11 +309,19 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
         if cfg.record_trace is not None:
             recorder = TraceRecorder(Path(cfg.record_trace), len(lay.moe_layers), lay.experts_per_layer,
                                      cfg.record_hidden, tokenizer)
-            backend.on_routing = recorder.on_routing
-        worker = InferenceWorker(model, tokenizer, backend, sockets, recorder)
+        hooks = [hook.on_routing for hook in (recorder, feed) if hook is not None]
+        if hooks:
+            def on_routing(*args: Any) -> None:
+                for hook in hooks:
+                    hook(*args)
+
+            backend.on_routing = on_routing
+        worker = InferenceWorker(model, tokenizer, backend, sockets, recorder, feed)
 
         def on_configure(msg: ConfigureInference) -> None:  # between requests (configure_cache)
-            backend.on_hidden = on_hidden if msg.hidden_states else None
+            backend.on_hidden = on_hidden if msg.hidden_states and feed is None else None
+            if feed is not None:
+                feed.enabled = msg.hidden_states
             backend.reordered = msg.reordered_inference
 
         sockets.announce_ready()

@@ -5,6 +5,9 @@ the hidden-state exchange (shared memory), predicts the experts of the layer ``l
 With ``--predictor`` it uses the learned MLP of (source layer, lookahead) from ``--train-predictor``; without one
 (or for a pair the file lacks) it falls back to skip-layer gate reuse: the source layer's input fed to the target
 layer's own gate. Either way the prediction is the union of each token's top-k.
+
+With ``--routing-predictor`` it reads no hidden state: it predicts from the gates' routing and the token ids
+(``GateRouted``), and also sends the outlook of each layer one token on (``workers/routing_live.py``).
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ import torch
 from models.checkpoint import load_router_weights, open_checkpoint
 from protocol.config import RuntimeConfig
 from protocol.ids import ExpertId, RequestId
-from protocol.messages import ExpertsPredicted, HiddenStateWritten, Message, Ping
+from protocol.messages import ExpertsPredicted, GateRouted, HiddenStateWritten, Message, Ping
 from shm.hidden_exchange import HiddenExchange
 from shm.layout import ExpertLayout
 from shm.segment import Segment
 from training.predictor_training import LearnedPredictor
+from training.routing_predictor import RoutingPredictor
 from workers.bootstrap import WorkerSockets, run_worker, send
+from workers.routing_live import LiveRoutingPredictor
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +77,25 @@ class Predictor:
                                                         layer=layer, experts=experts))
 
 
+def serve_routing(cfg: RuntimeConfig, sockets: WorkerSockets, path: str) -> None:
+    """``--routing-predictor``: predictions from ``GateRouted`` (no hidden states, no router weights)."""
+    live = LiveRoutingPredictor(cfg.layout, RoutingPredictor.load(Path(path)), cfg.lookahead,
+                                lambda msg: send(sockets.send_to_coordinator, msg),
+                                behind=lambda: bool(sockets.inbox.deferred or sockets.inbox.poller.poll(0)))
+    log.info("predicting with the routing predictor %s, %d layer(s) ahead, and each layer's outlook one token on",
+             path, cfg.lookahead)
+    sockets.announce_ready()
+    try:
+        sockets.serve({Ping: sockets.answer_ping, GateRouted: live.on_gate_routed})
+    finally:
+        live.log_cost()
+
+
 def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
     torch.set_num_threads(1)
+    if cfg.routing_predictor_path is not None:
+        serve_routing(cfg, sockets, cfg.routing_predictor_path)
+        return
     lay = cfg.layout
     learned = None
     if cfg.predictor_path is not None:
