@@ -3,9 +3,9 @@
 Decoding never trusts the sender. A valid frame takes the fast path (the envelope read, then one typed decode that
 checks every field's type, unknown fields and the ranges). A frame that fails is diagnosed again, slowly, to name
 the first problem with the ``code`` a reply carries, in this order: ``malformed`` (not msgpack, not a map, a key
-that is not a string, a string that is not UTF-8), ``bad_version``, ``unknown_type``, then field by field in
-declaration order ``missing_field`` or ``bad_field``, then ``unknown_field``, and last ``bad_request`` (a value out
-of its declared range).
+neither str nor bytes, a string that is not UTF-8), ``bad_version`` (``v`` is not the integer 1),
+``unknown_type``, then field by field in declaration order ``missing_field`` or ``bad_field``, then
+``unknown_field``, and last ``bad_request`` (a value out of its declared range).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class ProtocolError(ValueError):
 
 
 class _Envelope(msgspec.Struct):
-    """What every frame must carry whatever its type; other keys are skipped unread."""
+    """What every frame must carry whatever its type; other keys are skipped."""
 
     v: Any = None
     type: Any = None
