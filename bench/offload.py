@@ -1,6 +1,7 @@
 """Every policy, ``all_resident`` and the ablation steps over the same prompts, on CPU with an emulated link.
 
-    python bench/offload.py [--link-gbps 0.25] [--cache-fractions 0.125,0.25,0.5] [--predictor FILE] [--model-path DIR]
+    python bench/offload.py [--link-gbps 0.25] [--cache-fractions 0.125,0.25,0.5] [--predictor FILE]
+                            [--routing-predictor FILE] [--model-path DIR]
                             [--new-tokens 32] [--repeat N] [--policies lru,promoe] [--no-ablation]
                             [--no-stand-in-cores] [--json PATH] [--plot PATH]
 
@@ -145,6 +146,8 @@ def main() -> None:
     p.add_argument("--cache-fractions", default="0.125,0.25,0.5")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--predictor", type=Path, default=None, help="also run promoe with this trained predictor")
+    p.add_argument("--routing-predictor", type=Path, default=None,
+                   help="also run promoe with this routing predictor (python -m training.routing_fit)")
     p.add_argument("--model-path", type=Path, default=None,
                    help="checkpoint to run (default: the embedded default model)")
     p.add_argument("--repeat", type=int, default=1,
@@ -166,6 +169,8 @@ def main() -> None:
     policies: list[tuple[str, list[str]]] = [(name, []) for name in args.policies.split(",")]
     if args.predictor is not None:
         policies.append(("promoe+learned", ["--predictor", str(args.predictor)]))
+    if args.routing_predictor is not None:
+        policies.append(("promoe+routing", ["--routing-predictor", str(args.routing_predictor)]))
     traces = routing_trace(checkpoint, args.new_tokens)
     accesses = [a for trace in traces for a in trace]
     rows = []

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,43 +16,50 @@ from protocol.config import RuntimeConfig
 from shm.layout import ExpertLayout
 
 CORES = sorted(os.sched_getaffinity(0))
-needs_two = pytest.mark.skipif(len(CORES) < 2, reason="needs two usable cores")
+ROLES = ("inference", "loader", "predictor", "coordinator")
 
 
-def placed(role: str, inference_core: int | None, tmp_path) -> dict:
-    """Write the config to a run directory, read it in a fresh process and ``place(role)`` there: its cores and torch
-    threads afterwards (None if it did not need torch)."""
+def placed(inference_core: int | None, tmp_path: Path) -> dict[str, dict]:
+    """Write the config to a run directory, read it in a fresh process and, for each role in turn (from the cores
+    the process started with), ``place(role)``: the cores and torch threads each role got (threads: None if the
+    role did not need torch)."""
     layout = ExpertLayout(moe_layers=(0,), experts_per_layer=4, top_k=2, hidden_size=8, intermediate_size=4,
                           n_slots=2, n_chunks=1, storage_dtype="float32", compute_dtype="float32")
     cfg = RuntimeConfig(run_id="x", run_dir=str(tmp_path), checkpoint="none", layout=layout, policy="lru",
                         device="cpu", bind="ipc://none", link_gbps=None, lookahead=1, predictor_path=None,
                         load_timeout_s=1.0, supervisor_pid=os.getpid(), inference_core=inference_core)
     cfg.write()
-    code = ("import json, os, sys; from protocol.config import RuntimeConfig\n"
-            f"RuntimeConfig.read({str(tmp_path)!r}).place({role!r})\n"
-            "threads = sys.modules['torch'].get_num_threads() if 'torch' in sys.modules else None\n"
-            "print(json.dumps({'cores': sorted(os.sched_getaffinity(0)), 'threads': threads}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return json.loads(out.stdout)
+    code = f"""
+import json, os, sys
+from protocol.config import RuntimeConfig
+cfg, start, out = RuntimeConfig.read({str(tmp_path)!r}), os.sched_getaffinity(0), {{}}
+for role in {ROLES!r}:
+    os.sched_setaffinity(0, start)
+    cfg.place(role)
+    threads = sys.modules['torch'].get_num_threads() if 'torch' in sys.modules else None
+    out[role] = {{'cores': sorted(os.sched_getaffinity(0)), 'threads': threads}}
+print(json.dumps(out))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    return json.loads(done.stdout)
 
 
-@needs_two
-def test_the_inference_worker_gets_its_core_alone_and_one_thread(tmp_path) -> None:
+@pytest.mark.skipif(len(CORES) < 2, reason="needs two usable cores")
+def test_the_inference_worker_gets_its_core_alone_and_one_thread(tmp_path: Path) -> None:
     core = stand_in_core(True, "cpu")
     assert core == CORES[0]
-    inference = placed("inference", core, tmp_path)
-    assert inference == {"cores": [core], "threads": 1}
-    for role in ("loader", "predictor", "coordinator"):
-        assert placed(role, core, tmp_path)["cores"] == CORES[1:]
+    roles = placed(core, tmp_path)
+    assert roles["inference"] == {"cores": [core], "threads": 1}
+    for role in ROLES[1:]:
+        assert roles[role]["cores"] == CORES[1:]
 
 
-def test_no_placement_leaves_every_process_where_it_was(tmp_path) -> None:
+def test_no_placement_leaves_every_process_where_it_was(tmp_path: Path) -> None:
     assert stand_in_core(False, "cpu") is None
-    assert placed("inference", None, tmp_path)["cores"] == CORES
+    assert all(r["cores"] == CORES for r in placed(None, tmp_path).values())
 
 
 def test_stand_in_cores_is_refused_on_a_gpu() -> None:
     with pytest.raises(SystemExit, match="needs the CPU device"):
         stand_in_core(True, "cuda")
-
