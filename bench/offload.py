@@ -163,9 +163,9 @@ def main() -> None:
     lay = open_checkpoint(checkpoint).layout(n_slots=4, n_chunks=1, compute_dtype="float32")
     n_experts, expert_nbytes = lay.n_experts, lay.expert_nbytes
     sizes = [max(lay.top_k, round(n_experts * float(f))) for f in args.cache_fractions.split(",")]
-    link = ["--link-gbps", str(args.link_gbps)]
-    if not args.no_stand_in_cores and len(os.sched_getaffinity(0)) >= 2:
-        link.append("--stand-in-cores")
+    stand_in = not args.no_stand_in_cores and len(os.sched_getaffinity(0)) >= 2
+    # flags of every case: the emulated link and the processes' placement
+    every = ["--link-gbps", str(args.link_gbps), *(["--stand-in-cores"] if stand_in else [])]
     policies: list[tuple[str, list[str]]] = [(name, []) for name in args.policies.split(",")]
     if args.predictor is not None:
         policies.append(("promoe+learned", ["--predictor", str(args.predictor)]))
@@ -175,11 +175,11 @@ def main() -> None:
     accesses = [a for trace in traces for a in trace]
     rows = []
     started = time.perf_counter()
-    cases = [("all_resident", n_experts, ["--policy", "lru", "--cache-experts", str(n_experts), *link])]
-    cases += [(name, size, ["--policy", name.split("+")[0], "--cache-experts", str(size), *extra, *link])
+    cases = [("all_resident", n_experts, ["--policy", "lru", "--cache-experts", str(n_experts), *every])]
+    cases += [(name, size, ["--policy", name.split("+")[0], "--cache-experts", str(size), *extra, *every])
               for size in sizes for name, extra in policies]
     quarter = max(lay.top_k, n_experts // 4)
-    cases += [(f"ablation: {step}", quarter, ["--policy", "promoe", "--cache-experts", str(quarter), *flags, *link])
+    cases += [(f"ablation: {step}", quarter, ["--policy", "promoe", "--cache-experts", str(quarter), *flags, *every])
               for step, flags in ([] if args.no_ablation else ABLATION)]
     runs: list[list[dict]] = [[] for _ in cases]
     with tempfile.TemporaryDirectory() as tmp:
@@ -198,16 +198,16 @@ def main() -> None:
         row["vs_all_resident"] = row["tpot_ms"] / resident["tpot_ms"]
         row["vs_floor"] = row["time_ms"] / floor_ms
         row["exact"] = resident_tokens is not None and row.pop("tokens") == resident_tokens
-    print_table(rows, args, time.perf_counter() - started)
+    print_table(rows, args, stand_in, time.perf_counter() - started)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))
     plot(rows, sizes, args.plot)
 
 
-def print_table(rows: list[dict], args: argparse.Namespace, elapsed_s: float) -> None:
+def print_table(rows: list[dict], args: argparse.Namespace, stand_in: bool, elapsed_s: float) -> None:
     print(f"CPU, emulated link {args.link_gbps} GB/s, {len(PROMPTS)} prompts x {args.new_tokens} tokens, "
-          f"medians of {args.repeat} run(s), stand-in cores {'off' if args.no_stand_in_cores else 'on'}, "
+          f"medians of {args.repeat} run(s), stand-in cores {'on' if stand_in else 'off'}, "
           f"{elapsed_s:.0f} s")
     head = ("policy", "cache", "TTFT ms", "TPOT ms", "hit", "stall ms", "GoodPred", "x resident", "x floor", "exact")
     print(f"{head[0]:28}" + "".join(f" {h:>10}" for h in head[1:]))
