@@ -36,9 +36,16 @@ from coordinator.policies import CachePolicy
 from protocol.ids import ExpertId, LoadId, RequestId, SlotId
 from protocol.messages import PRIORITY_PRECISE, PRIORITY_SPECULATIVE, LoadExpert, Message, Preempt, Reorder
 from shm.layout import ExpertLayout
-from shm.slot_table import FREE, LOADING, RESIDENT, SlotTable
+from shm.slot_table import SlotTable
 
 log = logging.getLogger(__name__)
+
+FREE = 0
+"""Slot holds nothing."""
+LOADING = 1
+"""Slot is assigned; chunks are queued or being copied."""
+RESIDENT = 2
+"""Every chunk landed (the loader's ``ExpertLoaded`` has arrived)."""
 
 Position = tuple[int, int]
 """(step, MoE layer): steps count tokens of a request (0 = prefill)."""
@@ -125,7 +132,7 @@ class CacheDirectory:
 
     def _clear(self) -> None:
         for slot in range(self.layout.n_slots):
-            if self.table.slot_state[slot] != FREE:
+            if self.table.slot_expert[slot] >= 0:
                 self.table.release(SlotId(slot))
         self._slot_expert: list[int] = [-1] * self.layout.n_slots
         self._slot_state: list[int] = [FREE] * self.layout.n_slots
@@ -146,6 +153,10 @@ class CacheDirectory:
     # ------------------------------------------------------------ queries
     def slot_of(self, expert: ExpertId) -> SlotId | None:
         return self._slot_of.get(expert)
+
+    def slot_state(self, slot: SlotId) -> int:
+        """``FREE``, ``LOADING`` or ``RESIDENT``."""
+        return self._slot_state[slot]
 
     def resident_experts(self) -> list[ExpertId]:
         return sorted(self._resident)
@@ -232,7 +243,7 @@ class CacheDirectory:
             log.warning("ExpertLoaded for unknown load %d", load_id)
             return
         del self._loading[load.expert]
-        if self.table.mark_resident(load.slot, seq):
+        if self.table.is_current(load.slot, seq):
             self._slot_state[load.slot] = RESIDENT
             self._resident.add(load.expert)
             for counters in self._counters_of(load.request_id):

@@ -114,14 +114,11 @@ class Reorder(Message):
 
 
 class ExpertLoaded(Message):
-    """Every chunk of a load is in its slot (the slot table already says so)."""
+    """Every chunk of load ``load_id`` (the slot's load with sequence number ``seq``) is in its slot (the slot table
+    already says so); the coordinator knows the rest from the load id."""
 
     load_id: LoadId
-    expert: ExpertId
-    slot: SlotId
     seq: int
-    nbytes: int
-    copy_ns: int
 
 
 class LoadsPreempted(Message):

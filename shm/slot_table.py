@@ -2,8 +2,9 @@
 
 It is how readiness reaches the inference worker with no round trip. Every word has one writer:
 
-- the coordinator writes ``slot_expert``, ``slot_seq``, ``slot_state`` and ``expert_slot`` (it owns the cache
-  directory) and ``waiting_for_slot``;
+- the coordinator writes ``slot_expert``, ``slot_seq`` and ``expert_slot`` (it owns the cache directory) and
+  ``waiting_for_slot``; whether a slot is free, loading or resident is the coordinator's alone and stays in its
+  process (``coordinator.cache``);
 - the loader writes ``slot_loaded`` after a chunk's copy has completed: the sequence number of the load it serves
   and that load's landed chunk count, packed in one 64-bit word (``pack_loaded``) and written in one store;
 - the inference worker writes ``expert_pin`` (set when its gate chose the expert, cleared once computed; all
@@ -34,13 +35,6 @@ from shm.segment import Segment
 
 _MAGIC = 0x70726F6D6F65  # "promoe"
 _HEADER = 8
-
-FREE = 0
-"""Slot holds nothing."""
-LOADING = 1
-"""Slot is assigned; chunks are queued or being copied."""
-RESIDENT = 2
-"""Every chunk landed (the coordinator has seen ``ExpertLoaded``)."""
 
 READY_BITS = 16
 """Low bits of a ``slot_loaded`` word: the chunk count (at most 65535 chunks per expert)."""
@@ -92,8 +86,6 @@ class SlotTable:
         self.slot_loaded = words[cursor : cursor + n_slots]
         """The loader's word per slot: ``pack_loaded(seq, chunks_ready)`` of the last load it published."""
         cursor += n_slots
-        self.slot_state = words[cursor : cursor + n_slots]
-        cursor += n_slots
         self.expert_slot = words[cursor : cursor + n_experts]
         cursor += n_experts
         self.expert_pin = words[cursor : cursor + n_experts]
@@ -109,16 +101,16 @@ class SlotTable:
 
     @staticmethod
     def nbytes_for(n_slots: int, n_experts: int) -> int:
-        return 8 * (_HEADER + 4 * n_slots + 2 * n_experts)
+        return 8 * (_HEADER + 3 * n_slots + 2 * n_experts)
 
     # ------------------------------------------------------------ coordinator side
     def assign(self, slot: SlotId, expert: ExpertId) -> int:
-        """Give ``slot`` to ``expert`` (state LOADING, no chunk ready); returns the new sequence number."""
-        self._invalidate(slot, LOADING, expert)
+        """Give ``slot`` to ``expert`` (no chunk ready); returns the new sequence number."""
+        self._invalidate(slot, expert)
         self.expert_slot[expert] = slot
         return int(self.slot_seq[slot])
 
-    def _invalidate(self, slot: SlotId, state: int, expert: int) -> None:
+    def _invalidate(self, slot: SlotId, expert: int) -> None:
         """Change the owner, then bump the sequence number, in that order: a reader that saw the old number fails
         validation; one that sees the new number also sees the new owner, and no ready chunk (``slot_loaded`` is
         tagged with an older number until the loader publishes for the new load).
@@ -126,19 +118,16 @@ class SlotTable:
         old = int(self.slot_expert[slot])
         if old >= 0 and self.expert_slot[old] == slot:
             self.expert_slot[old] = -1
-        self.slot_state[slot] = state
         self.slot_expert[slot] = expert
         self.slot_seq[slot] += 1
 
     def release(self, slot: SlotId) -> None:
         """Empty ``slot`` (its expert is no longer cached)."""
-        self._invalidate(slot, FREE, -1)
+        self._invalidate(slot, -1)
 
-    def mark_resident(self, slot: SlotId, seq: int) -> bool:
-        if self.slot_seq[slot] != seq:
-            return False
-        self.slot_state[slot] = RESIDENT
-        return True
+    def is_current(self, slot: SlotId, seq: int) -> bool:
+        """Whether ``seq`` is still the sequence number of ``slot``'s load (not reassigned since)."""
+        return int(self.slot_seq[slot]) == seq
 
     def chunks_ready(self, slot: SlotId, seq: int | None = None) -> int:
         """Chunks that have landed of the load with ``seq`` in ``slot`` (default: the slot's current load)."""
@@ -226,6 +215,6 @@ class SlotTable:
         self.expert_pin[:] = 0
 
     def close(self) -> None:
-        del self._header, self.slot_expert, self.slot_seq, self.slot_loaded, self.slot_state
+        del self._header, self.slot_expert, self.slot_seq, self.slot_loaded
         del self.expert_slot, self.expert_pin
         self.segment.close()

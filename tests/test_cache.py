@@ -13,14 +13,14 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from coordinator.cache import CacheDirectory
+from coordinator.cache import FREE, LOADING, RESIDENT, CacheDirectory
 from coordinator.policies import LfuPolicy, LruPolicy, OnDemandPolicy, PromoePolicy, make_policy
 from coordinator.policies.ranking import Ranking
-from protocol.ids import ExpertId, LoadId, RequestId
+from protocol.ids import ExpertId, LoadId, RequestId, SlotId
 from protocol.messages import PRIORITY_PRECISE, PRIORITY_SPECULATIVE, LoadExpert, Message, Preempt, Reorder
 from shm.layout import ExpertLayout
 from shm.segment import SHM_DIR, Segment, leftover_segments, segment_name
-from shm.slot_table import FREE, LOADING, RESIDENT, SlotTable
+from shm.slot_table import SlotTable
 
 E = 8
 """Experts per MoE layer: expert ``l * E + e`` is expert ``e`` of MoE layer ``l``."""
@@ -99,7 +99,7 @@ class Rig:
             pending = [*pending[1:], *loads_in(self.loaded(pending[0]))]
         self.unpin(*experts)
         for e in experts:
-            assert int(self.table.slot_state[self.table.expert_slot[e]]) == RESIDENT
+            assert self.cache.slot_state(SlotId(int(self.table.expert_slot[e]))) == RESIDENT
 
     def drain(self, priority: int = PRIORITY_PRECISE) -> list[Message]:
         """The commands for the loader; each is checked against the slot table and the loads issued so far."""
@@ -113,7 +113,7 @@ class Rig:
                 assert command.seq == int(self.table.slot_seq[command.slot])
                 assert int(self.table.slot_expert[command.slot]) == command.expert
                 assert int(self.table.expert_slot[command.expert]) == command.slot
-                assert int(self.table.slot_state[command.slot]) == LOADING
+                assert self.cache.slot_state(command.slot) == LOADING
                 assert self.table.chunks_ready(command.slot) == 0
                 assert command.priority == priority and command.first_chunk == 0
             else:
@@ -133,7 +133,7 @@ class Rig:
         return None if slot is None else int(slot)
 
     def state_of_slot(self, slot: int) -> int:
-        return int(self.table.slot_state[slot])
+        return self.cache.slot_state(SlotId(slot))
 
     def close(self) -> None:
         try:

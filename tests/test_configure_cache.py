@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from coordinator.cache import FREE
 from coordinator.client import RequestFailed
 from coordinator.configure import CacheConfigurator, CacheSettings
 from protocol.codec import decode
@@ -32,7 +33,7 @@ from protocol.messages import (
 )
 from shm.layout import ExpertLayout
 from shm.segment import Segment
-from shm.slot_table import FREE, SlotTable
+from shm.slot_table import SlotTable
 from tests.conftest import NEW_TOKENS, PROMPT_IDS
 from tests.test_cache import Rig as CacheRig
 from tests.test_loader import Rig as LoaderRig
@@ -212,7 +213,7 @@ def test_switching_policy_and_size_at_run_time_keeps_the_oracle_tokens(serving, 
                 assert done.metrics["experts_loaded"] > 0, "the cache was emptied"
                 if settings["policy"] == "promoe":
                     assert done.metrics["prefetch_precision"] is not None
-                used = {s for s in range(allocated) if int(table.slot_state[s]) != FREE}
+                used = {s for s in range(allocated) if int(table.slot_expert[s]) >= 0}
                 assert max(used) < settings["cache_experts"], f"slots {sorted(used)} used, {settings}"
             for bad in ({"policy": "mru"}, {"cache_experts": 3}, {"cache_experts": allocated + 1}):
                 with pytest.raises(RequestFailed) as info:

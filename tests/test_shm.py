@@ -19,7 +19,7 @@ from shm.cache_slots import CacheSlots
 from shm.expert_store import HostExpertStore
 from shm.layout import ExpertLayout
 from shm.segment import SHM_DIR, Segment, leftover_segments, segment_name, unlink_leftovers
-from shm.slot_table import FREE, LOADING, SlotTable
+from shm.slot_table import SlotTable
 from workers.loader import CpuCopyEngine
 
 LAYOUT = ExpertLayout(moe_layers=(0, 1), experts_per_layer=4, top_k=2, hidden_size=8, intermediate_size=4,
@@ -223,11 +223,10 @@ def test_leftovers_are_found_and_removed_by_run_id(segments: Segments) -> None:
 def test_assign_bumps_seq_and_maps_the_expert(segments: Segments) -> None:
     table = segments.table()
     assert table.lookup(ExpertId(3)) is None
-    assert int(table.slot_state[1]) == FREE
+    assert int(table.slot_expert[1]) == -1
     seq1 = table.assign(SlotId(1), ExpertId(3))
     assert seq1 == 1
     assert int(table.expert_slot[3]) == 1 and int(table.slot_expert[1]) == 3
-    assert int(table.slot_state[1]) == LOADING
     view = table.lookup(ExpertId(3))
     assert view is not None and view.slot == 1 and view.seq == seq1 and view.chunks_ready == 0
     assert table.lookup(ExpertId(4)) is None  # unknown expert
@@ -288,7 +287,7 @@ def test_still_valid_fails_after_reassign_or_release(segments: Segments) -> None
     table.release(SlotId(2))
     assert not table.still_valid(view)
     assert table.lookup(ExpertId(1)) is None
-    assert int(table.slot_state[2]) == FREE and int(table.slot_expert[2]) == -1
+    assert int(table.slot_expert[2]) == -1
     table.close()
 
 
@@ -308,8 +307,7 @@ def test_stale_publish_writes_nothing(segments: Segments) -> None:
     new = table.assign(SlotId(3), ExpertId(7))
     assert not table.publish_ready(SlotId(3), old, LAYOUT.n_chunks)
     assert table.chunks_ready(SlotId(3)) == 0
-    assert not table.mark_resident(SlotId(3), old)
-    assert int(table.slot_state[3]) == LOADING
+    assert not table.is_current(SlotId(3), old) and table.is_current(SlotId(3), new)
     assert table.publish_ready(SlotId(3), new, 2)
     assert table.chunks_ready(SlotId(3)) == 2
     table.close()

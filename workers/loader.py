@@ -36,7 +36,7 @@ from shm.cache_slots import CacheSlots
 from shm.expert_store import HostExpertStore
 from shm.segment import Segment
 from shm.slot_table import SlotTable
-from workers.bootstrap import IDLE_POLL_S, Inbox, WorkerSockets, now_ns, run_worker, send
+from workers.bootstrap import IDLE_POLL_S, Inbox, WorkerSockets, run_worker, send
 from workers.chunk_queue import ChunkQueue, QueuedLoad
 from workers.copy_engine import CopyEngine, CopyTicket, CpuCopyEngine
 
@@ -58,8 +58,8 @@ class Loader:
         self.send_to_coordinator = send_to_coordinator
         self.queue = ChunkQueue()
         self.n_chunks = cfg.layout.n_chunks
-        self._load_started_ns: dict[int, int] = {}
-        self._load_nbytes: dict[int, int] = {}
+        self._live_loads: set[int] = set()
+        """Loads queued or being copied and not dropped since: only these report ``ExpertLoaded``."""
         self.chunked_loads = True
         """Read the inbox between chunks; False (``configure_cache``): only between whole experts, so that a load
         is preempted or overtaken at expert granularity, as with one chunk per expert."""
@@ -79,18 +79,15 @@ class Loader:
             return
         if msg.first_chunk == self.n_chunks:  # re-issued after a restart, every chunk had landed: only report it
             if self.table.slot_seq[msg.slot] == msg.seq and self.table.chunks_ready(msg.slot, msg.seq) >= self.n_chunks:
-                send(self.send_to_coordinator, ExpertLoaded(load_id=msg.load_id, expert=msg.expert, slot=msg.slot,
-                                                            seq=msg.seq, nbytes=0, copy_ns=0))
+                send(self.send_to_coordinator, ExpertLoaded(load_id=msg.load_id, seq=msg.seq))
             return
         self.queue.push(QueuedLoad.from_message(msg, self.n_chunks))
-        self._load_started_ns[msg.load_id] = now_ns()
-        self._load_nbytes[msg.load_id] = 0
+        self._live_loads.add(msg.load_id)
 
     def on_preempt(self, msg: Preempt) -> None:
         dropped = self.queue.preempt(msg.load_ids)
         for load_id, _ in dropped:
-            self._load_started_ns.pop(load_id, None)
-            self._load_nbytes.pop(load_id, None)
+            self._live_loads.discard(load_id)
         if dropped:
             send(self.send_to_coordinator, LoadsPreempted(
                 load_ids=[d[0] for d in dropped], chunks_done=[d[1] for d in dropped]))
@@ -133,8 +130,7 @@ class Loader:
             log.warning("slot %d was reassigned under load %d; dropping it", load.slot, load.load_id)
             self.queue.preempt([load.load_id])
             self._partial = None
-            self._load_started_ns.pop(load.load_id, None)
-            self._load_nbytes.pop(load.load_id, None)
+            self._live_loads.discard(load.load_id)
             return True
         self.engine.submit(CopyTicket(load.expert, load.slot, chunk, token=load))
         self.publish_completed(wait=False)  # CPU: the copy is done already, so readiness goes out in this step
@@ -145,18 +141,14 @@ class Loader:
         for ticket in self.engine.completed(wait=wait):
             load = ticket.token
             assert isinstance(load, QueuedLoad)
-            if load.load_id in self._load_nbytes:
-                self._load_nbytes[load.load_id] += ticket.nbytes
             # False if the slot was reassigned while the copy was in flight: the new owner's readiness is not ours
             published = self.table.publish_ready(load.slot, load.seq, ticket.chunk + 1)
             if ticket.chunk + 1 < load.n_chunks:
                 continue
-            started = self._load_started_ns.pop(load.load_id, None)
-            nbytes = self._load_nbytes.pop(load.load_id, None)
-            if published and started is not None and nbytes is not None:
-                send(self.send_to_coordinator, ExpertLoaded(
-                    load_id=load.load_id, expert=load.expert, slot=load.slot, seq=load.seq, nbytes=nbytes,
-                    copy_ns=now_ns() - started))
+            if load.load_id in self._live_loads:
+                self._live_loads.discard(load.load_id)
+                if published:
+                    send(self.send_to_coordinator, ExpertLoaded(load_id=load.load_id, seq=load.seq))
 
     def between_loads(self) -> bool:
         """Whether the inbox may be read now: between two chunks, or (whole-expert loads) between two experts."""
