@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from coordinator.runtime_process import RuntimeProcess
 from models.default_model import ensure_default_checkpoint
-from tests.runtime import RuntimeProcess
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return"
 

@@ -74,7 +74,7 @@ from bench.gpu_workload import (
     trace_routing_stats,
     trace_workload,
 )
-from tests.runtime import RuntimeProcess
+from coordinator.runtime_process import RuntimeProcess
 
 log = logging.getLogger("bench.gpu")
 

@@ -16,7 +16,7 @@ import torch
 
 from bench.gpu_models import ModelSpec
 from bench.gpu_workload import Request, Workload
-from tests.runtime import RuntimeProcess
+from coordinator.runtime_process import RuntimeProcess
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coordinator.client import PromoeClient, RequestFailed
+from coordinator.runtime_process import RuntimeProcess
 from models.default_model import ensure_default_checkpoint
-from tests.runtime import RuntimeProcess
 
 
 @dataclass
@@ -128,7 +128,9 @@ def main() -> int:
     finally:
         if runtime is not None:
             runtime.stop()
-            runtime.assert_nothing_left()
+            left = runtime.leftovers()
+            if left:
+                raise RuntimeError(f"the runtime left {left} behind:\n{runtime.log()}")
             shutil.rmtree(runtime.root, ignore_errors=True)
     print(f"{result['clients']} clients x {result['requests_per_client']} requests, {args.max_new_tokens} new tokens: "
           f"{result['answered']}/{result['requests']} answered ({result['completed']} completed, errors "

@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from coordinator.runtime_process import RuntimeProcess
 from models.checkpoint import open_checkpoint
 from models.default_model import ensure_default_checkpoint
-from tests.runtime import RuntimeProcess
 
 PROMPTS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return",

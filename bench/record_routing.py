@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from coordinator.runtime_process import RuntimeProcess
 from models.checkpoint import open_checkpoint
 from models.default_model import ensure_default_checkpoint
-from tests.runtime import RuntimeProcess
 from training.predictor_training import corpus_ids
 
 

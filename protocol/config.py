@@ -28,7 +28,7 @@ class RuntimeConfig:
     layout: ExpertLayout
     """Expert store and cache geometry."""
     policy: str
-    """Cache policy: ondemand | lru."""
+    """Cache policy, one of ``POLICIES``: ondemand | lru | lfu | promoe (``coordinator/policies/``)."""
     device: str
     """cpu | cuda."""
     bind: str

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from coordinator.runtime_process import RuntimeProcess
 from models.default_model import DefaultModelSpec, ensure_default_checkpoint
-from tests.runtime import RuntimeProcess
 
 PROMPT_TEXT = "def fibonacci(n):\n    return"
 PROMPT_IDS = [35, 80, 111, 109, 111, 69, 32, 40]
@@ -68,7 +68,7 @@ def runtime_factory(tmp_path: Path, checkpoint: Path) -> Iterator:
     yield start
     for rt in started:
         rt.stop()
-        rt.assert_nothing_left()
+        assert rt.leftovers() == [], rt.log()
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def shared_runtime(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -
     rt = RuntimeProcess(tmp_path_factory.mktemp("shared"), checkpoint, "--policy", "lru", "--cache-experts", "48")
     yield rt
     rt.stop()
-    rt.assert_nothing_left()
+    assert rt.leftovers() == [], rt.log()
 
 
 @pytest.fixture(scope="session")
@@ -93,4 +93,4 @@ def serving(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Itera
                         "--max-queue", str(MAX_QUEUE))
     yield rt
     rt.stop()
-    rt.assert_nothing_left()
+    assert rt.leftovers() == [], rt.log()

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from coordinator.runtime_process import RuntimeProcess
 from models.checkpoint import open_checkpoint
 from models.skeleton import experts_modules
 from models.text import encode_prompt
 from tests.conftest import PROMPT_IDS
-from tests.runtime import RuntimeProcess
 
 CHAT_PROMPT = "caf\u00e9?"
 NEW_TOKENS = 8
@@ -82,7 +82,7 @@ def test_architecture_matches_transformers(tmp_path, tiny_checkpoints, tiny_refe
                                    on_token=lambda t: deltas.append(t.text))
     finally:
         rt.stop()
-    rt.assert_nothing_left()
+    assert rt.leftovers() == [], rt.log()
     assert f"computing in {dtype} on CPU" in rt.log_path.read_text()
     assert by_ids.token_ids == expected["ids"]
     assert chat.token_ids == expected["chat"]

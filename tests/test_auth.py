@@ -12,8 +12,8 @@ import zmq.auth
 
 from coordinator.auth import AUTHORIZED_CLIENTS, ClientKeys, is_loopback
 from coordinator.client import PromoeClient
+from coordinator.runtime_process import RuntimeProcess
 from tests.conftest import NEW_TOKENS, PROMPT_IDS
-from tests.runtime import RuntimeProcess
 from tests.test_cli import launch
 
 REFUSED_WITHIN_S = 3.0
@@ -44,7 +44,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, keys: Pa
                         curve=ClientKeys.load(keys))
     yield rt
     rt.stop()
-    rt.assert_nothing_left()
+    assert rt.leftovers() == [], rt.log()
 
 
 def test_an_authorised_client_is_served(secured, reference):

@@ -16,11 +16,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from coordinator.runtime_process import PROJECT_ROOT
 from models.checkpoint import CheckpointError, open_checkpoint
 from models.streaming import FillProgress, fill_store
 from shm.expert_store import HostExpertStore
 from shm.segment import Segment
-from tests.runtime import PROJECT_ROOT
 
 
 def fill(path: Path, tmp_path: Path) -> tuple[HostExpertStore, object]:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.runtime_process import PROJECT_ROOT
 from shm.segment import leftover_segments
 from tests.conftest import NEW_TOKENS, PROMPT_IDS, PROMPT_TEXT
-from tests.runtime import PROJECT_ROOT
 
 JSON_FIELDS = {"token_ids", "text", "ttft_ms", "tpot_ms", "hit_rate", "stall_ms", "experts_loaded", "bytes_loaded",
                "prefetch_precision", "prefetch_recall", "goodpred"}

@@ -32,7 +32,7 @@ def test_kill_9_of_the_coordinator_stops_the_runtime_cleanly(runtime_factory):
     code = rt.wait_exit(timeout_s=30)
     assert code == 1, f"launch.py should report the dead coordinator with exit code 1, got {code}"
     assert "coordinator (pid" in rt.log() and "exited with code -9" in rt.log()
-    rt.assert_nothing_left()
+    assert rt.leftovers() == [], rt.log()
 
 
 def test_torch_files_of_a_worker_killed_with_kill_9_do_not_outlive_it(runtime_factory):
@@ -48,7 +48,7 @@ def test_torch_files_of_a_worker_killed_with_kill_9_do_not_outlive_it(runtime_fa
     torch_file(second)
     assert rt.stop() == 0
     assert torch_files_of([first, second]) == []
-    rt.assert_nothing_left()
+    assert rt.leftovers() == [], rt.log()
 
 
 def kill_at_token(rt, role: str, index: int):
@@ -79,7 +79,7 @@ def test_request_in_progress_survives_a_dead_worker_which_is_restarted(runtime_f
     assert again.metrics["prefetch_precision"] is not None, "no prediction after the restart"
     assert f"{role} (pid" in rt.log() and "restarting it" in rt.log()
     assert rt.stop() == 0
-    rt.assert_nothing_left()
+    assert rt.leftovers() == [], rt.log()
 
 
 def test_dead_inference_worker_fails_its_request_at_once_and_the_queue_is_served_after_the_restart(
@@ -119,7 +119,7 @@ def test_dead_inference_worker_fails_its_request_at_once_and_the_queue_is_served
     assert queued["done"].token_ids == reference["ids"]  # type: ignore[attr-defined]
     rt.wait_restarted("inference", 1)
     assert rt.stop() == 0
-    rt.assert_nothing_left()
+    assert rt.leftovers() == [], rt.log()
 
 
 def test_a_hung_worker_is_killed_after_the_heartbeat_deadline_and_restarted(runtime_factory):
@@ -134,7 +134,7 @@ def test_a_hung_worker_is_killed_after_the_heartbeat_deadline_and_restarted(runt
         health = client.health()
     assert all(health.workers.values()) and health.restarts == {"inference": 0, "predictor": 1, "loader": 0}
     assert rt.stop() == 0
-    rt.assert_nothing_left()
+    assert rt.leftovers() == [], rt.log()
 
 
 def fd_count(pid: int) -> int:
@@ -157,14 +157,14 @@ def test_loader_crash_restart_cycles_leak_no_segment_and_no_file_descriptor(runt
     with rt.client() as client:
         assert client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=NEW_TOKENS).token_ids == reference["ids"]
     assert rt.stop() == 0
-    rt.assert_nothing_left()
+    assert rt.leftovers() == [], rt.log()
 
 
 def test_sigterm_stops_the_runtime_cleanly(runtime):
     with runtime.client() as client:
         assert client.generate(prompt_ids=[1, 2, 3], max_new_tokens=2).token_ids
     assert runtime.stop() == 0
-    runtime.assert_nothing_left()
+    assert runtime.leftovers() == [], runtime.log()
 
 
 def wait_draining(rt, timeout_s: float = 30.0) -> None:
@@ -192,7 +192,7 @@ def test_sigterm_drains_the_request_in_progress_and_refuses_new_ones(runtime_fac
     assert done.token_ids == reference["ids"]
     assert refused and refused[0].code == "shutting_down"
     assert rt.wait_exit(timeout_s=30) == 0
-    rt.assert_nothing_left()
+    assert rt.leftovers() == [], rt.log()
 
 
 def test_a_second_signal_stops_at_once_and_still_answers_and_unlinks(runtime_factory):
@@ -215,7 +215,7 @@ def test_a_second_signal_stops_at_once_and_still_answers_and_unlinks(runtime_fac
     assert stopped and errors and errors[0].code == "shutting_down"
     assert rt.wait_exit(timeout_s=30) == 0
     assert time.monotonic() - stopped[0] < 5.0, "the second signal did not stop the runtime at once"
-    rt.assert_nothing_left()
+    assert rt.leftovers() == [], rt.log()
 
 
 def test_kill_9_of_the_launcher_leaves_no_process_and_no_segment(runtime_factory):
@@ -250,4 +250,4 @@ def test_a_prefill_longer_than_the_heartbeat_deadline_keeps_its_worker(runtime_f
     assert done.metrics["stall_ms"] > 2 * heartbeat_s * 1e3, f"the prefill was not long enough: {done.metrics}"
     assert health.restarts["inference"] == 0 and "answered no ping" not in rt.log()
     assert rt.stop() == 0
-    rt.assert_nothing_left()
+    assert rt.leftovers() == [], rt.log()

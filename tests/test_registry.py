@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.runtime_process import PROJECT_ROOT
 from models.registry import MODEL_NAMES, ModelNotFound, find_checkpoint, hub_cache_dir, resolve_model
-from tests.runtime import PROJECT_ROOT
 
 
 def fake_snapshot(cache: Path, repo: str, revision: str = "abc123", main: bool = True) -> Path:

@@ -13,6 +13,7 @@ import pytest
 
 from coordinator.client import PromoeClient, RequestFailed
 from coordinator.requests import PendingRequest, Rejected, RequestQueue
+from coordinator.runtime_process import PROJECT_ROOT
 from protocol.codec import encode
 from protocol.ids import RequestId
 from protocol.messages import (
@@ -26,7 +27,6 @@ from protocol.messages import (
     TokenStreamed,
 )
 from tests.conftest import MAX_QUEUE, NEW_TOKENS, PROMPT_IDS
-from tests.runtime import PROJECT_ROOT
 
 LONG = 3000
 """max_new_tokens of a request that would run for minutes here: only cancellation ends it in a test's time."""

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from coordinator.runtime_process import PROJECT_ROOT
 from tests.conftest import NEW_TOKENS, PROMPT_IDS
-from tests.runtime import PROJECT_ROOT
 from training.predictor_training import LearnedPredictor, TrainingConfig, pairs, train_predictor
 
 SMALL = TrainingConfig(tokens=8192, epochs=6)

@@ -159,7 +159,8 @@ def train_predictor(checkpoint: Path, out: Path, corpus: Path | None, cfg: Train
 
     ckpt = open_checkpoint(checkpoint)
     layout = ckpt.layout(n_slots=int(ckpt.config["num_experts_per_tok"]), n_chunks=1, compute_dtype="float32")
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, experts_implementation="eager")
+    # grouped_mm: the same routing as the eager loop (float rounding aside), about 9x faster to trace on the CPU
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, experts_implementation="grouped_mm")
     started = time.perf_counter()
     ids = corpus_ids(checkpoint, corpus, cfg.tokens, int(ckpt.config["vocab_size"]))
     trace = collect_trace(model, layout.moe_layers, ids, cfg.window)
