@@ -103,9 +103,12 @@ def test_dead_inference_worker_fails_its_request_at_once_and_the_queue_is_served
             def start_behind(token: TokenStreamed) -> None:
                 nonlocal behind_started
                 if not behind_started:
-                    behind.start()  # queued behind the running request
+                    behind.start()  # queued behind the running request: on with the kill once it is
                     behind_started = True
-                    time.sleep(0.2)
+                    with rt.client() as watcher:
+                        deadline = time.monotonic() + 30
+                        while watcher.health(timeout_s=5.0).queued < 1:
+                            assert time.monotonic() < deadline, "the second request was never queued"
                 on_token(token)
 
             client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=4 * NEW_TOKENS, on_token=start_behind)

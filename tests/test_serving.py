@@ -169,10 +169,17 @@ async def test_request_queue_bound_deadlines_and_removal():
             RequestQueue(8, None, expired.append, vocab_size=100).admit([b"x"], bad, RequestId(9))
         assert info.value.code == code
     assert queue.of_peer(b"peer-a") == [a]
+    timer_a = a.timer
+    assert timer_a is not None and not timer_a.cancelled()
     assert queue.remove(RequestId(1)) is a and a.timer is None
+    assert timer_a.cancelled()  # the removed request's deadline is disarmed: the loop will never run it
     assert len(queue) == 1
-    await asyncio.sleep(0.3)
-    assert expired == [b]  # the removed request's deadline was disarmed
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5.0
+    while not expired:  # b's own deadline (0.05 s) fires through the loop
+        assert loop.time() < deadline, "b's deadline never fired"
+        await asyncio.sleep(0.01)
+    assert expired == [b]
     assert queue.pop_next() is b and queue.pop_next() is None
 
 
