@@ -77,6 +77,47 @@ def runtime(runtime_factory) -> RuntimeProcess:
     return runtime_factory("--policy", "lru", "--cache-experts", "48")
 
 
+class RuntimeKeeper:
+    """One runtime at a time, kept while consecutive tests ask for the same checkpoint and start-up flags (sort the
+    cases by them); each test then sets its policy and cache size at run time. ``configure_cache`` empties the
+    cache, so every test starts cold as on a fresh runtime, at a fraction of the cost of starting one."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.started = 0
+        self.current: tuple[tuple[Path, tuple[str, ...]], RuntimeProcess] | None = None
+
+    def serving(self, checkpoint: Path, flags: tuple[str, ...], policy: str, cache_experts: int) -> RuntimeProcess:
+        """The kept runtime of ``checkpoint`` started with ``flags`` (which must allocate at least ``cache_experts``
+        slots), switched to ``policy`` on ``cache_experts`` slots."""
+        key = (checkpoint, flags)
+        if self.current is not None and self.current[0] != key:
+            self.stop()
+        if self.current is None:
+            self.started += 1
+            self.current = (key, RuntimeProcess(self.root / f"rt{self.started}", checkpoint, *flags))
+        rt = self.current[1]
+        with rt.client() as client:
+            reply = client.configure_cache(policy=policy, cache_experts=cache_experts)
+        assert (reply.policy, reply.cache_experts) == (policy, cache_experts)
+        return rt
+
+    def stop(self) -> None:
+        if self.current is not None:
+            rt = self.current[1]
+            self.current = None
+            rt.stop()
+            assert rt.leftovers() == [], rt.log()
+
+
+@pytest.fixture(scope="module")
+def runtime_keeper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeKeeper]:
+    """Runtimes shared by consecutive tests of a module with the same start-up flags (``RuntimeKeeper``)."""
+    keeper = RuntimeKeeper(tmp_path_factory.mktemp("kept"))
+    yield keeper
+    keeper.stop()
+
+
 @pytest.fixture(scope="module")
 def shared_runtime(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterator[RuntimeProcess]:
     """One runtime for a whole test module (tests that must leave it serving); checked clean at the end."""

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.runtime_process import RuntimeProcess
 from models.checkpoint import open_checkpoint
 from models.skeleton import experts_modules
 from models.text import encode_prompt
@@ -65,24 +64,22 @@ CASES = [("qwen2_moe", "lru", "small", "float32"), ("qwen2_moe", "promoe", "full
          ("deepseek_v2", "promoe", "small", "float32"), ("deepseek_v2", "lru", "full", "float32")]
 
 
-@pytest.mark.parametrize(("arch", "policy", "cache", "dtype"), CASES)
-def test_architecture_matches_transformers(tmp_path, tiny_checkpoints, tiny_references, arch, policy, cache, dtype):
+@pytest.mark.parametrize(("arch", "policy", "cache", "dtype"), sorted(CASES, key=lambda case: (case[0], case[3])))
+def test_architecture_matches_transformers(runtime_keeper, tiny_checkpoints, tiny_references, arch, policy, cache,
+                                           dtype):
     ckpt = open_checkpoint(tiny_checkpoints[arch])
     layout = ckpt.layout(n_slots=2, n_chunks=1, compute_dtype="float32")
     n_slots = layout.top_k if cache == "small" else layout.n_experts
     expected = tiny_references[arch] if dtype == "float32" else reference_tokens(tiny_checkpoints[arch],
                                                                                  getattr(torch, dtype))
-    rt = RuntimeProcess(tmp_path / "rt", tiny_checkpoints[arch], "--policy", policy, "--cache-experts", str(n_slots),
-                        "--link-gbps", "20", "--dtype", dtype)
-    try:
-        deltas: list[str] = []
-        with rt.client() as client:
-            by_ids = client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=NEW_TOKENS)
-            chat = client.generate(prompt=CHAT_PROMPT, chat=True, max_new_tokens=NEW_TOKENS,
-                                   on_token=lambda t: deltas.append(t.text))
-    finally:
-        rt.stop()
-    assert rt.leftovers() == [], rt.log()
+    # one runtime per (architecture, dtype) with every expert's slot allocated; each case sets policy and size
+    rt = runtime_keeper.serving(tiny_checkpoints[arch], ("--policy", "lru", "--cache-experts", str(layout.n_experts),
+                                                         "--link-gbps", "20", "--dtype", dtype), policy, n_slots)
+    deltas: list[str] = []
+    with rt.client() as client:
+        by_ids = client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=NEW_TOKENS)
+        chat = client.generate(prompt=CHAT_PROMPT, chat=True, max_new_tokens=NEW_TOKENS,
+                               on_token=lambda t: deltas.append(t.text))
     assert f"computing in {dtype} on CPU" in rt.log_path.read_text()
     assert by_ids.token_ids == expected["ids"]
     assert chat.token_ids == expected["chat"]

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from coordinator.runtime_process import RuntimeProcess
 from shm.expert_store import HostExpertStore
 from shm.layout import ExpertLayout
 from shm.segment import Segment
@@ -24,48 +20,18 @@ CASES = [
 ALL_EXPERTS = 192
 
 
-class OracleRuntimes:
-    """One runtime per lookahead (a start-up flag), shared by that lookahead's cases: each case switches the policy
-    and the cache size at run time (``configure_cache`` empties the cache, so a case starts cold as on a fresh
-    runtime). The runtime of a lookahead with one case starts with that case's flags; the others are started with
-    every expert's slot allocated, so that any size can be configured."""
-
-    def __init__(self, root: Path, checkpoint: Path) -> None:
-        self.root, self.checkpoint = root, checkpoint
-        self.current: tuple[int, RuntimeProcess] | None = None
-
-    def serving(self, policy: str, cache_experts: int, lookahead: int) -> RuntimeProcess:
-        if self.current is not None and self.current[0] != lookahead:
-            self.stop()
-        if self.current is None:
-            alone = [case for case in CASES if case[2] == lookahead] == [(policy, cache_experts, lookahead)]
-            slots = cache_experts if alone else ALL_EXPERTS
-            rt = RuntimeProcess(self.root / f"d{lookahead}", self.checkpoint, "--policy", policy, "--cache-experts",
-                                str(slots), "--lookahead", str(lookahead), "--link-gbps", "20")
-            self.current = (lookahead, rt)
-        rt = self.current[1]
-        with rt.client() as client:
-            client.configure_cache(policy=policy, cache_experts=cache_experts)
-        return rt
-
-    def stop(self) -> None:
-        if self.current is not None:
-            rt = self.current[1]
-            self.current = None
-            rt.stop()
-            assert rt.leftovers() == [], rt.log()
-
-
-@pytest.fixture(scope="module")
-def oracle_runtimes(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterator[OracleRuntimes]:
-    runtimes = OracleRuntimes(tmp_path_factory.mktemp("oracle"), checkpoint)
-    yield runtimes
-    runtimes.stop()
+def start_flags(policy: str, cache_experts: int, lookahead: int) -> tuple[str, ...]:
+    """One runtime per lookahead (a start-up flag): a lookahead with one case starts with that case's flags; the
+    others allocate every expert's slot, and each case sets its policy and size at run time."""
+    if [case for case in CASES if case[2] == lookahead] != [(policy, cache_experts, lookahead)]:
+        policy, cache_experts = "lru", ALL_EXPERTS
+    return ("--policy", policy, "--cache-experts", str(cache_experts), "--lookahead", str(lookahead),
+            "--link-gbps", "20")
 
 
 @pytest.mark.parametrize(("policy", "cache_experts", "lookahead"), sorted(CASES, key=lambda case: case[2]))
-def test_runtime_matches_transformers(oracle_runtimes, reference, policy, cache_experts, lookahead):
-    rt = oracle_runtimes.serving(policy, cache_experts, lookahead)
+def test_runtime_matches_transformers(runtime_keeper, checkpoint, reference, policy, cache_experts, lookahead):
+    rt = runtime_keeper.serving(checkpoint, start_flags(policy, cache_experts, lookahead), policy, cache_experts)
     with rt.client() as client:
         by_ids = client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=NEW_TOKENS)
         by_text = client.generate(prompt=PROMPT_TEXT, max_new_tokens=NEW_TOKENS)
