@@ -25,7 +25,7 @@ import torch
 from models.checkpoint import SAFETENSORS_DTYPES, Checkpoint, CheckpointError, TensorLocation
 from protocol.ids import ExpertId
 from shm.expert_store import HostExpertStore
-from shm.layout import DTYPES, ExpertLayout
+from shm.layout import ExpertLayout, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def fill_store(ckpt: Checkpoint, layout: ExpertLayout, store: HostExpertStore, i
                 else:
                     raw = np.empty(loc.nbytes, dtype=np.uint8)
                     _read_into(fd, loc, raw, progress)
-                    dst.copy_(torch.from_numpy(raw).view(DTYPES[SAFETENSORS_DTYPES[loc.dtype]]))
+                    dst.copy_(torch.from_numpy(raw).view(torch_dtype(SAFETENSORS_DTYPES[loc.dtype])))
         finally:
             os.close(fd)
     seconds = time.monotonic() - progress.started_s

@@ -23,7 +23,7 @@ import torch
 
 from protocol.ids import ExpertId
 from shm.expert_store import HostExpertStore
-from shm.layout import DTYPES, ExpertLayout
+from shm.layout import DTYPE_NBYTES, ExpertLayout, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class SyntheticExperts:
     std: float
     """Standard deviation of the pool's normal values."""
     dtype: str
-    """Storage dtype of the experts (a name of ``shm.layout.DTYPES``)."""
+    """Storage dtype of the experts (a name of ``shm.layout.DTYPE_NBYTES``)."""
     zero_down_rows: tuple[int, int] = (0, 0)
     """``[start, stop)`` hidden dims whose ``down`` rows are zero in every expert (empty by default)."""
 
@@ -60,15 +60,15 @@ class SyntheticExperts:
             return None
         data = json.loads(path.read_text())
         synthetic = cls(**{**data, "zero_down_rows": tuple(data.get("zero_down_rows", (0, 0)))})
-        if synthetic.dtype not in DTYPES:
-            raise ValueError(f"{path}: dtype {synthetic.dtype!r} is not one of {sorted(DTYPES)}")
+        if synthetic.dtype not in DTYPE_NBYTES:
+            raise ValueError(f"{path}: dtype {synthetic.dtype!r} is not one of {sorted(DTYPE_NBYTES)}")
         return synthetic
 
     def pool(self, expert_numel: int) -> torch.Tensor:
         """The seeded pool every expert is a window of: ``[expert_numel + OFFSET_SPAN]`` in ``dtype``, on the CPU."""
         gen = torch.Generator().manual_seed(self.seed)
         values = torch.randn(expert_numel + OFFSET_SPAN, generator=gen, dtype=torch.float32) * self.std
-        return values.to(DTYPES[self.dtype])
+        return values.to(torch_dtype(self.dtype))
 
     @staticmethod
     def offset(expert: int) -> int:

@@ -157,7 +157,7 @@ class SlotsExported(Message):
     slot_numel: int
     """Elements per slot (one expert)."""
     dtype: str
-    """Slot dtype (a name of ``shm.layout.DTYPES``)."""
+    """Slot dtype (a name of ``shm.layout.DTYPE_NBYTES``)."""
 
 
 # ---------------------------------------------------------------- coordinator <-> inference (also: CancelGeneration,

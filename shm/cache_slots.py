@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from protocol.ids import SlotId
-from shm.layout import DTYPES, ExpertLayout
+from shm.layout import ExpertLayout, torch_dtype
 from shm.segment import Segment
 
 
@@ -73,7 +73,7 @@ class CacheSlots(SlotArray):
         self.segment = segment
         self.layout = layout
         flat = torch.frombuffer(
-            segment.buf, dtype=DTYPES[layout.compute_dtype], count=layout.n_slots * layout.expert_numel
+            segment.buf, dtype=torch_dtype(layout.compute_dtype), count=layout.n_slots * layout.expert_numel
         )
         self.slots = flat.view(layout.n_slots, layout.expert_numel)  # [n_slots, 3*I*H]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from protocol.ids import ExpertId
-from shm.layout import DTYPES, ExpertLayout
+from shm.layout import ExpertLayout, torch_dtype
 from shm.segment import Segment
 
 
@@ -18,7 +18,7 @@ class HostExpertStore:
         self.segment = segment
         self.layout = layout
         flat = torch.frombuffer(
-            segment.buf, dtype=DTYPES[layout.storage_dtype], count=layout.n_experts * layout.expert_numel
+            segment.buf, dtype=torch_dtype(layout.storage_dtype), count=layout.n_experts * layout.expert_numel
         )
         self.experts = flat.view(layout.n_experts, layout.expert_numel)  # [n_experts, 3*I*H]
 

@@ -8,16 +8,27 @@ equal element ranges (the last one takes the remainder); the chunk is the loader
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from protocol.ids import ExpertId
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NBYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+"""The dtypes an expert may be stored or computed in, by torch's name, and the bytes of one element. Names, not
+torch dtypes, so that a process that only does the bookkeeping (the coordinator) never imports torch."""
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype called ``name`` (one of ``DTYPE_NBYTES``)."""
+    if name not in DTYPE_NBYTES:
+        raise ValueError(f"dtype {name!r} is not one of {sorted(DTYPE_NBYTES)}")
+    import torch  # only the processes that touch tensors pay for torch's import
+
+    dtype = getattr(torch, name)
+    assert isinstance(dtype, torch.dtype)
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -46,8 +57,8 @@ class ExpertLayout:
     def __post_init__(self) -> None:
         if self.n_chunks < 1 or self.n_chunks > self.expert_numel:
             raise ValueError(f"chunks per expert must be in 1..{self.expert_numel}, got {self.n_chunks}")
-        if self.storage_dtype not in DTYPES or self.compute_dtype not in DTYPES:
-            raise ValueError(f"dtypes must be among {sorted(DTYPES)}")
+        if self.storage_dtype not in DTYPE_NBYTES or self.compute_dtype not in DTYPE_NBYTES:
+            raise ValueError(f"dtypes must be among {sorted(DTYPE_NBYTES)}")
         if not self.top_k <= self.n_slots <= self.n_experts:
             raise ValueError(
                 f"cache of {self.n_slots} experts is outside {self.top_k} (one layer's top-k) .. "
@@ -65,11 +76,11 @@ class ExpertLayout:
     @property
     def expert_nbytes(self) -> int:
         """Bytes of one expert in the host store; this is what crosses the link."""
-        return self.expert_numel * DTYPES[self.storage_dtype].itemsize
+        return self.expert_numel * DTYPE_NBYTES[self.storage_dtype]
 
     @property
     def slot_nbytes(self) -> int:
-        return self.expert_numel * DTYPES[self.compute_dtype].itemsize
+        return self.expert_numel * DTYPE_NBYTES[self.compute_dtype]
 
     def chunk_bounds(self, chunk: int) -> tuple[int, int]:
         """Element range ``[lo, hi)`` of ``chunk`` within an expert."""

@@ -162,7 +162,7 @@ def test_readiness_is_published_only_for_completed_copies(async_rig: LoaderRig) 
     assert rig.events(ExpertLoaded) == []
     rig.run_until_idle()
     (loaded,) = rig.events(ExpertLoaded)
-    assert (loaded.load_id, loaded.slot, loaded.nbytes) == (1, 2, LAYOUT.expert_nbytes)
+    assert (loaded.load_id, loaded.seq) == (1, rig.table.slot_seq[2])
     assert rig.table.chunks_ready(SlotId(2)) == LAYOUT.n_chunks
     rig.assert_slot_holds(2, 5)
 

@@ -28,7 +28,7 @@ import torch
 from protocol.ids import ExpertId, SlotId
 from shm.cache_slots import SlotArray
 from shm.expert_store import HostExpertStore
-from shm.layout import DTYPES
+from shm.layout import DTYPE_NBYTES
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class CpuCopyEngine:
         self.store = store
         self.slots = slots
         self.ns_per_byte = None if not link_gbps else 1.0 / link_gbps  # 1 GB/s = 1 byte/ns
-        self.itemsize = DTYPES[store.layout.storage_dtype].itemsize
+        self.itemsize = DTYPE_NBYTES[store.layout.storage_dtype]
         self._done: list[CopyTicket] = []
 
     def copy_chunk(self, expert: ExpertId, slot: SlotId, chunk: int) -> int:
@@ -148,7 +148,7 @@ class CudaCopyEngine:
         self.slots = slots
         self.max_in_flight = max_in_flight
         self.device = slots.slots.device
-        self.itemsize = DTYPES[store.layout.storage_dtype].itemsize
+        self.itemsize = DTYPE_NBYTES[store.layout.storage_dtype]
         self.pinned = PinnedRegion(store.experts)
         self.stream = torch.cuda.Stream(self.device)
         self._free_events: list[torch.cuda.Event] = []

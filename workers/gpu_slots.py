@@ -17,7 +17,7 @@ import torch
 
 from protocol.messages import SlotsExported
 from shm.cache_slots import ReadFence, SlotArray
-from shm.layout import DTYPES, ExpertLayout
+from shm.layout import ExpertLayout, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class GpuSlots(SlotArray):
 
     def __init__(self, slots: torch.Tensor, layout: ExpertLayout, owner: bool) -> None:
         expected = (layout.n_slots, layout.expert_numel)
-        if tuple(slots.shape) != expected or slots.dtype != DTYPES[layout.compute_dtype]:
+        if tuple(slots.shape) != expected or slots.dtype != torch_dtype(layout.compute_dtype):
             raise ValueError(f"slots are {tuple(slots.shape)} {slots.dtype}, expected {expected} "
                              f"{layout.compute_dtype}")
         self.slots = slots  # [n_slots, 3*I*H] on the GPU
@@ -53,7 +53,7 @@ class GpuSlots(SlotArray):
     def allocate(cls, layout: ExpertLayout, device: torch.device) -> GpuSlots:
         """Allocate every slot once, poisoned with NaN (integer dtypes: zero) so that a read of a slot nothing was
         copied into shows in the output instead of passing silently."""
-        dtype = DTYPES[layout.compute_dtype]
+        dtype = torch_dtype(layout.compute_dtype)
         slots = torch.empty(layout.n_slots, layout.expert_numel, dtype=dtype, device=device)
         slots.fill_(float("nan") if dtype.is_floating_point else 0)
         # the loader's first copy must not race this fill: it is finished before the handle leaves this process
@@ -109,6 +109,6 @@ def check_export(msg: SlotsExported, layout: ExpertLayout) -> None:
 
 def slots_over_storage(storage: torch.UntypedStorage, msg: SlotsExported) -> torch.Tensor:
     """The ``[n_slots, slot_numel]`` tensor over a (mapped) untyped storage, sharing its memory."""
-    dtype = DTYPES[msg.dtype]
+    dtype = torch_dtype(msg.dtype)
     return torch.empty(0, dtype=dtype, device=storage.device).set_(
         storage, 0, (msg.n_slots, msg.slot_numel), (msg.slot_numel, 1))

@@ -38,7 +38,7 @@ from protocol.messages import (
 )
 from shm.cache_slots import CacheSlots, SlotArray
 from shm.hidden_exchange import HiddenExchange
-from shm.layout import DTYPES
+from shm.layout import torch_dtype
 from shm.segment import Segment
 from shm.slot_table import SlotTable
 from workers.bootstrap import KeepAlive, WorkerSockets, now_ns, push_socket, run_worker, send
@@ -279,7 +279,7 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
     send_to_predictor = push_socket(sockets.ctx, cfg.endpoint("predictor"))
     try:
         ckpt = open_checkpoint(cfg.checkpoint)
-        model = build_skeleton(ckpt, DTYPES[lay.compute_dtype], lay.moe_layers)
+        model = build_skeleton(ckpt, torch_dtype(lay.compute_dtype), lay.moe_layers)
         if cfg.device == "cuda":
             model.to(slots.slots.device)
         tokenizer = load_tokenizer(ckpt.path)
