@@ -216,3 +216,15 @@ def test_at_the_drain_deadline_the_running_request_is_cancelled_and_ends_the_usu
     finally:
         for sock in (inference, supervisor, client):
             sock.close(linger=0)
+
+
+def test_the_coordinator_process_does_not_import_torch() -> None:
+    """Its bookkeeping needs no tensors: importing torch would cost every runtime start seconds and ~200 MiB."""
+    import subprocess
+    import sys
+
+    code = "import sys, coordinator.server; print(sorted(m for m in sys.modules if m == 'torch'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
