@@ -54,3 +54,30 @@ def test_recorded_trace_is_the_models_routing_and_replays(runtime_factory, refer
     assert hidden.shape[:2] == experts.shape[:2] and hidden.dtype == np.float16 and np.isfinite(hidden).all()
     trace = Trace.load(path)
     assert trace.experts_per_layer == int(data["experts_per_layer"]) and trace.top_k == top_k
+
+
+def test_the_recorder_rewrites_the_file_a_logarithmic_number_of_times_and_flushes_the_rest(tmp_path) -> None:
+    """Rewriting after every request made recording quadratic; the file is rewritten once it would grow by
+    ``REWRITE_GROWTH``, and ``flush`` (the worker's exit) writes what is left."""
+    from workers.trace_recorder import TraceRecorder
+
+    path = tmp_path / "t.npz"
+    recorder = TraceRecorder(path, n_moe_layers=2, experts_per_layer=8, record_hidden=False)
+    for request in range(200):
+        recorder.begin_request()
+        for step in range(3):  # a 2-token prompt, then two decode steps
+            for layer in range(2):
+                rows = 2 if step == 0 else 1
+                recorder.on_routing(layer, step, torch.full((rows, 2), (request + layer) % 8), torch.zeros(rows, 4))
+        recorder.end_request([1, 2], [3, 4, 5])
+        if request == 0:
+            assert recorder.writes == 1 and path.is_file(), "the first request is written at once"
+    assert recorder.writes < 60, f"{recorder.writes} rewrites for 200 requests"
+    recorder.flush()
+    data = np.load(path)
+    assert data["prompt_offsets"].tolist() == list(range(0, 4 * 201, 4))  # every request, 4 positions each
+    assert data["experts"].shape == (800, 2, 2)
+    assert data["experts"][-1, 1].tolist() == [(199 + 1) % 8] * 2
+    writes = recorder.writes
+    recorder.flush()
+    assert recorder.writes == writes, "nothing new: no rewrite"

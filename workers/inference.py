@@ -277,6 +277,7 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
                                      cfg.hidden_max_tokens)
     send_to_coordinator = sockets.send_to_coordinator
     send_to_predictor = push_socket(sockets.ctx, cfg.endpoint("predictor"))
+    recorder: TraceRecorder | None = None
     try:
         ckpt = open_checkpoint(cfg.checkpoint)
         model = build_skeleton(ckpt, torch_dtype(lay.compute_dtype), lay.moe_layers)
@@ -305,7 +306,6 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
                                    reordered=cfg.reordered_inference, keep_alive=KeepAlive(sockets))
         backend.register()
         model.set_experts_implementation(IMPLEMENTATION_NAME)  # type: ignore[operator]
-        recorder = None
         if cfg.record_trace is not None:
             recorder = TraceRecorder(Path(cfg.record_trace), len(lay.moe_layers), lay.experts_per_layer,
                                      cfg.record_hidden, tokenizer)
@@ -328,6 +328,8 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
         sockets.serve({StartGeneration: worker.on_start_generation, Ping: sockets.answer_ping,
                        CancelGeneration: worker.on_cancel_generation, ConfigureInference: on_configure})
     finally:
+        if recorder is not None:
+            recorder.flush()
         send_to_predictor.close(linger=0)
         if send_to_loader is not None:
             send_to_loader.close(linger=0)
