@@ -203,3 +203,20 @@ def test_serving_with_the_routing_predictor_gives_transformers_tokens(runtime_fa
     # the trace recorder shares the gate hook with the feed: both are served
     recorded = np.load(tmp_path / "rec.npz")
     assert recorded["model_token_ids"].tolist() == [*PROMPT_IDS, *reference["ids"][:-1]]
+
+
+def test_rows_at_one_position_are_the_rows_of_the_whole_prompt(predictor: RoutingPredictor) -> None:
+    """The live path's features (plain integers, one position) are exactly ``_rows``'s at that position."""
+    from training.routing_predictor import _Features, _rows, _rows_at
+
+    trace = chained_trace(n_prompts=2, seed=5)
+    shape, features = predictor.shape, _Features(predictor.shape)
+    for d in (1, 2, L, L + 1):
+        rows, _, target_layer = _rows(shape, trace.experts, trace.token_ids, trace.prompt_offsets, d)
+        for start, end in zip(trace.prompt_offsets[:-1], trace.prompt_offsets[1:], strict=True):
+            for t in range(start, end):
+                first = max(start, t - 2)
+                for layer in range(L):
+                    at, target = _rows_at(shape, features, trace.experts[first: t + 1], trace.token_ids[first: t + 1],
+                                          layer, d)
+                    assert at == rows[t, layer].tolist() and target == target_layer[t, layer], (d, t, layer)

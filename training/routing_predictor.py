@@ -86,6 +86,12 @@ class _Net(nn.Module):
         x = F.relu(self.mid(F.relu(bag + self.bias)))  # [B, H]
         return x @ self.head[target_layer] + self.head_bias[target_layer]  # [B, E]
 
+    def logits_each(self, bag: torch.Tensor, target_layers: torch.Tensor) -> torch.Tensor:
+        """``bag [B, H]``, row ``i`` aimed at ``target_layers[i]`` -> logits ``[B, E]``: ``logits`` row by row, in
+        one call (the live path predicts several distances per gate)."""
+        x = F.relu(self.mid(F.relu(bag + self.bias)))  # [B, H]
+        return torch.bmm(x.unsqueeze(1), self.head[target_layers]).squeeze(1) + self.head_bias[target_layers]
+
 
 class _RowAdam:
     """Adam on the rows of the embedding table a batch touches only (a batch touches a few thousand of its tens of
@@ -172,6 +178,40 @@ def _rows(shape: PredictorShape, experts: np.ndarray, token_ids: np.ndarray, pro
     return rows, target_token, np.ascontiguousarray(target_layer)
 
 
+def _rows_at(shape: PredictorShape, f: _Features, experts: np.ndarray, token_ids: np.ndarray, layer: int,
+             distance: int) -> tuple[list[int], int]:
+    """``_rows`` of one position, the last token of ``experts [T, L, k]`` (one prompt from its first token) at MoE
+    ``layer``, in plain integers: the live predictor's per-gate path, where numpy's per-call cost on arrays of a few
+    tokens was most of the time. Returns the feature rows ``[S]`` and the target layer (row for row ``_rows``'s,
+    tested)."""
+    n_layers, e_per, pad = shape.n_layers, shape.experts_per_layer, f.padding
+    t = len(experts) - 1
+    ahead = layer + distance
+    target = ahead % n_layers
+    wrap = ahead // n_layers != 0
+    before1 = t - 1 if t >= 1 else -1
+    before2 = t - 2 if t >= 2 else -1
+    prev1, prev2 = (t, before1) if wrap else (before1, before2)
+    rows: list[int] = []
+
+    def add(token: int, at: int, known: bool, base: int) -> None:
+        if known and token >= 0 and 0 <= at < n_layers:
+            rows.extend(base + at * e_per + int(e) for e in experts[token, at])
+        else:
+            rows.extend([pad] * shape.top_k)
+
+    for r in range(CURRENT_LAYERS):
+        add(t, layer - r, True, f.current + r * n_layers * e_per)
+    for o, offset in enumerate((-1, 0, 1)):
+        at = target + offset
+        add(prev1, at, prev1 != t or at <= layer, f.previous + o * n_layers * e_per)
+    add(prev2, target, True, f.before_previous)
+    rows.append(f.token + int(token_ids[t]) % TOKEN_BUCKETS)
+    rows.append(f.previous_token + int(token_ids[before1]) % TOKEN_BUCKETS if before1 >= 0 else pad)
+    rows.append(f.target + (min(distance, MAX_DISTANCE) - 1) * n_layers + target)
+    return rows, target
+
+
 def _samples(shape: PredictorShape, experts: np.ndarray, token_ids: np.ndarray, prompt_offsets: np.ndarray,
              distances: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Every (token, layer, distance) whose target exists: ``rows [M, S]``, ``targets [M, k]`` (the experts chosen
@@ -244,6 +284,7 @@ class RoutingPredictor:
     def __init__(self, shape: PredictorShape, net: _Net) -> None:
         self.shape = shape
         self.net = net.eval()
+        self._features = _Features(shape)
 
     @classmethod
     def fit(cls, experts: np.ndarray, token_ids: np.ndarray, prompt_offsets: np.ndarray, experts_per_layer: int,
@@ -299,13 +340,12 @@ class RoutingPredictor:
         the probability of every expert ``d`` layers ahead. The features of ``probabilities`` (``_rows``), for one
         position: the last token's layers after ``layer`` are never read, and a window of the last three tokens
         gives what the whole prompt would."""
-        offsets = np.array([0, len(experts)], dtype=np.int64)
-        out: dict[int, np.ndarray] = {}
-        for d in distances:
-            rows, _, target_layer = _rows(self.shape, experts, token_ids, offsets, d)
-            logits = self.net(torch.from_numpy(np.ascontiguousarray(rows[-1:, layer])), int(target_layer[-1, layer]))
-            out[d] = torch.sigmoid(logits / self.net.temperature)[0].numpy()
-        return out
+        per_distance = [_rows_at(self.shape, self._features, experts, token_ids, layer, d) for d in distances]
+        bags = F.embedding_bag(torch.tensor([rows for rows, _ in per_distance]), self.net.table, mode="sum",
+                               padding_idx=self.net.padding)  # [D, H]: one bag per distance
+        logits = self.net.logits_each(bags, torch.tensor([target for _, target in per_distance]))  # [D, E]
+        probs = torch.sigmoid(logits / self.net.temperature).numpy()
+        return {d: probs[i] for i, d in enumerate(distances)}
 
     def save(self, path: Path) -> None:
         state = {name: t.detach().numpy() for name, t in self.net.state_dict().items()}
