@@ -43,6 +43,9 @@ class RuntimeProcess:
         self.former: list[psutil.Process] = []
         """Processes of roles that were restarted since."""
         self.run_id: str | None = None
+        self.roles = (*ROLES, "gateway") if "--http" in extra else ROLES
+        """The processes to find: the gateway too when it serves HTTP."""
+        self.http = extra[extra.index("--http") + 1] if "--http" in extra else None
         try:
             self._wait_ready(ready_timeout_s)
         except BaseException:
@@ -62,12 +65,25 @@ class RuntimeProcess:
                     health = client.health(timeout_s=1.0)
                 except TimeoutError:
                     continue
-                if all(health.workers.values()):
+                if all(health.workers.values()) and self._http_ready():
                     break
                 time.sleep(0.2)
         self.find_children()
         (config,) = self.root.glob("promoe-run-*/runtime.json")
         self.run_id = json.loads(config.read_text())["run_id"]
+
+    def _http_ready(self) -> bool:
+        """With ``--http``: the gateway answers ``/health`` with 200 (it reports ready once its port is bound)."""
+        if self.http is None:
+            return True
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://{self.http}/health", timeout=2) as reply:
+                return bool(reply.status == 200)
+        except (OSError, urllib.error.URLError):
+            return False
 
     def find_children(self) -> None:
         """The current process of each role (again after a restart: every process ever seen stays checked)."""
@@ -75,10 +91,10 @@ class RuntimeProcess:
         self.children = {}
         for child in psutil.Process(self.proc.pid).children(recursive=False):
             title = " ".join(child.cmdline())
-            for role in ROLES:
+            for role in self.roles:
                 if title.startswith(f"promoe::{role}"):
                     self.children[role] = child
-        assert sorted(self.children) == sorted(ROLES), f"children found: {self.children}"
+        assert sorted(self.children) == sorted(self.roles), f"children found: {self.children}"
 
     def wait_restarted(self, role: str, restarts: int, timeout_s: float = 90.0) -> None:
         """Until the coordinator counts ``restarts`` restarts of ``role`` and the new process answers pings."""
