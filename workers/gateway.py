@@ -98,7 +98,11 @@ def main(argv: list[str] | None = None) -> None:
     ctx = zmq.Context()
     announce = push_socket(ctx, cfg.endpoint("supervisor"))
     try:
-        listener = bind_listener(*parse_http_address(cfg.http))
+        try:
+            listener = bind_listener(*parse_http_address(cfg.http))
+        except (OSError, ValueError) as exc:
+            log.error("cannot serve HTTP on %s: %s", cfg.http, exc)
+            raise SystemExit(1) from None
         tokenizer = load_tokenizer(Path(cfg.checkpoint))
         curve = ClientKeys.load(Path(cfg.curve_keys_dir)) if cfg.curve_keys_dir else None
         import uvloop

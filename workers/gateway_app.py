@@ -29,8 +29,8 @@ from workers.gateway_openai import (
     CompletionRequest,
     Outcome,
     ResponseShape,
+    SamplingBody,
     StopMatcher,
-    _Sampling,
     chat_messages,
     completion_prompt,
     generate_message,
@@ -60,7 +60,7 @@ def error_response(exc: ApiError) -> JSONResponse:
 class Served:
     """One generation request from its body to its response, streamed or whole."""
 
-    def __init__(self, app: GatewayApp, kind: str, body: _Sampling, msg: Generate, stops: list[str],
+    def __init__(self, app: GatewayApp, kind: str, body: SamplingBody, msg: Generate, stops: list[str],
                  prompt_tokens: int) -> None:
         self.app = app
         self.endpoint = f"/v1/{'completions' if kind == 'completion' else 'chat/completions'}"

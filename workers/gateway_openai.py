@@ -60,7 +60,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
+class SamplingBody(BaseModel):
     """The fields shared by both endpoints; unknown fields are ignored, as OpenAI-compatible servers do."""
 
     model_config = ConfigDict(extra="ignore")
@@ -78,7 +78,7 @@ class _Sampling(BaseModel):
     """Our extension: seconds from arrival until the request is abandoned (504), as ``deadline_s`` of v1."""
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingBody):
     prompt: str | list[int] | list[str] | list[list[int]]
 
 
@@ -88,7 +88,7 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
-class ChatRequest(_Sampling):
+class ChatRequest(SamplingBody):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
 
@@ -120,7 +120,7 @@ def chat_messages(body: ChatRequest) -> list[dict[str, str]]:
     return out
 
 
-def generate_message(body: _Sampling, prompt_ids: list[int] | None, prompt: str | None,
+def generate_message(body: SamplingBody, prompt_ids: list[int] | None, prompt: str | None,
                      max_tokens: int | None, default_max_tokens: int) -> tuple[Generate, list[str]]:
     """The ``generate`` request for the coordinator (always streamed, so that stop strings and disconnects can end
     it early) and the stop strings the gateway itself watches for."""
