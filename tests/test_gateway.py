@@ -1,9 +1,10 @@
 """The HTTP API on a live runtime (``--http``), through the real ``openai`` client: completions and chat, streamed
-and not, the same greedy tokens as the ZeroMQ path, error statuses, a client that leaves mid-stream, and a gateway
-killed with SIGKILL (restarted; the fixture checks that nothing is left behind)."""
+and not, the same greedy tokens as the ZeroMQ path, error statuses, a client that leaves mid-stream, a gateway
+killed with SIGKILL (restarted), and 503 while the runtime drains (the fixture checks that nothing is left behind)."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -159,3 +160,23 @@ def test_a_killed_gateway_is_restarted(http_rt, api):
     http_rt.find_children()
     done = api.completions.create(model="any", prompt=PROMPT, max_tokens=2, temperature=0)
     assert done.usage is not None and done.usage.completion_tokens == 2
+
+
+def test_draining_is_503_and_the_runtime_stops(http_rt, api):
+    """Last of all: SIGTERM drains; meanwhile the gateway answers 503 (health and new requests), and once the running
+    stream is closed (so cancelled) the runtime stops with nothing left behind (the fixture's check)."""
+    url = f"http://{http_rt.http}"
+    body = {"prompt": PROMPT, "max_tokens": LONG, "stream": True}
+    with httpx.Client(base_url=url, timeout=30) as http, http.stream("POST", "/v1/completions", json=body) as running:
+        lines = running.iter_lines()
+        assert next(lines).startswith("data: ")
+        http_rt.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while (health := http.get("/health")).status_code == 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert health.status_code == 503 and health.json()["status"] == "draining"
+        with pytest.raises(openai.InternalServerError) as refused:
+            api.completions.create(model="any", prompt=PROMPT, max_tokens=2)
+        assert refused.value.status_code == 503 and refused.value.code == "shutting_down"
+    assert http_rt.wait_exit(60) == 0
