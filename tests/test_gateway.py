@@ -107,6 +107,10 @@ def test_bad_input_is_400_in_openai_shape(api):
     with pytest.raises(openai.APIStatusError) as late:
         api.completions.create(model="any", prompt=PROMPT, max_tokens=LONG, extra_body={"deadline_s": 0.3})
     assert late.value.status_code == 504 and late.value.code == "deadline_exceeded"
+    with pytest.raises(openai.APIError) as in_stream:  # after the stream began: its last event is the error
+        list(api.completions.create(model="any", prompt=PROMPT, max_tokens=LONG, stream=True,
+                                    extra_body={"deadline_s": 0.3}))
+    assert isinstance(in_stream.value.body, dict) and in_stream.value.body["code"] == "deadline_exceeded"
 
 
 def test_busy_is_429_and_clients_that_leave_are_cancelled(http_rt, api):
