@@ -11,7 +11,9 @@ Prints p50/p99 latency, requests/s and generated tokens/s over the whole run, an
 ``--http``: the runtime also serves HTTP (``--http``); the same load runs twice on it, first over ZeroMQ, then as
 streaming OpenAI completions (``stream: true``, one ``httpx`` connection per client); the HTTP phase also reports the
 gateway's added latency per token: per request, the time between streamed tokens as the HTTP client sees it minus
-the coordinator's own TPOT for that request (from the stream's ``promoe`` metrics), the median over requests.
+the coordinator's own TPOT for that request (from the stream's ``promoe`` metrics), the median over requests; and the
+gateway process's CPU time over the HTTP phase per generated token (which the machine's other load does not inflate
+the way it inflates latencies).
 """
 
 from __future__ import annotations
@@ -176,7 +178,12 @@ def main() -> int:
     try:
         result = run(address, args)
         if runtime is not None and runtime.http is not None:
-            result["http"] = run(f"http://{runtime.http}", args, http=True)
+            gateway = runtime.children["gateway"]
+            cpu_before = sum(gateway.cpu_times()[:2])
+            result["http"] = http = run(f"http://{runtime.http}", args, http=True)
+            cpu_s = sum(gateway.cpu_times()[:2]) - cpu_before
+            http["gateway_cpu_s"] = cpu_s
+            http["gateway_cpu_ms_per_token"] = cpu_s * 1e3 / http["tokens"] if http["tokens"] else None
         if runtime is not None:
             with runtime.client() as client:
                 result["server_totals"] = client.stats()
@@ -197,6 +204,9 @@ def main() -> int:
         if r["gateway_added_per_token_ms_p50"] is not None:
             print(f"  gateway's added latency per token (p50 over requests): "
                   f"{r['gateway_added_per_token_ms_p50']:.2f} ms")
+        if r.get("gateway_cpu_ms_per_token") is not None:
+            print(f"  gateway's CPU time: {r['gateway_cpu_s']:.2f} s, {r['gateway_cpu_ms_per_token']:.2f} ms per "
+                  "token (user + system, whole requests included)")
     print(json.dumps(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1))
