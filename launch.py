@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a server and a client keypair into DIR, authorise the client, and exit")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --bind without CURVE keys (anyone who reaches it is served)")
+    p.add_argument("--http", metavar="HOST:PORT", default=None,
+                   help="also serve the OpenAI-compatible HTTP API here (a gateway process, promoe::gateway); "
+                        "a non-loopback host needs --api-key or --insecure")
+    p.add_argument("--api-key", default=None,
+                   help="bearer token every HTTP request must carry (Authorization: Bearer KEY)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting behind the running one; past it, new ones get a 'busy' error (default 64)")
     p.add_argument("--request-timeout-s", type=float, default=None,
@@ -188,7 +193,9 @@ def make_config(args: argparse.Namespace, run_dir: Path, one_shot: bool):  # -> 
         curve_keys_dir=str(args.curve_keys.resolve()) if args.curve_keys else None,
         record_trace=str(args.record_trace.resolve()) if args.record_trace else None,
         record_hidden=args.record_hidden, inference_core=stand_in_core(args.stand_in_cores, device),
-        routing_predictor_path=str(args.routing_predictor.resolve()) if args.routing_predictor else None)
+        routing_predictor_path=str(args.routing_predictor.resolve()) if args.routing_predictor else None,
+        http=args.http, http_api_key=args.api_key,
+        served_model_name=args.model if args.model_path is None else Path(ckpt.path).name)
 
 
 def stand_in_core(wanted: bool, device: str) -> int | None:
@@ -229,6 +236,10 @@ def check_serving_flags(args: argparse.Namespace, bind: str) -> str | None:
         return f"--max-queue must be >= 0, got {args.max_queue}"
     if args.request_timeout_s is not None and not args.request_timeout_s > 0:
         return f"--request-timeout-s must be > 0, got {args.request_timeout_s}"
+    if args.http is not None:
+        problem = check_http_flags(args)
+        if problem is not None:
+            return problem
     if args.curve_keys is not None:
         try:
             check_server_keys(args.curve_keys)
@@ -238,6 +249,30 @@ def check_serving_flags(args: argparse.Namespace, bind: str) -> str | None:
         return (f"refusing to bind {bind}: it is not a loopback address, and clients would be served without "
                 "authentication. Give --curve-keys DIR (make keys with --make-curve-keys DIR) or, on a trusted "
                 "network, --insecure")
+    return None
+
+
+def check_http_flags(args: argparse.Namespace) -> str | None:
+    """Why ``--http`` must not be served as given, or None: the loopback-by-default rule of ``--bind``."""
+    from coordinator.auth import ClientKeys, KeysMissing, is_loopback
+    from workers.gateway import parse_http_address
+
+    if args.prompt is not None or args.prompt_ids is not None:
+        return "--http serves; it does not go with the one-shot --prompt/--prompt-ids"
+    try:
+        host, _ = parse_http_address(args.http)
+    except ValueError as exc:
+        return f"--http: {exc}"
+    if args.api_key is not None and not args.api_key.strip():
+        return "--api-key must not be empty"
+    if args.curve_keys is not None:  # the gateway is a CURVE client of the coordinator: it needs client keys
+        try:
+            ClientKeys.load(args.curve_keys)
+        except KeysMissing as exc:
+            return f"--http with --curve-keys: the gateway needs a client keypair in that directory ({exc})"
+    if not is_loopback(f"tcp://[{host}]:0") and args.api_key is None and not args.insecure:
+        return (f"refusing to serve HTTP on {args.http}: it is not a loopback address, and clients would be served "
+                "without authentication. Give --api-key KEY or, on a trusted network, --insecure")
     return None
 
 
@@ -344,6 +379,8 @@ def main(argv: list[str] | None = None, machine: str | None = None) -> int:
         supervisor.start(args.ready_timeout_s)
         if wants_one_shot:
             return one_shot(args, cfg.bind, while_waiting=supervisor.check)
+        if cfg.http:
+            log.info("HTTP API on http://%s/v1 (OpenAI-compatible)", cfg.http)
         log.info("ready: serving on %s (Ctrl-C or SIGTERM drains and stops; twice stops at once)", cfg.bind)
         try:
             while True:

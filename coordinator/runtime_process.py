@@ -48,6 +48,9 @@ class RuntimeProcess:
         self.former: list[psutil.Process] = []
         """Processes of roles that were restarted since."""
         self.run_id: str | None = None
+        self.roles = (*ROLES, "gateway") if "--http" in extra else ROLES
+        """The processes to find: the gateway too when it serves HTTP."""
+        self.http = extra[extra.index("--http") + 1] if "--http" in extra else None
         try:
             self._wait_ready(ready_timeout_s)
         except BaseException:
@@ -67,12 +70,25 @@ class RuntimeProcess:
                     health = client.health(timeout_s=1.0)
                 except TimeoutError:
                     continue
-                if all(health.workers.values()):
+                if all(health.workers.values()) and self._http_ready():
                     break
                 time.sleep(0.2)
         self.find_children()
         (config,) = self.root.glob("promoe-run-*/runtime.json")
         self.run_id = json.loads(config.read_text())["run_id"]
+
+    def _http_ready(self) -> bool:
+        """With ``--http``: the gateway answers ``/health`` with 200 (it reports ready once its port is bound)."""
+        if self.http is None:
+            return True
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://{self.http}/health", timeout=2) as reply:
+                return bool(reply.status == 200)
+        except (OSError, urllib.error.URLError):
+            return False
 
     def find_children(self) -> None:
         """The current process of each role (again after a restart: every process ever seen stays checked)."""
@@ -82,7 +98,7 @@ class RuntimeProcess:
             title = " ".join(child.cmdline())
             if title.startswith("promoe::"):
                 self.children[title.removeprefix("promoe::").split()[0]] = child
-        missing = sorted(set(ROLES) - set(self.children))  # every runtime has these; it may have more
+        missing = sorted(set(self.roles) - set(self.children))
         if missing:
             raise RuntimeError(f"no process of role(s) {missing} under launch.py (found {sorted(self.children)})")
 

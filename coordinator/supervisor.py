@@ -1,5 +1,6 @@
-"""The supervisor: the ``launch.py`` process. It owns every shared-memory segment, starts the four processes, waits
-for each to report ready, watches them, restarts the workers that die, and stops them all through one shutdown path.
+"""The supervisor: the ``launch.py`` process. It owns every shared-memory segment, starts the four processes (five with
+``--http``: the gateway, ``workers/gateway.py``), waits for each to report ready, watches them, restarts the workers
+that die, and stops them all through one shutdown path.
 
 Child deaths are seen through pidfds (no polling of ``waitpid``); SIGINT/SIGTERM wake the same poller through the
 signal wake-up fd.
@@ -32,7 +33,7 @@ from types import FrameType
 import zmq
 
 from protocol.codec import MAX_MESSAGE_NBYTES, ProtocolError, decode
-from protocol.config import ROLES, RuntimeConfig
+from protocol.config import RuntimeConfig
 from protocol.dispatch import Dispatcher
 from protocol.messages import Drained, DrainRequested, WorkerDied, WorkerRestarted, WorkerSilent, WorkerStarted
 from shm.cache_slots import CacheSlots
@@ -51,9 +52,10 @@ MODULES = {
     "inference": "workers.inference",
     "predictor": "workers.predictor",
     "loader": "workers.loader",
+    "gateway": "workers.gateway",
 }
-RESTARTABLE = ("inference", "predictor", "loader")
-RESTARTABLE_ON_CUDA = ("predictor",)
+RESTARTABLE = ("inference", "predictor", "loader", "gateway")
+RESTARTABLE_ON_CUDA = ("predictor", "gateway")
 """On the CUDA path the loader maps the inference worker's slots by CUDA IPC once, at start-up: a new inference
 worker would allocate new slots and a new loader would need them exported again, which is not wired (and has never
 run on a GPU), so there the death of either stops the runtime."""
@@ -81,6 +83,7 @@ class Supervisor:
         self.ready_timeout_s = 180.0
         self.restartable = RESTARTABLE_ON_CUDA if cfg.device == "cuda" else RESTARTABLE
         self.restarts: dict[str, int] = dict.fromkeys(RESTARTABLE, 0)
+        """Role -> restarts since start (the gateway's too: it is a client of the coordinator, nothing more)."""
         self.send_to_coordinator: zmq.Socket | None = None
         self.signals: list[int] = []
         """SIGINT/SIGTERM received, in order: the first drains (when serving), a second stops at once."""
@@ -109,7 +112,7 @@ class Supervisor:
             self.recv_from_workers.setsockopt(zmq.LINGER, 0)
             self.recv_from_workers.bind(self.cfg.endpoint("supervisor"))
             self.send_to_coordinator = push_socket(self._ctx, self.cfg.endpoint("coordinator"))
-            for role in ROLES:
+            for role in self.cfg.roles:
                 self._spawn(role)
             while self._starting:
                 self.wait(min(self._starting.values()) - time.monotonic())

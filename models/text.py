@@ -33,10 +33,15 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
     assistant's answer."""
     if not chat:
         return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    return encode_chat(tokenizer, [{"role": "user", "content": prompt}])
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation (``{"role", "content"}`` turns) in the chat template, ready for the assistant's
+    answer."""
     if not getattr(tokenizer, "chat_template", None):
         raise NoChatTemplate("this checkpoint's tokenizer has no chat template: send the prompt without chat")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        tokenize=True, return_dict=False)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return [int(i) for i in ids]

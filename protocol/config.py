@@ -11,6 +11,8 @@ from shm.layout import ExpertLayout
 from shm.segment import segment_name
 
 ROLES = ("coordinator", "inference", "predictor", "loader")
+GATEWAY = "gateway"
+"""The HTTP gateway's role: started after ``ROLES`` when the runtime serves HTTP (``http``)."""
 POLICIES = ("ondemand", "lru", "lfu", "promoe")
 CONFIG_FILE = "runtime.json"
 
@@ -70,6 +72,18 @@ class RuntimeConfig:
     """The CPU stand-in's model of a GPU (``--stand-in-cores``): the inference worker alone on this core with one
     torch thread, every other process of the runtime on the remaining cores, so that loading, predicting and
     coordinating take no time from the model's compute (on a GPU they run beside it). None: no placement."""
+
+    http: str | None = None
+    """``HOST:PORT`` of the HTTP gateway (``workers/gateway.py``; None: no gateway, ZeroMQ only)."""
+    http_api_key: str | None = None
+    """Bearer token every HTTP request must carry (None: none asked for). The run directory is private (0700)."""
+    served_model_name: str = "promoe"
+    """The model's id on the HTTP API (``/v1/models``, the ``model`` field of responses)."""
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The processes the supervisor starts, in order: the gateway last, once the coordinator serves."""
+        return (*ROLES, GATEWAY) if self.http else ROLES
 
     def place(self, role: str) -> None:
         """Put the calling process of ``role`` on its cores (``inference_core``); nothing when there is no placement."""
