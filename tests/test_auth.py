@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,17 +12,11 @@ import zmq.auth
 from coordinator.auth import AUTHORIZED_CLIENTS, ClientKeys, is_loopback
 from coordinator.client import PromoeClient
 from coordinator.runtime_process import RuntimeProcess
-from tests.conftest import NEW_TOKENS, PROMPT_IDS
+from tests.conftest import NEW_TOKENS, PROMPT_IDS, free_port
 from tests.test_cli import launch
 
 REFUSED_WITHIN_S = 3.0
 """An unauthorised client is expected to hear nothing; it gives up after this long."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

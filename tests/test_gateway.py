@@ -5,7 +5,6 @@ killed with SIGKILL (restarted), and 503 while the runtime drains (the fixture c
 from __future__ import annotations
 
 import signal
-import socket
 import time
 from collections.abc import Iterator
 
@@ -14,17 +13,12 @@ import openai
 import pytest
 
 from coordinator.runtime_process import RuntimeProcess
+from tests.conftest import free_port
 
 PROMPT = "def fibonacci(n):"
 NEW = 10
 LONG = 480
 """max_tokens of a request that outlives the test's patience (the tiny model has 512 positions)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
