@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.host_compute import Choice, CostModelSettings, HostComputeModel, Miss
+from coordinator.cache import CacheDirectory
+from coordinator.host_compute import Choice, CostModelSettings, HostComputeModel, Miss, link_queue
+from coordinator.policies import make_policy
+from protocol.ids import ExpertId, RequestId
+from protocol.messages import LoadExpert
+from shm.layout import ExpertLayout
+from shm.segment import Segment
+from shm.slot_table import SlotTable
 
 EXPERT_NBYTES = 17_300_000
 CHUNK_NBYTES = EXPERT_NBYTES // 3
@@ -111,3 +118,23 @@ def test_the_estimates_follow_the_measurements() -> None:
     for ms in (0.1, 0.2):
         model.observe_device(ms)
     assert 0.1 < (model.device_ms_per_expert or 0) < 0.2
+
+
+def test_the_link_queue_as_the_coordinator_sees_it_and_a_host_expert_at_the_gate() -> None:
+    """``on_gate(host=...)`` loads the device experts only; ``link_queue`` reads what is left to copy from the loads
+    in flight and the chunks the slot table shows landed."""
+    lay = ExpertLayout(moe_layers=(0, 1), experts_per_layer=8, top_k=2, hidden_size=8, intermediate_size=3,
+                       storage_dtype="bfloat16", compute_dtype="float32", n_chunks=3, n_slots=4)
+    table = SlotTable(Segment.private(SlotTable.nbytes_for(4, lay.n_experts)), 4, lay.n_experts, 3, init=True)
+    try:
+        cache = CacheDirectory(table, lay, make_policy("lru", lay))
+        cache.begin_request(RequestId(1))
+        table.pin([ExpertId(1)])
+        cache.on_gate(0, 0, [ExpertId(1), ExpertId(2)], host=[ExpertId(2)])
+        loads = [m for m in cache.drain() if isinstance(m, LoadExpert)]
+        assert [m.expert for m in loads] == [1]  # the host expert is not loaded
+        assert table.publish_ready(loads[0].slot, loads[0].seq, 1)  # one chunk of three landed
+        assert link_queue(cache, [ExpertId(1)], 300) == ({1: 200}, 0)
+        assert link_queue(cache, [ExpertId(9)], 300) == ({}, 200)  # another gate: a precise load ahead of it
+    finally:
+        table.close()
