@@ -3,7 +3,8 @@ Belady floor, at full scale, in seconds, with the same numbers on every run.
 
     python bench/replay.py --trace ../shared/traces/deepseek-v2-lite-routing.npz [--train-fraction 0.5]
         [--cache-fractions 0.125,0.25,0.5] [--link-gbps 25] [--compute-ms-per-layer 0.5] [--expert-mb 17.3]
-        [--lookahead 2] [--prompts N] [--json OUT] [--plot OUT.png]
+        [--lookahead 2] [--prompts N] [--host-compute never|auto|always[,...]] [--host-gbps 40]
+        [--host-overhead-ms 0.05] [--json OUT] [--plot OUT.png]
 
 The trace is the format of ``../shared/traces`` (``experts [N, L, k]``, ``token_ids``, ``prompt_offsets``; see its
 README). Prompts before ``--train-fraction`` train the predictor; everything is scored on the rest, served back to
@@ -15,6 +16,13 @@ Rows (JSON: a list): ``policy`` (``lru``, ``lfu``, ``ondemand``, ``promoe``, ``b
 ``cache_experts``, ``hit_rate``, ``bytes_per_token``, ``stall_ms_per_token``, ``tpot_ms``, ``floor_tpot_ms`` and,
 for ``promoe``, ``precision``, ``fetch_rate``, ``goodpred``. ``belady`` is optimal replacement with perfect
 prefetch: its TPOT is the floor ``max(t_all_resident, B / W)`` (DESIGN.md section 7).
+
+``--host-compute`` (one or several of ``never``, ``auto``, ``always``; every policy runs with each): a missing expert
+may be computed on the host CPU, at ``--host-gbps`` of weights read plus ``--host-overhead-ms`` per call, chosen by
+the runtime's own cost model (``coordinator/host_compute.py``) from what it measured so far. Rows gain
+``host_compute``, ``host_experts_per_token``, ``host_ms_per_token`` (host time spent) and
+``host_predicted_ms_per_token`` (what the cost model expected it to be). The floor stays the device-only one: with
+host compute a policy can go below it.
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 
 from bench.belady import belady_misses
-from bench.replay_model import DeviceProfile, ReplayModel
+from bench.replay_model import DeviceProfile, HostProfile, ReplayModel
+from coordinator.host_compute import HOST_COMPUTE_MODES
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +102,8 @@ class Config:
     lookahead: tuple[int, ...]
     outlook: bool = True
     """Give promoe the predictor's outlook for every expert one token on (eviction estimates)."""
+    host_compute: str = "never"
+    """``never``, ``auto`` or ``always``: whether missing experts may be computed on the host."""
 
 
 @dataclass(frozen=True)
@@ -154,12 +165,16 @@ def run_config(config: Config, test: Trace, predicted: Predicted | None) -> dict
             def outlook(t: int, layer: int) -> np.ndarray:
                 return predicted.outlook[t, layer].astype(np.float64)
     model = ReplayModel(config.policy, n_slots, test.n_layers, test.experts_per_layer, test.top_k,
-                        config.profile, lookahead=config.lookahead, predict=predict, outlook=outlook)
+                        config.profile, lookahead=config.lookahead, predict=predict, outlook=outlook,
+                        host_compute=config.host_compute)
     result = model.run(test.experts, test.prompt_offsets.tolist())
     row = {
         "policy": config.policy, "cache_fraction": config.cache_fraction, "cache_experts": n_slots,
         "hit_rate": result.hits / result.uses, "bytes_per_token": result.link_bytes / result.tokens,
         "stall_ms_per_token": result.stall_ms / result.tokens, "tpot_ms": result.time_ms / result.tokens,
+        "host_compute": config.host_compute, "host_experts_per_token": result.host_experts / result.tokens,
+        "host_ms_per_token": result.host_ms / result.tokens,
+        "host_predicted_ms_per_token": result.host_predicted_ms / result.tokens,
     }
     if model.cache.policy.prefetches:  # None without a predictor
         precision = result.predicted_chosen / result.predicted if result.predicted else None
@@ -186,7 +201,7 @@ def belady_row(config: Config, test: Trace, accesses: list[list[int]]) -> dict:
 def replay(trace: Trace, train_fraction: float, fractions: list[float], profile: DeviceProfile,
            lookahead: tuple[int, ...],
            policies: tuple[str, ...] = POLICIES, jobs: int = 1, predictor: str = "routing",
-           fit_options: dict[str, Any] | None = None) -> list[dict]:
+           fit_options: dict[str, Any] | None = None, host_compute: tuple[str, ...] = ("never",)) -> list[dict]:
     train, test = trace.split(train_fraction)
     predicted = None
     if "promoe" in policies and predictor != "none":
@@ -194,7 +209,8 @@ def replay(trace: Trace, train_fraction: float, fractions: list[float], profile:
                      else predictions_for(train, test, lookahead, **(fit_options or {})))
     accesses = test.global_accesses()
     rows: list[dict] = []
-    configs = [Config(policy, f, profile, lookahead) for f in fractions for policy in policies]
+    configs = [Config(policy, f, profile, lookahead, host_compute=mode)
+               for f in fractions for mode in host_compute for policy in policies]
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
             futures = [pool.submit(run_config, c, test, predicted if c.policy == "promoe" else None)
@@ -216,17 +232,19 @@ def _opt(row: dict, key: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'policy':10} {'cache':>6} {'experts':>7} {'hit':>6} {'MB/token':>9} {'stall ms':>9} {'TPOT ms':>8} "
-            f"{'x floor':>8} {'x lru':>6} {'prec':>6} {'fetch':>6} {'GoodPred':>8}")
+    head = (f"{'policy':10} {'host':>6} {'cache':>6} {'experts':>7} {'hit':>6} {'MB/token':>9} {'stall ms':>9} "
+            f"{'TPOT ms':>8} {'x floor':>8} {'x lru':>6} {'prec':>6} {'fetch':>6} {'GoodPred':>8} {'host/tok':>8}")
     lines = [head]
-    lru = {r["cache_fraction"]: r["tpot_ms"] for r in rows if r["policy"] == "lru"}
+    lru = {r["cache_fraction"]: r["tpot_ms"] for r in rows
+           if r["policy"] == "lru" and r.get("host_compute", "never") == "never"}
     for r in rows:
         vs_lru = f"{lru[r['cache_fraction']] / r['tpot_ms']:6.2f}" if r["cache_fraction"] in lru else f"{'-':>6}"
+        host = f"{r['host_experts_per_token']:8.2f}" if "host_experts_per_token" in r else f"{'-':>8}"
         lines.append(
-            f"{r['policy']:10} {r['cache_fraction']:6.3f} {r['cache_experts']:7d} {r['hit_rate']:6.3f} "
-            f"{r['bytes_per_token'] / 1e6:9.1f} {r['stall_ms_per_token']:9.2f} {r['tpot_ms']:8.2f} "
-            f"{r['tpot_ms'] / r['floor_tpot_ms']:8.2f} {vs_lru} {_opt(r, 'precision')} "
-            f"{_opt(r, 'fetch_rate')} {_opt(r, 'goodpred'):>8}")
+            f"{r['policy']:10} {r.get('host_compute', '-'):>6} {r['cache_fraction']:6.3f} {r['cache_experts']:7d} "
+            f"{r['hit_rate']:6.3f} {r['bytes_per_token'] / 1e6:9.1f} {r['stall_ms_per_token']:9.2f} "
+            f"{r['tpot_ms']:8.2f} {r['tpot_ms'] / r['floor_tpot_ms']:8.2f} {vs_lru} {_opt(r, 'precision')} "
+            f"{_opt(r, 'fetch_rate')} {_opt(r, 'goodpred'):>8} {host}")
     return "\n".join(lines)
 
 
@@ -237,15 +255,19 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    modes = list(dict.fromkeys(r.get("host_compute", "never") for r in rows if r["policy"] != "belady"))
     for policy in [*POLICIES, "belady"]:
-        pts = sorted((r["cache_fraction"], r["tpot_ms"]) for r in rows if r["policy"] == policy)
-        if pts:
-            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o",
-                    label="belady (floor)" if policy == "belady" else policy)
+        for mode in modes if policy != "belady" else ["never"]:
+            pts = sorted((r["cache_fraction"], r["tpot_ms"]) for r in rows
+                         if r["policy"] == policy and r.get("host_compute", "never") == mode)
+            label = "belady (floor)" if policy == "belady" else policy if mode == "never" else f"{policy}, host {mode}"
+            if pts:
+                ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o",
+                        linestyle="-" if mode == "never" else "--", label=label)
     ax.set_xlabel("cache (% of experts)")
     ax.set_ylabel("TPOT (ms)")
     ax.set_title(title, fontsize=9)
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -274,23 +296,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=0,
                    help="configurations replayed in parallel processes (0: one per CPU core); numbers do not depend "
                         "on it")
+    p.add_argument("--host-compute", default="never",
+                   help="comma-separated subset of " + ",".join(HOST_COMPUTE_MODES) + ": may missing experts be "
+                        "computed on the host (auto: when the runtime's cost model expects it sooner); each policy "
+                        "runs with each")
+    p.add_argument("--host-gbps", type=float, default=HostProfile.gbps,
+                   help="expert weights the host CPU reads per second computing one expert for a token, GB/s "
+                        "(40: a dual-channel DDR5 desktop, README 'Host compute')")
+    p.add_argument("--host-overhead-ms", type=float, default=HostProfile.overhead_ms,
+                   help="per host computation: hidden states in, threads woken, output out, ms")
     p.add_argument("--json", type=Path, default=None, help="write the rows here")
     p.add_argument("--plot", type=Path, default=None, help="TPOT against cache size per policy (PNG)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     trace = Trace.load(args.trace, args.prompts)
     profile = DeviceProfile(link_gbps=args.link_gbps, compute_ms=args.compute_ms_per_layer,
-                            expert_nbytes=round(args.expert_mb * 1e6), n_chunks=args.chunks_per_expert)
+                            expert_nbytes=round(args.expert_mb * 1e6), n_chunks=args.chunks_per_expert,
+                            host=HostProfile(gbps=args.host_gbps, overhead_ms=args.host_overhead_ms))
     fractions = [float(x) for x in args.cache_fractions.split(",")]
     policies = tuple(x for x in args.policies.split(",") if x)
     started = time.perf_counter()
-    jobs = args.jobs or min(os.cpu_count() or 1, len(fractions) * len(policies))
+    host_compute = tuple(x for x in args.host_compute.split(",") if x)
+    if not set(host_compute) <= set(HOST_COMPUTE_MODES):
+        p.error(f"--host-compute: each of {','.join(HOST_COMPUTE_MODES)}")
+    jobs = args.jobs or min(os.cpu_count() or 1, len(fractions) * len(policies) * len(host_compute))
     lookahead = tuple(int(x) for x in args.lookahead.split(","))
-    rows = replay(trace, args.train_fraction, fractions, profile, lookahead, policies, jobs, args.predictor)
+    rows = replay(trace, args.train_fraction, fractions, profile, lookahead, policies, jobs, args.predictor,
+                  host_compute=host_compute)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     title = (f"{args.trace.name}: link {args.link_gbps:g} GB/s, {args.compute_ms_per_layer:g} ms/layer, "
              f"experts {args.expert_mb:g} MB")
+    if host_compute != ("never",):
+        title += f", host {args.host_gbps:g} GB/s + {args.host_overhead_ms:g} ms/call"
     if args.plot is not None:
         plot(rows, args.plot, title)
     print(f"{title}; replayed in {time.perf_counter() - started:.0f} s")

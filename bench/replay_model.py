@@ -18,6 +18,13 @@ What is modelled (``DeviceProfile``):
   the layer ``lookahead`` ahead) is known once that layer's gate has decided, and reaches the coordinator
   ``predictor_ms`` later; with it, the outlook made at the same gate: the probability of every expert of that layer
   at its gate one token on, which ranks what is resident for eviction and loads nothing.
+- host compute (``--host-compute``, ``HostProfile``): a missing expert may be computed on the host CPU instead, one
+  at a time on the host's own resource (in parallel with the link and the device), taking a per-call overhead plus
+  the expert's bytes at the host's read bandwidth; the layer ends once its device experts and its host experts are
+  done. Which misses go there is decided by ``coordinator.host_compute.HostComputeModel`` from what it has measured
+  so far in this replay (every chunk's copy, every host computation, every device expert), as the runtime would.
+  A host-computed expert counts as a use for the policy and is not loaded for its gate (a load of it in flight goes
+  on; a later prediction or miss may load it).
 Messages between processes take no time (a ZeroMQ one-way message is tens of microseconds against a 0.7 ms copy).
 
 Every number is a function of the trace and the profile: the same input gives the same output, on any machine.
@@ -33,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from coordinator.cache import CacheDirectory
+from coordinator.host_compute import Choice, CostModelSettings, HostComputeModel, Miss, link_queue
 from coordinator.policies import make_policy
 from protocol.ids import ExpertId, RequestId
 from protocol.messages import LoadExpert, Message, Preempt, Reorder
@@ -47,6 +55,21 @@ probability of each (None if the predictor gives none)."""
 Outlook = Callable[[int, int], np.ndarray]
 """(token index in the trace, MoE layer) -> ``[E]`` probability of each expert of that layer at its gate one token
 on (ranks what is resident; never loads)."""
+
+
+@dataclass(frozen=True)
+class HostProfile:
+    """The host CPU computing experts from the host store: the replay's ground truth (the cost model never reads it;
+    it measures it). Defaults: README, "Host compute"."""
+
+    gbps: float = 40.0
+    """Expert weights the host reads per second while computing one expert for a few tokens, GB/s."""
+    overhead_ms: float = 0.05
+    """Per call: handing the hidden states over, waking the threads, writing the output back, ms."""
+
+    def expert_ms(self, nbytes: int) -> float:
+        """One expert for one token."""
+        return self.overhead_ms + nbytes / (self.gbps * 1e6)
 
 
 @dataclass(frozen=True)
@@ -67,6 +90,8 @@ class DeviceProfile:
     """Share of the routed experts (equal per chosen expert); the rest (shared experts) follows them."""
     predictor_ms: float = 0.2
     """From a layer's gate decision to the prediction it allows reaching the coordinator, ms."""
+    host: HostProfile = HostProfile()
+    """The host CPU, for host compute."""
 
     @property
     def chunk_ms(self) -> float:
@@ -86,6 +111,12 @@ class ReplayResult:
     predicted: int = 0
     predicted_chosen: int = 0
     predicted_ready: int = 0
+    host_experts: int = 0
+    """Misses computed on the host."""
+    host_ms: float = 0.0
+    """Their host time (each call's own duration)."""
+    host_predicted_ms: float = 0.0
+    """What the cost model expected them to take (decisions made before the host was measured count 0)."""
 
 
 _PREDICT, _GATE, _CHUNK, _OUTLOOK = 0, 1, 2, 3
@@ -94,7 +125,7 @@ _PREDICT, _GATE, _CHUNK, _OUTLOOK = 0, 1, 2, 3
 class ReplayModel:
     def __init__(self, policy: str, n_slots: int, n_layers: int, experts_per_layer: int, top_k: int,
                  profile: DeviceProfile, *, lookahead: int | tuple[int, ...] = 2, predict: Predict | None = None,
-                 outlook: Outlook | None = None,
+                 outlook: Outlook | None = None, host_compute: str = "never",
                  early_preemption: bool = True, reordered: bool = True) -> None:
         self.profile = profile
         self.n_layers = n_layers
@@ -125,6 +156,12 @@ class ReplayModel:
         """... of which every chunk has landed."""
         self._busy_until = 0.0
         self._finished: float | None = None
+        self.host_model = HostComputeModel(CostModelSettings(mode=host_compute)) if host_compute != "never" else None
+        """The cost model (None: every miss crosses the link, as without host compute)."""
+        self._host_free = 0.0
+        """When the host finishes the work it was given."""
+        self._host_done = 0.0
+        """When the current layer's host experts are all done."""
 
     # ------------------------------------------------------------ the event queue
     def _at(self, time_ms: float, kind: int, payload: object) -> None:
@@ -191,6 +228,8 @@ class ReplayModel:
         load, chunk = item
         self._link_busy = False
         self.result.link_bytes += self.profile.expert_nbytes // self.profile.n_chunks
+        if self.host_model is not None:  # the loader times every copy
+            self.host_model.observe_link(self.profile.expert_nbytes // self.profile.n_chunks, self.profile.chunk_ms)
         published = self.table.publish_ready(load.slot, load.seq, chunk + 1)
         if published and chunk + 1 == load.n_chunks:
             self.cache.on_loaded(load.load_id, load.seq)
@@ -224,7 +263,9 @@ class ReplayModel:
             del self._waiting_compute[expert]
             self._busy_until = max(self._now, self._busy_until) + self._expert_ms
             heapq.heappush(self._unpins, (self._busy_until, expert))
-        self._finished = self._busy_until + self._after_ms
+            if self.host_model is not None:
+                self.host_model.observe_device(self._expert_ms)
+        self._finished = max(self._busy_until, self._host_done) + self._after_ms
 
     def _landed(self, expert: ExpertId) -> None:
         if expert in self._waiting_compute:  # pinned since its gate: it stays landed until computed
@@ -234,16 +275,43 @@ class ReplayModel:
     def _gate(self, payload: tuple[int, int, list[ExpertId]]) -> None:
         step, layer, experts = payload
         table = self.table
-        table.pin(experts)
         landed = {e for e in experts if table.is_ready(table.lookup(e))}
         self.result.uses += len(experts)
         self.result.hits += len(landed)
-        self.cache.on_gate(step, layer, experts)  # no message delay: what the worker saw is what the table says
-        self._waiting_compute = dict.fromkeys(sorted(experts))
+        self._host_done = self._now
+        host = self._host_compute([e for e in experts if e not in landed], len(landed))
+        device = [e for e in experts if e not in host]
+        table.pin(device)
+        # no message delay: what the worker saw is what the table says
+        self.cache.on_gate(step, layer, experts, host=host)
+        self._waiting_compute = dict.fromkeys(sorted(device))
         self._landed_waiting = landed
         self._busy_until = self._now
         self._send()
         self._compute_ready()
+
+    def _host_compute(self, missing: list[ExpertId], n_landed: int) -> set[ExpertId]:
+        """The cost model's choice for this gate's misses; the host ones are started (one after another on the
+        host) and measured. Returns them."""
+        model = self.host_model
+        if model is None or not missing:
+            return set()
+        nbytes = self.profile.expert_nbytes
+        remaining, backlog_nbytes = link_queue(self.cache, missing, nbytes)
+        misses = [Miss(e, nbytes, remaining.get(e)) for e in missing]
+        decisions = model.decide(misses, link_backlog_nbytes=backlog_nbytes, device_backlog_experts=n_landed,
+                                 host_backlog_ms=max(0.0, self._host_free - self._now))
+        host = {ExpertId(d.expert) for d in decisions if d.choice is Choice.HOST}
+        for d in sorted(decisions, key=lambda d: d.expert):
+            if d.choice is Choice.HOST:
+                duration_ms = self.profile.host.expert_ms(nbytes)
+                self._host_free = max(self._now, self._host_free) + duration_ms
+                self._host_done = max(self._host_done, self._host_free)
+                model.observe_host(1, duration_ms)
+                self.result.host_experts += 1
+                self.result.host_ms += duration_ms
+                self.result.host_predicted_ms += d.cost_ms or 0.0
+        return host
 
     # ------------------------------------------------------------ driving
     def run(self, experts: np.ndarray, prompt_offsets: Sequence[int]) -> ReplayResult:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import heapq
 import logging
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,6 +162,10 @@ class CacheDirectory:
     def resident_experts(self) -> list[ExpertId]:
         return sorted(self._resident)
 
+    def loads_in_flight(self) -> list[InFlightLoad]:
+        """Loads issued and not landed, those being preempted left out."""
+        return [load for load in self._in_flight.values() if load.load_id not in self._preempting]
+
     @property
     def waiting(self) -> list[ExpertId]:
         return list(self._waiting)
@@ -211,11 +216,13 @@ class CacheDirectory:
         if (step, layer) > self.position:
             self.policy.record_outlook((step, layer), probabilities)
 
-    def on_gate(self, step: int, layer: int, experts: list[ExpertId], ready: list[ExpertId] | None = None) -> None:
+    def on_gate(self, step: int, layer: int, experts: list[ExpertId], ready: list[ExpertId] | None = None,
+                host: Collection[ExpertId] = ()) -> None:
         """The gate chose ``experts`` (now pinned by the inference worker): preempt, reorder, load what is missing.
 
         ``ready``: the layer's experts the worker saw fully landed when its gate decided (exact FetchRate); without
-        it, readiness is read from the slot table now.
+        it, readiness is read from the slot table now. ``host``: missing experts computed on the host (not pinned):
+        each counts as a use but is not loaded for this gate (a load of it in flight goes on).
         """
         self.position = position = (step, layer)
         for expert in experts:
@@ -232,7 +239,7 @@ class CacheDirectory:
                 if not self.is_pinned(expert):
                     self._evict(self._slot_of[expert])
         for expert in experts:
-            if expert not in self._slot_of and expert not in self._waiting:
+            if expert not in self._slot_of and expert not in self._waiting and expert not in host:
                 self._waiting.append(expert)
         self._assign_waiting()
 

@@ -14,7 +14,7 @@ import pytest
 
 from bench.belady import belady_misses
 from bench.replay import POLICIES, Config, Trace, main, oracle_predictions, replay, run_config
-from bench.replay_model import DeviceProfile, ReplayModel
+from bench.replay_model import DeviceProfile, HostProfile, ReplayModel
 
 L, E, K = 4, 8, 2
 FIELDS = {"policy", "cache_fraction", "cache_experts", "hit_rate", "bytes_per_token", "stall_ms_per_token", "tpot_ms",
@@ -140,3 +140,69 @@ def test_an_outlook_of_every_expert_one_token_on_keeps_more_of_what_is_used() ->
                              for outlook in (False, True))
     assert with_outlook["hit_rate"] > without["hit_rate"] + 0.03
     assert with_outlook["tpot_ms"] < without["tpot_ms"]
+
+
+HOST_FIELDS = {"host_compute", "host_experts_per_token", "host_ms_per_token", "host_predicted_ms_per_token"}
+LINK_BOUND = DeviceProfile(link_gbps=25.0, compute_ms=0.5, expert_nbytes=17_300_000)
+
+
+def host_rows(policy: str, modes: tuple[str, ...], profile: DeviceProfile = LINK_BOUND) -> dict[str, dict]:
+    _, test = synthetic_trace(n_prompts=6, tokens=20).split(0.5)
+    predicted = oracle_predictions(test, (2,)) if policy == "promoe" else None
+    return {mode: run_config(Config(policy, 0.25, profile, (2,), host_compute=mode), test, predicted)
+            for mode in modes}
+
+
+def test_never_reproduces_the_replay_without_host_compute_exactly() -> None:
+    """The figures of the replay before host compute existed (commit c35aa13, same trace and profile)."""
+    before = {"lru": (0.5395833333333333, 63721659.3, 2.1569916666666895, 4.1569916666666895),
+              "promoe": (0.6666666666666666, 61799437.3, 1.362594444444457, 3.362594444444457)}
+    for policy, expected in before.items():
+        row = host_rows(policy, ("never",))["never"]
+        assert row.keys() >= (FIELDS - {"floor_tpot_ms"}) | HOST_FIELDS
+        assert (row["hit_rate"], row["bytes_per_token"], row["stall_ms_per_token"], row["tpot_ms"]) == expected
+        assert row["host_experts_per_token"] == 0 and row["host_ms_per_token"] == 0
+
+
+def test_always_computes_every_miss_on_the_host_and_the_layer_waits_for_it() -> None:
+    """lru never loads then: every layer is the gate, K host computations one after another, the rest."""
+    row = host_rows("lru", ("always",))["always"]
+    host_ms = LINK_BOUND.host.expert_ms(LINK_BOUND.expert_nbytes)
+    layer_ms = (1 - LINK_BOUND.routed_fraction) * 0.5 + K * host_ms
+    assert row["bytes_per_token"] == 0 and row["hit_rate"] == 0
+    assert row["host_experts_per_token"] == L * K
+    assert row["host_ms_per_token"] == pytest.approx(L * K * host_ms)
+    assert row["tpot_ms"] == pytest.approx(L * layer_ms)
+    assert row["stall_ms_per_token"] == pytest.approx(L * (layer_ms - 0.5))
+
+
+@pytest.mark.parametrize("policy", ["lru", "promoe"])
+def test_auto_on_a_link_bound_profile_beats_the_link_alone_and_the_host_alone(policy: str) -> None:
+    rows = host_rows(policy, ("never", "auto", "always"))
+    assert rows["auto"]["stall_ms_per_token"] < rows["never"]["stall_ms_per_token"] - 0.3
+    assert rows["auto"]["stall_ms_per_token"] < rows["always"]["stall_ms_per_token"] - 0.05
+    assert 0 < rows["auto"]["host_experts_per_token"] < rows["always"]["host_experts_per_token"]
+    assert rows["auto"]["bytes_per_token"] < rows["never"]["bytes_per_token"]
+    # the cost model, once it measured the host, predicted each host call's time
+    assert rows["auto"]["host_predicted_ms_per_token"] == pytest.approx(rows["auto"]["host_ms_per_token"], rel=0.1)
+
+
+def test_auto_with_a_slow_host_tries_it_once_and_then_leaves_it() -> None:
+    slow = DeviceProfile(link_gbps=25.0, compute_ms=0.5, expert_nbytes=17_300_000, host=HostProfile(gbps=1.0))
+    rows = host_rows("lru", ("never", "auto"), slow)
+    tokens = 60
+    assert rows["auto"]["host_experts_per_token"] * tokens == pytest.approx(1)  # the one measurement
+    extra_ms = (rows["auto"]["tpot_ms"] - rows["never"]["tpot_ms"]) * tokens
+    assert 0 <= extra_ms <= slow.host.expert_ms(slow.expert_nbytes)
+
+
+def test_cli_replays_each_host_compute_setting(tmp_path: Path) -> None:
+    trace = synthetic_trace(n_prompts=4, tokens=10)
+    path = tmp_path / "t.npz"
+    np.savez(path, experts=trace.experts, token_ids=trace.token_ids, prompt_offsets=trace.prompt_offsets)
+    out = tmp_path / "rows.json"
+    assert main(["--trace", str(path), "--cache-fractions", "0.25", "--predictor", "none", "--jobs", "1",
+                 "--policies", "lru", "--host-compute", "never,auto", "--host-gbps", "30", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert {(r["policy"], r.get("host_compute")) for r in rows} == {("lru", "never"), ("lru", "auto"),
+                                                                     ("belady", None)}
