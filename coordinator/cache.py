@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from coordinator.cache_counters import CacheCounters, CacheLedger
 from coordinator.policies import CachePolicy
 from protocol.ids import ExpertId, LoadId, RequestId, SlotId
 from protocol.messages import PRIORITY_PRECISE, PRIORITY_SPECULATIVE, LoadExpert, Message, Preempt, Reorder
@@ -63,36 +64,12 @@ class InFlightLoad:
     """For a speculative load, the position it was predicted for; None once precise."""
 
 
-@dataclass
-class CacheCounters:
-    """What the cache did: since start (``CacheDirectory.counters``) or for one request (``request_counters``)."""
-
-    loads_issued: int = 0
-    experts_loaded: int = 0
-    bytes_loaded: int = 0
-    wasted_bytes: int = 0
-    evictions: int = 0
-    preempted: int = 0
-    predicted: int = 0
-    """Experts predicted for gates that then reported."""
-    predicted_chosen: int = 0
-    """... of which the gate chose."""
-    predicted_ready: int = 0
-    """... of which were in the cache, every chunk landed, when the gate reported."""
-    chosen: int = 0
-    """Experts chosen by gates (while prefetching)."""
-
-
 class CacheDirectory:
     def __init__(self, table: SlotTable, layout: ExpertLayout, policy: CachePolicy,
                  early_preemption: bool = True) -> None:
         self.table = table
         self.layout = layout
-        self.counters = CacheCounters()
-        """Totals since start."""
-        self.request_counters = CacheCounters()
-        """The current request's share: loads it issued, wherever they complete (not those of an earlier one)."""
-        self.request_id: RequestId | None = None
+        self.ledger = CacheLedger()
         self.position: Position = (-1, -1)
         self._next_load_id = 1
         self._pins_held = True
@@ -152,6 +129,21 @@ class CacheDirectory:
         self.table.waiting_for_slot = self._waiting_flag = False
 
     # ------------------------------------------------------------ queries
+    @property
+    def request_id(self) -> RequestId | None:
+        """The running request (or the last one), whose share the ledger counts."""
+        return self.ledger.request_id
+
+    @property
+    def counters(self) -> CacheCounters:
+        """Totals since start."""
+        return self.ledger.totals
+
+    @property
+    def request_counters(self) -> CacheCounters:
+        """The current request's share."""
+        return self.ledger.request
+
     def slot_of(self, expert: ExpertId) -> SlotId | None:
         return self._slot_of.get(expert)
 
@@ -175,9 +167,8 @@ class CacheDirectory:
         return target is not None and target >= self.position
 
     def begin_request(self, request_id: RequestId) -> None:
-        self.request_id = request_id
+        self.ledger.begin_request(request_id)
         self._pins_held = True
-        self.request_counters = CacheCounters()
         self.position = (-1, -1)
         self._last_chosen.clear()
         self._protected.clear()
@@ -253,9 +244,7 @@ class CacheDirectory:
         if self.table.is_current(load.slot, seq):
             self._slot_state[load.slot] = RESIDENT
             self._resident.add(load.expert)
-            for counters in self._counters_of(load.request_id):
-                counters.experts_loaded += 1
-                counters.bytes_loaded += self.layout.expert_nbytes
+            self.ledger.charge(load.request_id, experts_loaded=1, bytes_loaded=self.layout.expert_nbytes)
             self.policy.record_load(load.expert)
         self._assign_waiting()
 
@@ -269,7 +258,7 @@ class CacheDirectory:
                 continue
             del self._loading[load.expert]
             self._unused_since_load.pop(load.expert, None)
-            self._charge(load.request_id, wasted_bytes=done * chunk_nbytes, preempted=1)
+            self.ledger.charge(load.request_id, wasted_bytes=done * chunk_nbytes, preempted=1)
             self._free_slot(load.slot)
             if self.is_pinned(load.expert) and load.expert not in self._waiting:
                 self._waiting.append(load.expert)  # the gate chose it while its preemption was under way
@@ -314,30 +303,18 @@ class CacheDirectory:
         return self._pins_held and self.table.is_pinned(expert)
 
     # ------------------------------------------------------------ internals
-    def _charge(self, request_id: RequestId | None, **amounts: int) -> None:
-        """Add to the totals and, if ``request_id`` is the current request, to its counters."""
-        for counters in self._counters_of(request_id):
-            for name, amount in amounts.items():
-                setattr(counters, name, getattr(counters, name) + amount)
-
-    def _counters_of(self, request_id: RequestId | None) -> tuple[CacheCounters, ...]:
-        """The counters a load of ``request_id`` is charged to: the totals, and the request's own if current."""
-        if request_id == self.request_id:
-            return (self.counters, self.request_counters)
-        return (self.counters,)
-
     def _score_prediction(self, chosen: set[ExpertId], ready: list[ExpertId] | None) -> None:
         predicted = self._predictions.pop(self.position, None)
         for position in [p for p in self._predictions if p < self.position]:
             del self._predictions[position]
         if not predicted:
-            self._charge(self.request_id, chosen=len(chosen))
+            self.ledger.charge(self.request_id, chosen=len(chosen))
             return
         if ready is None:
             n_ready = sum(self.table.is_ready(self.table.lookup(e)) for e in predicted)
         else:
             n_ready = len(predicted.intersection(ready))
-        self._charge(self.request_id, chosen=len(chosen), predicted=len(predicted),
+        self.ledger.charge(self.request_id, chosen=len(chosen), predicted=len(predicted),
                      predicted_chosen=len(predicted & chosen), predicted_ready=n_ready)
         for expert in predicted - chosen:  # a wrong guess goes to the back of the line
             if expert in self._unused_since_load:
@@ -423,12 +400,11 @@ class CacheDirectory:
         expert = ExpertId(self._slot_expert[slot])
         assert self._slot_state[slot] == RESIDENT, f"slot {slot} is not resident"
         if expert in self._unused_since_load:
-            self._charge(self._unused_since_load.pop(expert), wasted_bytes=self.layout.expert_nbytes)
+            self.ledger.charge(self._unused_since_load.pop(expert), wasted_bytes=self.layout.expert_nbytes)
         self._resident.discard(expert)
         self.policy.record_evict(expert)
         self._free_slot(slot)
-        for counters in self._counters_of(self.request_id):
-            counters.evictions += 1
+        self.ledger.charge(self.request_id, evictions=1)
 
     def _free_slot(self, slot: SlotId) -> None:
         expert = ExpertId(self._slot_expert[slot])
@@ -448,8 +424,7 @@ class CacheDirectory:
         self._next_load_id += 1
         self._in_flight[load_id] = InFlightLoad(load_id, expert, slot, seq, self.request_id, target)
         self._loading[expert] = load_id
-        for counters in self._counters_of(self.request_id):
-            counters.loads_issued += 1
+        self.ledger.charge(self.request_id, loads_issued=1)
         if priority == PRIORITY_SPECULATIVE:
             self._unused_since_load[expert] = self.request_id
         self.outbox.append(LoadExpert(load_id=load_id, expert=expert, slot=slot, seq=seq, priority=priority))

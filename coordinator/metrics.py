@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from coordinator.cache import CacheCounters
+from coordinator.cache_counters import CacheCounters
 from protocol.messages import GenerationFinished
 
 Metrics = dict[str, float | int | None]
