@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None, machine: str | None = None) -> int:
         log.info("ready: serving on %s (Ctrl-C or SIGTERM drains and stops; twice stops at once)", cfg.bind)
         try:
             while True:
-                supervisor.wait(3600)
+                supervisor.wait(supervisor.idle_wait_s)
         except KeyboardInterrupt:
             supervisor.drain(args.drain_timeout_s)
             return 0

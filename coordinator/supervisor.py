@@ -33,9 +33,18 @@ from types import FrameType
 import zmq
 
 from protocol.codec import MAX_MESSAGE_NBYTES, ProtocolError, decode
-from protocol.config import RuntimeConfig
+from protocol.config import GATEWAY, RuntimeConfig
 from protocol.dispatch import Dispatcher
-from protocol.messages import Drained, DrainRequested, WorkerDied, WorkerRestarted, WorkerSilent, WorkerStarted
+from protocol.messages import (
+    ALIVE_INTERVAL_S,
+    Drained,
+    DrainRequested,
+    WorkerAlive,
+    WorkerDied,
+    WorkerRestarted,
+    WorkerSilent,
+    WorkerStarted,
+)
 from shm.cache_slots import CacheSlots
 from shm.expert_store import HostExpertStore
 from shm.hidden_exchange import HiddenExchange
@@ -92,7 +101,10 @@ class Supervisor:
         self._ctx = zmq.Context()
         self.recv_from_workers: zmq.Socket | None = None
         self.dispatch = Dispatcher("supervisor", {Drained: self._on_drained, WorkerSilent: self._on_worker_silent,
-                                                  WorkerStarted: self._on_worker_started})
+                                                  WorkerStarted: self._on_worker_started,
+                                                  WorkerAlive: self._on_worker_alive})
+        self._alive_at: dict[str, float] = {}
+        """Role -> when (monotonic) its last ``WorkerAlive`` came (the gateway's; from its ready report on)."""
         self._wakeup_r, self._wakeup_w = os.pipe()
         os.set_blocking(self._wakeup_w, False)
         os.set_blocking(self._wakeup_r, False)
@@ -184,10 +196,31 @@ class Supervisor:
             log.error("%s (pid %d) silent for %.0f s: killing it", msg.role, child.pid, msg.silent_s)
             child.kill()  # its pidfd wakes the next wait(): the usual death-and-restart path
 
+    def _on_worker_alive(self, msg: WorkerAlive) -> None:
+        if msg.role in self._alive_at and self.children[msg.role].pid == msg.pid:
+            self._alive_at[msg.role] = time.monotonic()
+
+    @property
+    def idle_wait_s(self) -> float:
+        """How long the serving loop may block in ``wait``: short while a process is watched by its beacons."""
+        return ALIVE_INTERVAL_S if self._alive_at else 3600.0
+
+    def _kill_silent(self) -> None:
+        """Kill a process whose beacons stopped for ``heartbeat_timeout_s`` (its death then restarts it)."""
+        now = time.monotonic()
+        for role, alive_at in self._alive_at.items():
+            child = self.children[role]
+            if role not in self._starting and now - alive_at > self.cfg.heartbeat_timeout_s and child.poll() is None:
+                log.error("%s (pid %d) sent no beacon for %.0f s: killing it", role, child.pid, now - alive_at)
+                child.kill()
+                self._alive_at[role] = now  # once: the restart re-arms it
+
     def _on_worker_started(self, msg: WorkerStarted) -> None:
         if self._starting.pop(msg.role, None) is None:
             log.error("unexpected %s of %s, which is not starting", type(msg).__name__, msg.role)
             return
+        if msg.role == GATEWAY:
+            self._alive_at[msg.role] = time.monotonic()
         log.debug("%s ready (pid %d)", msg.role, msg.pid)
         if self.restarts.get(msg.role):
             log.info("%s restarted (pid %d, restart %d)", msg.role, msg.pid, self.restarts[msg.role])
@@ -231,6 +264,7 @@ class Supervisor:
                 raise WorkerDead(f"{role} (pid {child.pid}) exited with code {code}{during}")
             self._restart(role, child, code)
         self._drain_inbox()
+        self._kill_silent()
         late = sorted(role for role, deadline in self._starting.items() if time.monotonic() > deadline)
         if late:
             raise WorkerDead(f"no ready report within {self.ready_timeout_s:.0f} s from: {', '.join(late)}")

@@ -42,6 +42,17 @@ class WorkerStarted(Message):
     pid: int
 
 
+class WorkerAlive(Message):
+    """Gateway -> supervisor, every ``ALIVE_INTERVAL_S``, sent from its event loop: the loop runs (the coordinator
+    pings the workers; the gateway is a client, so the supervisor watches it by these instead)."""
+
+    role: str
+    pid: int
+
+
+ALIVE_INTERVAL_S = 1.0
+
+
 class WorkerDied(Message):
     """Supervisor -> coordinator: ``role`` exited (``exit_code``, negative for a signal); it is being restarted."""
 
@@ -283,6 +294,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     WorkerDied,
     WorkerRestarted,
     WorkerSilent,
+    WorkerAlive,
     DrainRequested,
     Drained,
     Ping,

@@ -4,12 +4,14 @@ killed with SIGKILL (restarted), and 503 while the runtime drains (the fixture c
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Iterator
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from coordinator.runtime_process import RuntimeProcess
@@ -17,6 +19,8 @@ from tests.conftest import free_port
 
 PROMPT = "def fibonacci(n):"
 NEW = 10
+HEARTBEAT_S = 5.0
+"""--heartbeat-timeout-s of the module's runtime: how long a silent gateway lives."""
 LONG = 480
 """max_tokens of a request that outlives the test's patience (the tiny model has 512 positions)."""
 
@@ -26,7 +30,8 @@ def http_rt(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints) -> Itera
     """The tiny qwen2_moe checkpoint (a byte tokenizer with a chat template) served over HTTP, one request queued
     at most behind the running one."""
     rt = RuntimeProcess(tmp_path_factory.mktemp("http"), tiny_checkpoints["qwen2_moe"], "--policy", "lru",
-                        "--http", f"127.0.0.1:{free_port()}", "--max-queue", "1")
+                        "--http", f"127.0.0.1:{free_port()}", "--max-queue", "1",
+                        "--heartbeat-timeout-s", str(HEARTBEAT_S))
     yield rt
     rt.stop()
     assert rt.leftovers() == [], rt.log()
@@ -155,6 +160,25 @@ def test_a_killed_gateway_is_restarted(http_rt, api):
         while client.health().restarts.get("gateway", 0) < 1 or not http_rt._http_ready():
             assert time.monotonic() < deadline, http_rt.log()
             time.sleep(0.2)
+    http_rt.find_children()
+    done = api.completions.create(model="any", prompt=PROMPT, max_tokens=2, temperature=0)
+    assert done.usage is not None and done.usage.completion_tokens == 2
+
+
+def test_a_hung_gateway_is_killed_and_restarted(http_rt, api):
+    """A gateway whose event loop stops (SIGSTOP: alive, silent) sends no beacon: the supervisor kills it after the
+    heartbeat deadline and the usual restart follows."""
+    hung = http_rt.children["gateway"]
+    restarts = 0
+    with http_rt.client() as client:
+        restarts = client.health().restarts.get("gateway", 0)
+        os.kill(hung.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + HEARTBEAT_S + 60
+        while client.health().restarts.get("gateway", 0) <= restarts or not http_rt._http_ready():
+            assert time.monotonic() < deadline, http_rt.log()
+            time.sleep(0.2)
+    assert not hung.is_running() or hung.status() == psutil.STATUS_ZOMBIE, "the hung gateway was not killed"
+    assert "sent no beacon" in http_rt.log()
     http_rt.find_children()
     done = api.completions.create(model="any", prompt=PROMPT, max_tokens=2, temperature=0)
     assert done.usage is not None and done.usage.completion_tokens == 2

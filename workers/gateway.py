@@ -28,7 +28,7 @@ import zmq
 from coordinator.auth import ClientKeys
 from models.text import load_tokenizer
 from protocol.config import GATEWAY, RuntimeConfig
-from protocol.messages import WorkerStarted
+from protocol.messages import ALIVE_INTERVAL_S, WorkerAlive, WorkerStarted
 from workers.bootstrap import WorkerStopping, become, parse_run_dir, push_socket, send
 from workers.gateway_app import GatewayApp, GatewaySettings
 from workers.gateway_upstream import Upstream, connect_address
@@ -71,6 +71,14 @@ class _Server(uvicorn.Server):
         yield
 
 
+async def send_beacons(announce: zmq.Socket) -> None:
+    """``WorkerAlive`` every ``ALIVE_INTERVAL_S`` from the event loop: the supervisor kills (and so restarts) a
+    gateway whose loop stopped turning for ``--heartbeat-timeout-s``."""
+    while True:
+        send(announce, WorkerAlive(role=GATEWAY, pid=os.getpid()))
+        await asyncio.sleep(ALIVE_INTERVAL_S)
+
+
 async def serve(cfg: RuntimeConfig, listener: socket.socket, tokenizer: object | None,
                 curve: ClientKeys | None, announce: zmq.Socket) -> None:
     upstream = Upstream(connect_address(cfg.bind), curve)
@@ -85,7 +93,10 @@ async def serve(cfg: RuntimeConfig, listener: socket.socket, tokenizer: object |
         if server.started:
             send(announce, WorkerStarted(role=GATEWAY, pid=os.getpid()))
             log.info("gateway serving http://%s/v1 for %s", cfg.http, cfg.bind)
+            beacon = asyncio.ensure_future(send_beacons(announce))
         await task
+        if server.started:
+            beacon.cancel()
         log.info("gateway stopped")
     finally:
         upstream.close()
