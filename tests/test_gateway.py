@@ -137,6 +137,13 @@ def test_busy_is_429_and_clients_that_leave_are_cancelled(http_rt, api):
                 break
             assert time.monotonic() < deadline, (health, stats)
             time.sleep(0.1)
+    # the abandoned plain request ended as a 499 (counted), not in an unhandled error of the app
+    with httpx.Client(base_url=f"http://{http_rt.http}", timeout=30) as http:
+        deadline = time.monotonic() + 10
+        while 'status="499"' not in http.get("/metrics").text:
+            assert time.monotonic() < deadline, "no 499 counted for the client that left"
+            time.sleep(0.1)
+    assert "Exception in ASGI application" not in http_rt.log()
 
 
 def test_models_health_and_metrics(http_rt, api):
@@ -153,7 +160,7 @@ def test_models_health_and_metrics(http_rt, api):
 
 
 def test_a_killed_gateway_is_restarted(http_rt, api):
-    """Last in the module: the runtime's teardown checks that neither gateway is left."""
+    """The runtime's teardown checks that neither gateway is left."""
     http_rt.kill_worker("gateway")
     deadline = time.monotonic() + 60
     with http_rt.client() as client:

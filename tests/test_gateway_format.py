@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from launch import check_http_flags
+from protocol.codec import MAX_MESSAGE_NBYTES
 from workers.gateway import parse_http_address
 from workers.gateway_app import GatewayApp, GatewaySettings
 from workers.gateway_openai import (
@@ -86,6 +87,18 @@ def test_request_bodies_to_generate():
         completion_prompt(CompletionRequest(prompt=["a", "b"]))
     chat = ChatRequest(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
     assert chat_messages(chat) == [{"role": "user", "content": "hi"}]
+
+
+def test_what_the_coordinator_would_drop_is_refused_here():
+    """A seed past 64 bits cannot be encoded, and a prompt past the frame limit would be dropped by the coordinator's
+    socket without a reply: both are refused with OpenAI's error shape, not a 500 or a 10 s wait."""
+    with pytest.raises(ApiError, match="out of range") as info:
+        generate_message(CompletionRequest(prompt=[1], seed=2**70), [1], None, None, 16)
+    assert info.value.status == 400
+    too_long = [1000] * (MAX_MESSAGE_NBYTES // 2)  # 3 bytes each in msgpack
+    with pytest.raises(ApiError, match="bytes") as info:
+        generate_message(CompletionRequest(prompt=too_long), too_long, None, None, 16)
+    assert info.value.status == 413 and info.value.body()["error"]["type"] == "invalid_request_error"
 
 
 def test_http_flags_loopback_by_default():

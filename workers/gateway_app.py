@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
 from models.text import NoChatTemplate, encode_chat, encode_prompt
@@ -165,6 +166,7 @@ async def until_disconnect(request: Request, work: Any) -> None:
         if not task.done():
             task.cancel()
             log.info("client disconnected: request cancelled")
+            await asyncio.wait({task})  # cancel() only asks: the task is done once its cancellation has run
     if task.cancelled():
         raise ApiError("cancelled", "the client disconnected", status=499)
     task.result()
@@ -232,6 +234,9 @@ class GatewayApp:
                 ids = encode_chat(self.tokenizer, messages)
             except NoChatTemplate as exc:
                 raise ApiError("no_chat_template", str(exc)) from None
+            except (TemplateError, ValueError, TypeError) as exc:  # the template refused these messages
+                raise ApiError("bad_request", f"the chat template refused the messages: {exc}",
+                               param="messages") from None
             max_tokens = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
             msg, stops = generate_message(body, ids, None, max_tokens, DEFAULT_CHAT_MAX_TOKENS)
             served = Served(self, "chat", body, msg, stops, len(ids))

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from protocol.codec import MAX_MESSAGE_NBYTES, encode
 from protocol.messages import Generate
 
 DEFAULT_MAX_TOKENS = 16
@@ -37,6 +38,7 @@ STATUS_OF_CODE: dict[str, int] = {
 }
 """HTTP status of every ``error`` code of the client protocol (README, "The client protocol"); anything else: 500."""
 TYPE_OF_STATUS = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                  413: "invalid_request_error",
                   429: "rate_limit_error", 503: "service_unavailable_error", 504: "timeout_error"}
 
 
@@ -134,6 +136,13 @@ def generate_message(body: SamplingBody, prompt_ids: list[int] | None, prompt: s
                    temperature=1.0 if body.temperature is None else body.temperature,
                    top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stream=True,
                    stop_ids=stop_ids or None, deadline_s=body.deadline_s)
+    try:  # what the coordinator's socket would refuse without a word (it drops a peer's oversized frame)
+        nbytes = len(encode(msg))
+    except (OverflowError, ValueError) as exc:  # an integer past 64 bits (seed, ids) cannot be encoded
+        raise ApiError("bad_request", f"a value is out of range: {exc}") from None
+    if nbytes > MAX_MESSAGE_NBYTES:
+        raise ApiError("bad_request", f"the request encodes to {nbytes} bytes, more than the {MAX_MESSAGE_NBYTES} "
+                       "a request may have", status=413)
     return msg, stop_strings
 
 

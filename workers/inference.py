@@ -329,7 +329,10 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
                        CancelGeneration: worker.on_cancel_generation, ConfigureInference: on_configure})
     finally:
         if recorder is not None:
-            recorder.flush()
+            try:
+                recorder.flush()
+            except OSError as exc:  # a full disk must not hide why the worker stops, nor keep its sockets open
+                log.error("could not write the routing trace: %s", exc)
         send_to_predictor.close(linger=0)
         if send_to_loader is not None:
             send_to_loader.close(linger=0)
