@@ -124,6 +124,10 @@ def test_bearer_key_and_bad_bodies_without_a_runtime():
         app = GatewayApp(GatewaySettings(model="m", api_key="s3cret"), upstream, tokenizer=None)
         with TestClient(app.api) as http:
             assert http.get("/v1/models").status_code == 401
+            # refused before the body is read: bad JSON without the key is a 401, not a parse error
+            no_key = http.post("/v1/completions", content=b"{nope", headers={"Content-Type": "application/json"})
+            assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "invalid_api_key"
+            assert http.get("/metrics").status_code == 401
             assert http.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
             ok = http.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
             assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "m"

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
@@ -197,7 +197,20 @@ class GatewayApp:
         return None if self.tokenizer is None else encode_prompt(self.tokenizer, prompt, chat=False)
 
     def _routes(self) -> None:
-        api, auth = self.api, [Depends(self.authorise)]
+        api = self.api
+        guarded = ("/v1/", "/metrics")
+
+        @api.middleware("http")
+        async def require_key(request: Request, call_next: Any) -> Response:
+            """The key is checked before anything reads the body: a client without it is refused at once (401),
+            whatever it sends."""
+            if request.url.path.startswith(guarded):
+                try:
+                    self.authorise(request)
+                except ApiError as exc:
+                    return error_response(exc)
+            response: Response = await call_next(request)
+            return response
 
         @api.exception_handler(ApiError)
         async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -215,7 +228,7 @@ class GatewayApp:
             code = "not_found" if exc.status_code == 404 else "bad_request"
             return error_response(ApiError(code, str(exc.detail), status=exc.status_code))
 
-        @api.post("/v1/completions", dependencies=auth)
+        @api.post("/v1/completions")
         async def completions(body: CompletionRequest, request: Request) -> Response:
             prompt = completion_prompt(body)
             text = prompt if isinstance(prompt, str) else None
@@ -225,7 +238,7 @@ class GatewayApp:
             served = Served(self, "completion", body, msg, stops, len(ids) if ids is not None else 0)
             return await (served.stream() if body.stream else served.whole(request))
 
-        @api.post("/v1/chat/completions", dependencies=auth)
+        @api.post("/v1/chat/completions")
         async def chat(body: ChatRequest, request: Request) -> Response:
             messages = chat_messages(body)
             if self.tokenizer is None:
@@ -242,7 +255,7 @@ class GatewayApp:
             served = Served(self, "chat", body, msg, stops, len(ids))
             return await (served.stream() if body.stream else served.whole(request))
 
-        @api.get("/v1/models", dependencies=auth)
+        @api.get("/v1/models")
         async def models() -> dict[str, Any]:
             return {"object": "list", "data": [{"id": self.settings.model, "object": "model",
                                                 "created": self.settings.created, "owned_by": "promoe"}]}
@@ -261,7 +274,7 @@ class GatewayApp:
                                  "running": report.running, "restarts": report.restarts,
                                  "draining": report.draining}, status_code=200 if ok else 503)
 
-        @api.get("/metrics", dependencies=auth)
+        @api.get("/metrics")
         async def metrics() -> Response:
             totals, health = await asyncio.gather(self.upstream.stats(), self.upstream.health(),
                                                   return_exceptions=True)
