@@ -315,7 +315,7 @@ class CacheDirectory:
         else:
             n_ready = len(predicted.intersection(ready))
         self.ledger.charge(self.request_id, chosen=len(chosen), predicted=len(predicted),
-                     predicted_chosen=len(predicted & chosen), predicted_ready=n_ready)
+                           predicted_chosen=len(predicted & chosen), predicted_ready=n_ready)
         for expert in predicted - chosen:  # a wrong guess goes to the back of the line
             if expert in self._unused_since_load:
                 self.policy.record_unused_prefetch(expert)

@@ -24,6 +24,7 @@ from workers.gateway_openai import (
     chat_messages,
     completion_prompt,
     generate_message,
+    request_frame,
     sse,
 )
 from workers.gateway_upstream import Upstream, connect_address
@@ -92,12 +93,14 @@ def test_request_bodies_to_generate():
 def test_what_the_coordinator_would_drop_is_refused_here():
     """A seed past 64 bits cannot be encoded, and a prompt past the frame limit would be dropped by the coordinator's
     socket without a reply: both are refused with OpenAI's error shape, not a 500 or a 10 s wait."""
+    msg, _ = generate_message(CompletionRequest(prompt=[1], seed=2**70), [1], None, None, 16)
     with pytest.raises(ApiError, match="out of range") as info:
-        generate_message(CompletionRequest(prompt=[1], seed=2**70), [1], None, None, 16)
+        request_frame(msg)
     assert info.value.status == 400
     too_long = [1000] * (MAX_MESSAGE_NBYTES // 2)  # 3 bytes each in msgpack
+    msg, _ = generate_message(CompletionRequest(prompt=too_long), too_long, None, None, 16)
     with pytest.raises(ApiError, match="bytes") as info:
-        generate_message(CompletionRequest(prompt=too_long), too_long, None, None, 16)
+        request_frame(msg)
     assert info.value.status == 413 and info.value.body()["error"]["type"] == "invalid_request_error"
 
 

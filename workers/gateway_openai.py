@@ -136,14 +136,20 @@ def generate_message(body: SamplingBody, prompt_ids: list[int] | None, prompt: s
                    temperature=1.0 if body.temperature is None else body.temperature,
                    top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stream=True,
                    stop_ids=stop_ids or None, deadline_s=body.deadline_s)
-    try:  # what the coordinator's socket would refuse without a word (it drops a peer's oversized frame)
-        nbytes = len(encode(msg))
-    except (OverflowError, ValueError) as exc:  # an integer past 64 bits (seed, ids) cannot be encoded
-        raise ApiError("bad_request", f"a value is out of range: {exc}") from None
-    if nbytes > MAX_MESSAGE_NBYTES:
-        raise ApiError("bad_request", f"the request encodes to {nbytes} bytes, more than the {MAX_MESSAGE_NBYTES} "
-                       "a request may have", status=413)
     return msg, stop_strings
+
+
+def request_frame(msg: Generate) -> bytes:
+    """``msg`` encoded for the coordinator, refused here (``ApiError``) where the coordinator's socket would drop it
+    without a word (a frame over ``MAX_MESSAGE_NBYTES``) or where it cannot be encoded (an integer past 64 bits)."""
+    try:
+        frame = encode(msg)
+    except (OverflowError, ValueError) as exc:
+        raise ApiError("bad_request", f"a value is out of range: {exc}") from None
+    if len(frame) > MAX_MESSAGE_NBYTES:
+        raise ApiError("bad_request", f"the request encodes to {len(frame)} bytes, more than the "
+                       f"{MAX_MESSAGE_NBYTES} a request may have", status=413)
+    return frame
 
 
 # ------------------------------------------------------------------ stop strings

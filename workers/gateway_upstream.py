@@ -32,7 +32,7 @@ from protocol.messages import (
     StatsReported,
     TokenStreamed,
 )
-from workers.gateway_openai import ApiError
+from workers.gateway_openai import ApiError, request_frame
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +170,10 @@ class Generation:
         self._early: list[TokenStreamed | GenerationDone] = []
 
     async def __aenter__(self) -> Generation:
+        frame = request_frame(self.request)
         self.sock = self.upstream._acquire()
         try:
-            await self.sock.send(encode(self.request))
+            await self.sock.send(frame)
         except BaseException:
             self.sock.close(linger=0)
             self.sock = None
