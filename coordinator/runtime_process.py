@@ -19,7 +19,7 @@ import psutil
 
 from coordinator.auth import ClientKeys
 from coordinator.client import PromoeClient
-from protocol.config import ROLES
+from protocol.config import GATEWAY, ROLES
 from shm.segment import leftover_segments, torch_files_of
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ class RuntimeProcess:
         self.former: list[psutil.Process] = []
         """Processes of roles that were restarted since."""
         self.run_id: str | None = None
-        self.roles = (*ROLES, "gateway") if "--http" in extra else ROLES
+        self.roles = (*ROLES, GATEWAY) if "--http" in extra else ROLES
         """The processes to find: the gateway too when it serves HTTP."""
         self.http = extra[extra.index("--http") + 1] if "--http" in extra else None
         try:
@@ -112,7 +112,7 @@ class RuntimeProcess:
                     break
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise TimeoutError(f"{role} not restarted {restarts} time(s) within {timeout_s} s "
-                                         f"(health: {health}):\n{self.log()}")
+                                       f"(health: {health}):\n{self.log()}")
                 time.sleep(0.1)
         self.find_children()
 

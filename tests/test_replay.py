@@ -109,10 +109,16 @@ def test_a_fast_link_hides_every_load_and_a_perfect_predictor_hides_more_than_lr
     assert stall_oracle < 0.5 * stall_lru, (stall_oracle, stall_lru)
 
 
-def test_cli_writes_the_rows_as_a_json_list(tmp_path: Path) -> None:
+def small_trace_file(tmp_path: Path) -> Path:
+    """A synthetic trace of 4 prompts x 10 tokens written as the CLI reads it."""
     trace = synthetic_trace(n_prompts=4, tokens=10)
     path = tmp_path / "t.npz"
     np.savez(path, experts=trace.experts, token_ids=trace.token_ids, prompt_offsets=trace.prompt_offsets)
+    return path
+
+
+def test_cli_writes_the_rows_as_a_json_list(tmp_path: Path) -> None:
+    path = small_trace_file(tmp_path)
     out = tmp_path / "rows.json"
     assert main(["--trace", str(path), "--cache-fractions", "0.25", "--predictor", "none", "--jobs", "1",
                  "--expert-mb", "4.6", "--json", str(out)]) == 0
@@ -197,9 +203,7 @@ def test_auto_with_a_slow_host_tries_it_once_and_then_leaves_it() -> None:
 
 
 def test_cli_replays_each_host_compute_setting(tmp_path: Path) -> None:
-    trace = synthetic_trace(n_prompts=4, tokens=10)
-    path = tmp_path / "t.npz"
-    np.savez(path, experts=trace.experts, token_ids=trace.token_ids, prompt_offsets=trace.prompt_offsets)
+    path = small_trace_file(tmp_path)
     out = tmp_path / "rows.json"
     assert main(["--trace", str(path), "--cache-fractions", "0.25", "--predictor", "none", "--jobs", "1",
                  "--policies", "lru", "--host-compute", "never,auto", "--host-gbps", "30", "--json", str(out)]) == 0
