@@ -49,4 +49,4 @@ def describe_cache(cache: CacheDirectory, totals: Totals, link_gbps: float | Non
         resident=layers(resident), loading=layers(loading), predicted=layers(cache.predicted_ahead()),
         evicted=layers(evicted),
         request_id=running, step=step, layer=layer, request=request,
-        totals=totals.report(cache.counters, prefetches, link_gbps), uptime_s=uptime_s)
+        totals=totals.report(cache.counters, prefetches, link_gbps), uptime_s=uptime_s, link_gbps=link_gbps)

@@ -148,6 +148,8 @@ class CacheDescribed(Message):
     """What ``get_stats`` reports (hit rate and stall: of finished requests, as the inference worker reports them)."""
     uptime_s: float = 0.0
     """Seconds since the coordinator started, when the snapshot was taken."""
+    link_gbps: float | None = None
+    """The link's bandwidth, where known (``--link-gbps``): ``bytes_loaded`` over time, divided by it, is its use."""
 
 
 class ConfigureCache(Message):
