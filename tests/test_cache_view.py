@@ -1,17 +1,25 @@
-"""The live view's snapshot (``DescribeCache``) over a real cache directory: resident, loading, predicted and
-recently evicted experts per MoE layer, and the running request's metrics."""
+"""The live view without a runtime: the snapshot (``DescribeCache``) over a real cache directory (resident, loading,
+predicted and recently evicted experts per MoE layer, the running request's metrics); the gateway's feed of it (polls
+only while subscribed, sends changes, newest first); the page and its files; ``--http-max-inflight``."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Iterator
 
 import pytest
+from fastapi.testclient import TestClient
 
 from coordinator.cache_view import by_layer, describe_cache
 from coordinator.metrics import Totals
 from protocol.codec import decode, encode
 from protocol.ids import ExpertId, RequestId
+from protocol.messages import CacheDescribed, DescribeCache, Message
 from tests.test_cache import E, Rig, loads_in
+from workers.gateway_app import GatewayApp, GatewaySettings
+from workers.gateway_upstream import Upstream
+from workers.gateway_view import STATIC_DIR, CacheFeed
 
 
 @pytest.fixture
@@ -57,3 +65,76 @@ def test_snapshot_shows_each_state_where_it_is(rig: Rig):
     assert evicted <= {(0, 1), (0, 2), (1, 3)}
     assert (snap.request_id, snap.request, snap.step) == (None, {}, -1)  # no request running: no request metrics
     assert snap.predicted[3] == [6]  # still ahead of layer 2
+
+
+class FakeUpstream:
+    """Answers ``describe_cache`` with a snapshot whose ``uptime_s`` counts the calls (``change``: the cache too)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.resident = [[0], []]
+
+    async def call(self, request: Message, kind: type, timeout_s: float = 5.0) -> CacheDescribed:
+        assert isinstance(request, DescribeCache) and kind is CacheDescribed
+        self.calls += 1
+        return CacheDescribed(policy="lru", experts_per_layer=4, cache_experts=2, resident=self.resident,
+                              loading=[[], []], predicted=[[], []], evicted=[[], []], uptime_s=float(self.calls))
+
+
+async def test_the_feed_polls_only_while_subscribed_and_sends_changes():
+    upstream = FakeUpstream()
+    feed = CacheFeed(upstream, poll_hz=1000.0)  # type: ignore[arg-type]
+    assert feed.poller is None and upstream.calls == 0  # nobody watches: the coordinator is not asked
+    events = feed.events()
+    assert await asyncio.wait_for(anext(events), 5) == ": promoe cache view\n\n"
+    first = await asyncio.wait_for(anext(events), 5)
+    assert first.startswith("event: cache\ndata: ")
+    body = json.loads(first.split("data: ", 1)[1])
+    assert body["resident"] == [[0], []] and "type" not in body and "v" not in body
+    assert feed.poller is not None and len(feed.subscribers) == 1
+    upstream.resident = [[1, 3], [2]]  # only a change (or UNCHANGED_RESEND_S of silence) is sent again
+    changed = json.loads((await asyncio.wait_for(anext(events), 5)).split("data: ", 1)[1])
+    assert changed["resident"] == [[1, 3], [2]] and changed["uptime_s"] > body["uptime_s"]
+    poller = feed.poller
+    await events.aclose()  # the browser left
+    assert feed.poller is None and feed.subscribers == set()
+    await asyncio.wait_for(asyncio.wait({poller}), 5)
+    assert poller.cancelled()  # the poller ended: the coordinator is asked no more
+
+
+async def test_a_slow_subscriber_gets_the_newest_snapshot_only():
+    feed = CacheFeed(FakeUpstream(), poll_hz=1.0)  # type: ignore[arg-type]
+    async with feed.subscription() as queue:
+        feed._publish({"n": 1})
+        feed._publish({"n": 2})
+        assert queue.qsize() == 1 and queue.get_nowait() == {"n": 2}
+
+
+def test_the_page_is_served_whole_from_the_package_and_the_data_behind_the_key():
+    for name in ("index.html", "cache-view.js", "cache-view.css"):
+        text = (STATIC_DIR / name).read_text()
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text, name  # nothing fetched
+    upstream = Upstream("ipc:///nonexistent-promoe-test")
+    try:
+        app = GatewayApp(GatewaySettings(model="m", api_key="s3cret"), upstream, tokenizer=None)
+        with TestClient(app.api) as http:
+            page = http.get("/")
+            assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+            assert '<script src="/static/cache-view.js">' in page.text
+            assert "EventSource" not in http.get("/static/cache-view.js").text  # fetch(): the key can go along
+            assert "/v1/cache/events" in http.get("/static/cache-view.js").text
+            assert http.get("/static/cache-view.css").status_code == 200
+            assert http.get("/v1/cache").status_code == 401
+            assert http.get("/v1/cache/events").status_code == 401
+    finally:
+        upstream.close()
+
+
+def test_http_max_inflight_flag():
+    from launch import build_parser, check_serving_flags
+
+    def problem(*flags: str) -> str | None:
+        return check_serving_flags(build_parser().parse_args(["--http", "127.0.0.1:8000", *flags]), "ipc:///x")
+
+    assert "--http-max-inflight must be >= 1" in (problem("--http-max-inflight", "0") or "")
+    assert problem("--http-max-inflight", "3") is None
