@@ -23,12 +23,14 @@ LONG = 400
 """max_tokens of a request that runs until the test closes it."""
 LINK_GBPS = "0.2"
 """A slow emulated link: loads take long enough (about 2 ms an expert) to be seen loading."""
-PAGE_TOKENS = 64
+PAGE_TOKENS = 48
 """max_tokens of the prompt sent from the page."""
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 DEADLINE_S = 60.0
+NO_VALUE = "\u2013"
+"""What the page shows for a figure it does not know (an en dash)."""
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +145,9 @@ def test_the_page_shows_the_cache_and_streams_tokens(view_rt, tmp_path):
             viewport={"width": 1280, "height": 800})
         try:
             page = browser.new_page()
+            errors: list[str] = []  # the page's own script failing (an uncaught exception, a console error)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
             page.goto(f"http://{view_rt.http}/", timeout=timeout_ms)
             expect(page.locator("#grid .cell")).to_have_count(6 * 32, timeout=timeout_ms)
             expect(page.locator("#status")).to_contain_text("promoe · 48 slots · idle", timeout=timeout_ms)
@@ -163,5 +168,9 @@ def test_the_page_shows_the_cache_and_streams_tokens(view_rt, tmp_path):
             resident = page.locator("#grid .cell.resident").count()
             assert 0 < resident <= 48
             expect(page.locator("#status")).to_contain_text("idle", timeout=timeout_ms)
+            for figure in ("#v-hit", "#v-stall", "#v-goodpred", "#v-link"):  # every sparkline has a value
+                expect(page.locator(figure)).not_to_have_text(NO_VALUE, timeout=timeout_ms)
+            expect(page.locator("#v-link")).to_contain_text("%")  # utilisation: the link's speed is known
+            assert errors == []
         finally:
             browser.close()

@@ -4,7 +4,8 @@
 "use strict";
 (() => {
   const $ = (id) => document.getElementById(id);
-  const SERIES_LENGTH = 240; // points kept per sparkline (a minute at 4 updates a second)
+  const WINDOW_S = 60; // seconds of history per sparkline
+  const MIN_WINDOW_S = 15; // a shorter history is drawn on this scale
   const series = { hit: [], stall: [], goodpred: [], link: [] };
   let cells = null; // cells[layer][expert], rebuilt when the geometry changes
   let labels = [];
@@ -103,12 +104,13 @@
   }
 
   // ------------------------------------------------------------------ sparklines
-  function push(name, value) {
+  function push(name, t, value) {
     const s = series[name];
-    s.push(value === undefined ? null : value);
-    if (s.length > SERIES_LENGTH) s.shift();
+    s.push({ t, v: value === undefined ? null : value });
+    while (s.length > 2 && s[1].t < t - WINDOW_S) s.shift(); // one point older than the window stays, for its edge
   }
 
+  // A line over time: the last WINDOW_S seconds (a shorter history fills the width from the left as it grows).
   function drawSpark(name, ratio) {
     const canvas = $(`s-${name}`);
     const scale = window.devicePixelRatio || 1;
@@ -120,22 +122,26 @@
     }
     const ctx = canvas.getContext("2d");
     ctx.clearRect(0, 0, width, height);
-    const values = series[name];
-    const known = values.filter((v) => v !== null);
+    const points = series[name];
+    if (!points.length) return;
+    const last = points[points.length - 1].t;
+    const first = Math.max(points[0].t, last - WINDOW_S);
+    const start = Math.min(first, last - MIN_WINDOW_S);
+    const span = Math.max(last - start, 1e-9);
+    const known = points.filter((p) => p.v !== null).map((p) => p.v);
     const top = ratio ? 1 : Math.max(1e-9, ...known) * 1.1;
-    const span = Math.max(values.length, SERIES_LENGTH / 4); // a short series fills the first quarter, then grows
-    const x = (i) => (i / (span - 1)) * width;
+    const x = (t) => Math.max(0, (t - start) / span) * width;
     const y = (v) => height - 2 * scale - (v / top) * (height - 4 * scale);
     ctx.strokeStyle = getComputedStyle(document.documentElement).getPropertyValue("--predicted");
     ctx.lineWidth = 1.5 * scale;
     ctx.beginPath();
     let drawing = false;
-    values.forEach((v, i) => {
-      if (v === null) { drawing = false; return; }
-      if (drawing) ctx.lineTo(x(i), y(v));
-      else ctx.moveTo(x(i), y(v));
+    for (const p of points) {
+      if (p.v === null) { drawing = false; continue; }
+      if (drawing) ctx.lineTo(x(p.t), y(p.v));
+      else ctx.moveTo(x(p.t), y(p.v));
       drawing = true;
-    });
+    }
     ctx.stroke();
   }
 
@@ -143,18 +149,23 @@
     const totals = snap.totals || {};
     const request = snap.request || {};
     const running = snap.request_id !== null;
-    push("hit", totals.hit_rate);
+    const t = snap.uptime_s;
+    if (previous && t < previous.uptime_s) { // a new coordinator (the runtime restarted): a new history
+      Object.values(series).forEach((s) => s.splice(0));
+      previous = null;
+    }
+    push("hit", t, totals.hit_rate);
     const stall = totals.tokens_generated ? totals.stall_ms / totals.tokens_generated : null;
-    push("stall", stall);
+    push("stall", t, stall);
     const goodpred = running && request.goodpred !== undefined ? request.goodpred : totals.goodpred;
-    push("goodpred", goodpred);
+    push("goodpred", t, goodpred);
     let link = null;
     if (previous && snap.uptime_s > previous.uptime_s) {
       const bytesPerS = ((totals.bytes_loaded || 0) - (previous.totals.bytes_loaded || 0)) /
         (snap.uptime_s - previous.uptime_s);
       link = snap.link_gbps ? bytesPerS / (snap.link_gbps * 1e9) : bytesPerS / 1e6;
     }
-    push("link", link);
+    push("link", t, link);
     previous = snap;
     $("v-hit").textContent = fmt(totals.hit_rate, 3);
     $("v-stall").textContent = stall === null ? "–" : `${fmt(stall)} ms`;
