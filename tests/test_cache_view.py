@@ -18,6 +18,7 @@ from protocol.ids import ExpertId, RequestId
 from protocol.messages import CacheDescribed, DescribeCache, Message
 from tests.test_cache import E, Rig, loads_in
 from workers.gateway_app import GatewayApp, GatewaySettings
+from workers.gateway_openai import ApiError
 from workers.gateway_upstream import Upstream
 from workers.gateway_view import STATIC_DIR, CacheFeed
 
@@ -100,6 +101,20 @@ async def test_the_feed_polls_only_while_subscribed_and_sends_changes():
     assert feed.poller is None and feed.subscribers == set()
     await asyncio.wait_for(asyncio.wait({poller}), 5)
     assert poller.cancelled()  # the poller ended: the coordinator is asked no more
+
+
+async def test_a_coordinator_that_does_not_answer_is_said_in_the_feed():
+    upstream = FakeUpstream()
+
+    async def silent(request: Message, kind: type, timeout_s: float = 5.0) -> CacheDescribed:
+        raise ApiError("unavailable", "the coordinator did not answer within 2 s")
+
+    upstream.call = silent  # type: ignore[method-assign]
+    feed = CacheFeed(upstream, poll_hz=1000.0)  # type: ignore[arg-type]
+    async with feed.subscription() as queue:
+        snapshot = await asyncio.wait_for(queue.get(), 5)
+    assert snapshot == {"error": ApiError("unavailable", "the coordinator did not answer within 2 s").body()["error"]}
+    assert feed.poller is None
 
 
 async def test_a_slow_subscriber_gets_the_newest_snapshot_only():

@@ -98,7 +98,11 @@ class CacheFeed:
                     snapshot = await self.snapshot()
                 except ApiError as exc:
                     snapshot = {"error": exc.body()["error"]}
+                except Exception as exc:  # not the coordinator's answer: say so to the page, keep polling
+                    snapshot = {"error": ApiError("internal", f"cache snapshot failed: {exc}").body()["error"]}
                 key = json.dumps({k: v for k, v in snapshot.items() if k != "uptime_s"}, sort_keys=True)
+                if "error" in snapshot and key != last_key:
+                    log.warning("cache view: %s", snapshot["error"]["message"])
                 if key != last_key or started_s - last_sent_s >= UNCHANGED_RESEND_S:
                     self._publish(snapshot)
                     last_key, last_sent_s = key, started_s
