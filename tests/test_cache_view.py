@@ -5,6 +5,7 @@ only while subscribed, sends changes, newest first); the page and its files; ``-
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Iterator
 
@@ -14,9 +15,10 @@ from fastapi.testclient import TestClient
 from coordinator.cache_view import by_layer, describe_cache
 from coordinator.metrics import Totals
 from protocol.codec import decode, encode
+from protocol.config import RuntimeConfig
 from protocol.ids import ExpertId, RequestId
 from protocol.messages import CacheDescribed, DescribeCache, Message
-from tests.test_cache import E, Rig, loads_in
+from tests.test_cache import E, Rig, layout, loads_in
 from workers.gateway_app import GatewayApp, GatewaySettings
 from workers.gateway_openai import ApiError
 from workers.gateway_upstream import Upstream
@@ -153,3 +155,8 @@ def test_http_max_inflight_flag():
 
     assert "--http-max-inflight must be >= 1" in (problem("--http-max-inflight", "0") or "")
     assert problem("--http-max-inflight", "3") is None
+    cfg = RuntimeConfig(run_id="x", run_dir="/tmp", checkpoint="", layout=layout(3), policy="lru", device="cpu",
+                        bind="ipc:///x", link_gbps=None, lookahead=2, predictor_path=None, load_timeout_s=5.0,
+                        supervisor_pid=0, max_queue=5)
+    assert cfg.http_inflight_limit == 6  # by default what the coordinator can hold: the running request and its queue
+    assert dataclasses.replace(cfg, http_max_inflight=2).http_inflight_limit == 2
