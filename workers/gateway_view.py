@@ -33,7 +33,8 @@ VIEW_POLL_HZ = 4.0
 """Snapshots asked of the coordinator per second while anyone watches."""
 UNCHANGED_RESEND_S = 5.0
 """An unchanged snapshot is sent again after this long (the page sees the feed is alive)."""
-DESCRIBE_TIMEOUT_S = 2.0
+DESCRIBE_TIMEOUT_S = 5.0
+"""How long one snapshot may take before the page is told the coordinator does not answer."""
 
 Snapshot = dict[str, Any]
 
