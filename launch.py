@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "a non-loopback host needs --api-key or --insecure")
     p.add_argument("--api-key", default=None,
                    help="bearer token every HTTP request must carry (Authorization: Bearer KEY)")
+    p.add_argument("--http-max-inflight", type=int, default=None, metavar="N",
+                   help="with --http: generate requests the gateway holds at once; past it, 429 at once "
+                        "(default: --max-queue + 1)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting behind the running one; past it, new ones get a 'busy' error (default 64)")
     p.add_argument("--request-timeout-s", type=float, default=None,
@@ -194,7 +197,7 @@ def make_config(args: argparse.Namespace, run_dir: Path, one_shot: bool):  # -> 
         record_trace=str(args.record_trace.resolve()) if args.record_trace else None,
         record_hidden=args.record_hidden, inference_core=stand_in_core(args.stand_in_cores, device),
         routing_predictor_path=str(args.routing_predictor.resolve()) if args.routing_predictor else None,
-        http=args.http, http_api_key=args.api_key,
+        http=args.http, http_api_key=args.api_key, http_max_inflight=args.http_max_inflight,
         served_model_name=args.model if args.model_path is None else Path(ckpt.path).name)
 
 
@@ -236,6 +239,8 @@ def check_serving_flags(args: argparse.Namespace, bind: str) -> str | None:
         return f"--max-queue must be >= 0, got {args.max_queue}"
     if args.request_timeout_s is not None and not args.request_timeout_s > 0:
         return f"--request-timeout-s must be > 0, got {args.request_timeout_s}"
+    if args.http_max_inflight is not None and args.http_max_inflight < 1:
+        return f"--http-max-inflight must be >= 1, got {args.http_max_inflight}"
     if args.http is not None:
         problem = check_http_flags(args)
         if problem is not None:

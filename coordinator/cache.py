@@ -126,6 +126,8 @@ class CacheDirectory:
         self._preempting: set[LoadId] = set()
         self._last_chosen: dict[ExpertId, Position] = {}
         self._resident: set[ExpertId] = set()
+        self.evicted_recently: deque[ExpertId] = deque(maxlen=self.n_slots)
+        """The last evictions, oldest first (for ``DescribeCache``: one append per eviction, nothing more)."""
         self.table.waiting_for_slot = self._waiting_flag = False
 
     # ------------------------------------------------------------ queries
@@ -157,6 +159,10 @@ class CacheDirectory:
     def loads_in_flight(self) -> list[InFlightLoad]:
         """Loads issued and not landed, those being preempted left out."""
         return [load for load in self._in_flight.values() if load.load_id not in self._preempting]
+
+    def predicted_ahead(self) -> set[ExpertId]:
+        """Experts of the predictions held for positions not yet reached."""
+        return {e for target, experts in self._predictions.items() if target > self.position for e in experts}
 
     @property
     def waiting(self) -> list[ExpertId]:
@@ -402,6 +408,7 @@ class CacheDirectory:
         if expert in self._unused_since_load:
             self.ledger.charge(self._unused_since_load.pop(expert), wasted_bytes=self.layout.expert_nbytes)
         self._resident.discard(expert)
+        self.evicted_recently.append(expert)
         self.policy.record_evict(expert)
         self._free_slot(slot)
         self.ledger.charge(self.request_id, evictions=1)

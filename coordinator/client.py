@@ -13,8 +13,10 @@ from protocol.codec import MAX_MESSAGE_NBYTES, decode, encode
 from protocol.ids import RequestId
 from protocol.messages import (
     CacheConfigured,
+    CacheDescribed,
     CancelGeneration,
     ConfigureCache,
+    DescribeCache,
     ErrorReported,
     Generate,
     GenerationCancelled,
@@ -139,6 +141,11 @@ class PromoeClient:
         self.send(GetStats())
         reply: StatsReported = self._expect(self.receive(timeout_s), StatsReported)
         return reply.totals
+
+    def describe_cache(self, timeout_s: float = 5.0) -> CacheDescribed:
+        """A snapshot of the expert cache: per MoE layer what is resident, loading, predicted, recently evicted."""
+        self.send(DescribeCache())
+        return self._expect(self.receive(timeout_s), CacheDescribed)
 
     def configure_cache(self, policy: str | None = None, cache_experts: int | None = None,
                         early_preemption: bool | None = None, reordered_inference: bool | None = None,

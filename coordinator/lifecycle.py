@@ -18,6 +18,7 @@ import zmq
 import zmq.asyncio
 
 from coordinator.cache import CacheDirectory
+from coordinator.cache_view import describe_cache
 from coordinator.configure import CacheConfigurator
 from coordinator.metrics import Totals
 from coordinator.requests import PendingRequest, Rejected, RequestQueue
@@ -28,6 +29,7 @@ from protocol.ids import RequestId
 from protocol.messages import (
     CancelGeneration,
     ConfigureCache,
+    DescribeCache,
     Drained,
     DrainRequested,
     ErrorReported,
@@ -72,6 +74,8 @@ class RequestLifecycle:
     """Set by ``DrainRequested``: new requests are refused, accepted ones finish."""
     _drained_sent: bool
     _next_request_id: int
+    started_s: float
+    """Event-loop time when the coordinator began serving."""
 
     def _count(self) -> None:
         """One more ZeroMQ message sent or received for the running request (its ``zmq_messages`` metric)."""
@@ -173,6 +177,14 @@ class RequestLifecycle:
     def on_get_stats(self, envelope: list[bytes], msg: GetStats) -> None:
         self._reply(envelope, StatsReported(totals=self.totals.report(
             self.cache.counters, self.cache.policy.prefetches, self.cfg.link_gbps)))
+
+    def on_describe_cache(self, envelope: list[bytes], msg: DescribeCache) -> None:
+        """The live view's snapshot, built now (nothing is kept for it between requests)."""
+        now = asyncio.get_running_loop().time()
+        running = self.running
+        self._reply(envelope, describe_cache(
+            self.cache, self.totals, self.cfg.link_gbps, running.pending.request_id if running else None,
+            now - running.started_s if running else 0.0, now - self.started_s))
 
     def _start_next(self) -> None:
         pending = None

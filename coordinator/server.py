@@ -35,6 +35,7 @@ from protocol.dispatch import Dispatcher
 from protocol.messages import (
     CancelGeneration,
     ConfigureCache,
+    DescribeCache,
     DrainRequested,
     ErrorReported,
     ExpertLoaded,
@@ -114,9 +115,11 @@ class Coordinator(WorkerEvents):
         self.draining = False
         self._drained_sent = False
         self.totals = Totals()
+        self.started_s = 0.0
         self.from_clients = Dispatcher("coordinator (clients)", {
             Generate: self.on_generate, GetHealth: self.on_get_health, GetStats: self.on_get_stats,
-            CancelGeneration: self.on_cancel_generation, ConfigureCache: self.on_configure_cache},
+            CancelGeneration: self.on_cancel_generation, ConfigureCache: self.on_configure_cache,
+            DescribeCache: self.on_describe_cache},
             unexpected_level=logging.DEBUG)  # a client's mistake, answered, not the runtime's
         self.configurator = CacheConfigurator(cfg, self.cache, self.send_to, self._reply, self._start_next)
 
@@ -166,6 +169,7 @@ class Coordinator(WorkerEvents):
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
+        self.started_s = loop.time()
         send(self.send_to_supervisor, WorkerStarted(role="coordinator", pid=os.getpid()))
         log.info("serving clients on %s (policy %s, %d cache slots)", self.cfg.bind, self.cfg.policy,
                  self.cfg.layout.n_slots)

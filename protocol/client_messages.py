@@ -116,6 +116,42 @@ class StatsReported(Message):
     totals: dict[str, float | int | None]
 
 
+class DescribeCache(Message):
+    """Ask for a snapshot of the expert cache (the live view's source): built on request only, from what the
+    coordinator holds anyway."""
+
+
+class CacheDescribed(Message):
+    """Reply to ``DescribeCache``. Per MoE layer (outer list, in order), experts by their index within the layer."""
+
+    policy: str
+    experts_per_layer: int
+    cache_experts: int
+    """Slots in use."""
+    resident: list[list[int]]
+    """Every chunk landed."""
+    loading: list[list[int]]
+    """A load is in flight (precise or speculative; those being preempted left out)."""
+    predicted: list[list[int]]
+    """The predictions the coordinator holds for positions not yet reached (promoe; empty under other policies)."""
+    evicted: list[list[int]]
+    """Evicted recently (the last ``cache_experts`` evictions) and not back in the cache since."""
+    request_id: RequestId | None = None
+    """The running request (None: none runs)."""
+    step: int = -1
+    """Token step of the last gate the running request reported (0 = prefill; -1: none yet)."""
+    layer: int = -1
+    """MoE layer of that gate (-1: none yet)."""
+    request: dict[str, float | int | None] = msgspec.field(default_factory=dict)
+    """The running request's cache metrics so far (loads, bytes, GoodPred, link use ...; empty when none runs)."""
+    totals: dict[str, float | int | None] = msgspec.field(default_factory=dict)
+    """What ``get_stats`` reports (hit rate and stall: of finished requests, as the inference worker reports them)."""
+    uptime_s: float = 0.0
+    """Seconds since the coordinator started, when the snapshot was taken."""
+    link_gbps: float | None = None
+    """The link's bandwidth, where known (``--link-gbps``): ``bytes_loaded`` over time, divided by it, is its use."""
+
+
 class ConfigureCache(Message):
     """Client request (an operator's): between requests, switch the cache policy, the number of cache slots in use
     (at most those allocated at start) and the promoe mechanisms. The cache is emptied; nothing else is reset

@@ -79,6 +79,15 @@ class RuntimeConfig:
     """Bearer token every HTTP request must carry (None: none asked for). The run directory is private (0700)."""
     served_model_name: str = "promoe"
     """The model's id on the HTTP API (``/v1/models``, the ``model`` field of responses)."""
+    http_max_inflight: int | None = None
+    """Generate requests the gateway holds at once (each on a ZeroMQ connection of its own, from admission to its
+    final reply); past it, a new one is answered 429 ``busy`` at once. None: ``max_queue + 1``, what the coordinator
+    itself can hold (the running request and the queue)."""
+
+    @property
+    def http_inflight_limit(self) -> int:
+        """``http_max_inflight``, or its default."""
+        return self.http_max_inflight if self.http_max_inflight is not None else self.max_queue + 1
 
     @property
     def roles(self) -> tuple[str, ...]:

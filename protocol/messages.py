@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from protocol.client_messages import (
     CacheConfigured,
+    CacheDescribed,
     CancelGeneration,
     ConfigureCache,
+    DescribeCache,
     ErrorReported,
     Generate,
     GenerationCancelled,
@@ -329,6 +331,8 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     StatsReported,
     ConfigureCache,
     CacheConfigured,
+    DescribeCache,
+    CacheDescribed,
     ErrorReported,
 )
 """Every message type of the protocol (``protocol.codec`` decodes exactly these)."""

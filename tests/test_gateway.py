@@ -28,9 +28,10 @@ LONG = 480
 @pytest.fixture(scope="module")
 def http_rt(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints) -> Iterator[RuntimeProcess]:
     """The tiny qwen2_moe checkpoint (a byte tokenizer with a chat template) served over HTTP, one request queued
-    at most behind the running one."""
+    at most behind the running one; the gateway holds one more than that (so that ``busy`` is the coordinator's:
+    the gateway's own bound is tests/test_cache_view_live.py's)."""
     rt = RuntimeProcess(tmp_path_factory.mktemp("http"), tiny_checkpoints["qwen2_moe"], "--policy", "lru",
-                        "--http", f"127.0.0.1:{free_port()}", "--max-queue", "1",
+                        "--http", f"127.0.0.1:{free_port()}", "--max-queue", "1", "--http-max-inflight", "3",
                         "--heartbeat-timeout-s", str(HEARTBEAT_S))
     yield rt
     rt.stop()
@@ -125,6 +126,7 @@ def test_busy_is_429_and_clients_that_leave_are_cancelled(http_rt, api):
         with pytest.raises(openai.RateLimitError) as busy:
             api.completions.create(model="any", prompt=PROMPT, max_tokens=2)
         assert busy.value.status_code == 429 and busy.value.code == "busy"
+        assert "--http-max-inflight" not in busy.value.message  # the coordinator's queue was full
     # both streams closed mid-way: their requests are cancelled through cancel_generation; so is a request whose
     # client gives up before the whole answer comes
     with pytest.raises(httpx.ReadTimeout):

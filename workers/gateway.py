@@ -81,7 +81,7 @@ async def send_beacons(announce: zmq.Socket) -> None:
 
 async def serve(cfg: RuntimeConfig, listener: socket.socket, tokenizer: object | None,
                 curve: ClientKeys | None, announce: zmq.Socket) -> None:
-    upstream = Upstream(connect_address(cfg.bind), curve)
+    upstream = Upstream(connect_address(cfg.bind), curve, cfg.http_inflight_limit)
     app = GatewayApp(GatewaySettings(model=cfg.served_model_name, api_key=cfg.http_api_key,
                                      created=int(time.time())), upstream, tokenizer)
     server = _Server(uvicorn.Config(app.api, log_level="warning", access_log=False, lifespan="off",

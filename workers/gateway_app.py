@@ -38,6 +38,7 @@ from workers.gateway_openai import (
     sse,
 )
 from workers.gateway_upstream import Generation, Upstream
+from workers.gateway_view import CacheFeed, add_view_routes
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,8 @@ class Served:
         """Server-sent events; refusals (busy, bad input, draining) are still plain errors with their status,
         since the request is accepted by the coordinator before the first byte of the stream."""
         gen = self.app.upstream.generation(self.msg)
-        await gen.__aenter__()
         try:
+            await gen.__aenter__()
             await gen.accept()
         except BaseException as exc:
             await gen.__aexit__(type(exc), exc, None)
@@ -180,9 +181,15 @@ class GatewayApp:
         self.upstream = upstream
         self.tokenizer = tokenizer
         self.special_ids: set[int] = set(getattr(tokenizer, "all_special_ids", None) or [])
+        self.feed = CacheFeed(upstream)
         self.metrics = GatewayMetrics()
+        self.metrics.track("promoe_http_requests_in_flight", "Generate requests holding a connection to the "
+                           "coordinator (bounded by --http-max-inflight)", lambda: upstream.generations)
+        self.metrics.track("promoe_http_cache_view_subscribers", "Browsers watching the cache view (GET "
+                           "/v1/cache/events)", lambda: len(self.feed.subscribers))
         self.api = FastAPI(title="promoe", docs_url=None, redoc_url=None, openapi_url=None)
         self._routes()
+        add_view_routes(self.api, self.feed)
 
     def authorise(self, request: Request) -> None:
         key = self.settings.api_key

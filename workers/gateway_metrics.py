@@ -8,10 +8,10 @@ HTTP responses by status). The registry is the gateway's own, not prometheus_cli
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -107,6 +107,10 @@ class GatewayMetrics:
                               "metrics)", buckets=LATENCY_BUCKETS_S, registry=self.registry)
         self.tpot = Histogram("promoe_http_tpot_seconds", "Time per output token of HTTP requests (coordinator's "
                               "metrics)", buckets=LATENCY_BUCKETS_S, registry=self.registry)
+
+    def track(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        """A gauge of the gateway's own state, read at each scrape."""
+        Gauge(name, doc, registry=self.registry).set_function(read)
 
     def observe(self, endpoint: str, status: int, metrics: dict[str, Any] | None = None) -> None:
         self.responses.labels(endpoint, str(status)).inc()

@@ -57,11 +57,15 @@ def connect_address(bind: str) -> str:
 
 
 class Upstream:
-    """Connections to the coordinator; ``curve``: the client keys when it serves with ``--curve-keys``."""
+    """Connections to the coordinator; ``curve``: the client keys when it serves with ``--curve-keys``;
+    ``max_generations``: generate requests that may hold a connection at once (None: no bound)."""
 
-    def __init__(self, address: str, curve: ClientKeys | None = None) -> None:
+    def __init__(self, address: str, curve: ClientKeys | None = None, max_generations: int | None = None) -> None:
         self.address = address
         self.curve = curve
+        self.max_generations = max_generations
+        self.generations = 0
+        """Generate requests holding a connection now: from admission to their final reply (after a cancel too)."""
         self.ctx = zmq.asyncio.Context()
         self.idle: list[zmq.asyncio.Socket] = []
         self.settling: set[asyncio.Task[None]] = set()
@@ -135,6 +139,7 @@ class Upstream:
             log.warning("request %s: no final reply within %.0f s of its cancel", request_id, CANCEL_SETTLE_S)
         finally:
             sock.close(linger=0)
+            self.generations -= 1
 
     async def _settle(self, sock: zmq.asyncio.Socket, request_id: RequestId | None) -> None:
         if request_id is not None:
@@ -170,13 +175,21 @@ class Generation:
         self._early: list[TokenStreamed | GenerationDone] = []
 
     async def __aenter__(self) -> Generation:
+        """Send the request on a connection of its own; ``ApiError`` ``busy`` (429) at once if ``max_generations``
+        requests already hold one."""
         frame = request_frame(self.request)
-        self.sock = self.upstream._acquire()
+        upstream = self.upstream
+        if upstream.max_generations is not None and upstream.generations >= upstream.max_generations:
+            raise ApiError("busy", f"the gateway already has {upstream.generations} request(s) in flight, its "
+                                   "maximum (--http-max-inflight)", status=429)
+        self.sock = upstream._acquire()
+        upstream.generations += 1
         try:
             await self.sock.send(frame)
         except BaseException:
             self.sock.close(linger=0)
             self.sock = None
+            upstream.generations -= 1
             raise
         return self
 
@@ -216,8 +229,10 @@ class Generation:
             return
         if self.finished:
             self.upstream._release(sock)
+            self.upstream.generations -= 1
         elif isinstance(exc, ApiError) and exc.code == "unavailable":
             sock.close(linger=0)  # nothing came back at all: nothing to cancel
-        else:
+            self.upstream.generations -= 1
+        else:  # the connection stays counted until the request's final reply (``_cancel``)
             log.info("request %s abandoned before its end: cancelling it", self.request_id)
             self.upstream.abandon(sock, self.request_id)
