@@ -63,7 +63,7 @@ class UpstreamSettings:
     """Once a request is accepted, silence (no reply for it) after which the coordinator's health is asked: a
     coordinator that does not answer within ``health_timeout_s`` ends the request with a 504 (one that answers is
     only busy, e.g. the request waits in a long queue, and the wait goes on)."""
-    health_timeout_s: float = 2.0
+    health_timeout_s: float = 5.0
     """How long that health check may take."""
     deadline_grace_s: float = 5.0
     """A request with ``deadline_s`` whose final reply has not come this long after its deadline (the coordinator
