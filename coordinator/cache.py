@@ -226,6 +226,7 @@ class CacheDirectory:
             self._last_chosen[expert] = position
             self._unused_since_load.pop(expert, None)
         chosen = set(experts)
+        self._count_hits(chosen, ready)
         self.policy.record_use(experts, position)
         if self.policy.prefetches:
             self._score_prediction(chosen, ready)
@@ -309,6 +310,14 @@ class CacheDirectory:
         return self._pins_held and self.table.is_pinned(expert)
 
     # ------------------------------------------------------------ internals
+    def _count_hits(self, chosen: set[ExpertId], ready: list[ExpertId] | None) -> None:
+        """Uses and hits of one gate, as the inference worker counts them (the cache view's live hit rate)."""
+        if ready is None:
+            hits = sum(self.table.is_ready(self.table.lookup(e)) for e in chosen)
+        else:
+            hits = len(chosen.intersection(ready))
+        self.ledger.charge(self.request_id, expert_uses=len(chosen), expert_hits=hits)
+
     def _score_prediction(self, chosen: set[ExpertId], ready: list[ExpertId] | None) -> None:
         predicted = self._predictions.pop(self.position, None)
         for position in [p for p in self._predictions if p < self.position]:

@@ -30,6 +30,11 @@ class CacheCounters:
     """... of which were in the cache, every chunk landed, when the gate reported."""
     chosen: int = 0
     """Experts chosen by gates (while prefetching)."""
+    expert_uses: int = 0
+    """Experts chosen by gates (every gate, prefetching or not): the hit rate's denominator."""
+    expert_hits: int = 0
+    """... of which were fully landed when the gate decided (``GateDecided.ready_experts``): the live hit rate the
+    inference worker reports at the request's end (``GenerationFinished.expert_hits``)."""
 
 
 class CacheLedger:

@@ -3,6 +3,10 @@
 Built only when a client asks (the gateway asks a few times a second while a browser watches), from what the cache
 directory holds anyway: nothing here runs per token. Its cost is linear in the slots (resident and loading experts),
 the predictions held (a few layers' top-k) and the recent evictions (at most a cache's worth).
+
+The running request's hit rate is live (counted at every gate from ``GateDecided.ready_experts``, as the inference
+worker counts it); its stall is not: the worker reports stall only when the request ends, so the page shows the
+stall of finished requests.
 """
 
 from __future__ import annotations
@@ -38,7 +42,10 @@ def describe_cache(cache: CacheDirectory, totals: Totals, link_gbps: float | Non
     request: Metrics = {}
     step, layer = -1, -1
     if running is not None:
-        request = cache_metrics(cache.request_counters, prefetches, running_s, link_gbps)
+        counters = cache.request_counters
+        request = cache_metrics(counters, prefetches, running_s, link_gbps)
+        request["expert_uses"] = counters.expert_uses  # counted at every gate: live, not only at the end
+        request["hit_rate"] = counters.expert_hits / counters.expert_uses if counters.expert_uses else None
         step, layer = cache.position
 
     def layers(experts: Iterable[ExpertId]) -> list[list[int]]:

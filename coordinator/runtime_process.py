@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -23,6 +24,18 @@ from protocol.config import GATEWAY, ROLES
 from shm.segment import leftover_segments, torch_files_of
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def http_address(args: Sequence[str]) -> str | None:
+    """The ``HOST:PORT`` of ``--http HOST:PORT`` or ``--http=HOST:PORT`` among ``launch.py``'s arguments (the last
+    one given, as argparse takes it); None without ``--http``."""
+    address = None
+    for i, arg in enumerate(args):
+        if arg == "--http" and i + 1 < len(args):
+            address = args[i + 1]
+        elif arg.startswith("--http="):
+            address = arg[len("--http="):]
+    return address
 
 
 class RuntimeProcess:
@@ -48,9 +61,10 @@ class RuntimeProcess:
         self.former: list[psutil.Process] = []
         """Processes of roles that were restarted since."""
         self.run_id: str | None = None
-        self.roles = (*ROLES, GATEWAY) if "--http" in extra else ROLES
+        self.http = http_address(extra)
+        """The gateway's ``HOST:PORT`` (None: no ``--http``)."""
+        self.roles = (*ROLES, GATEWAY) if self.http is not None else ROLES
         """The processes to find: the gateway too when it serves HTTP."""
-        self.http = extra[extra.index("--http") + 1] if "--http" in extra else None
         try:
             self._wait_ready(ready_timeout_s)
         except BaseException:

@@ -143,7 +143,8 @@ class CacheDescribed(Message):
     layer: int = -1
     """MoE layer of that gate (-1: none yet)."""
     request: dict[str, float | int | None] = msgspec.field(default_factory=dict)
-    """The running request's cache metrics so far (loads, bytes, GoodPred, link use ...; empty when none runs)."""
+    """The running request's cache metrics so far (loads, bytes, GoodPred, link use, hit rate: live at every gate;
+    empty when none runs)."""
     totals: dict[str, float | int | None] = msgspec.field(default_factory=dict)
     """What ``get_stats`` reports (hit rate and stall: of finished requests, as the inference worker reports them)."""
     uptime_s: float = 0.0

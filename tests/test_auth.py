@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import zmq.auth
 
@@ -33,8 +34,9 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, keys: Path) -> Iterator[RuntimeProcess]:
+    """With the HTTP gateway too: it is one more CURVE client of the coordinator (the client keys of ``keys``)."""
     rt = RuntimeProcess(tmp_path_factory.mktemp("curve"), checkpoint, "--policy", "lru", "--curve-keys", str(keys),
-                        curve=ClientKeys.load(keys))
+                        "--http", f"127.0.0.1:{free_port()}", curve=ClientKeys.load(keys))
     yield rt
     rt.stop()
     assert rt.leftovers() == [], rt.log()
@@ -44,6 +46,18 @@ def test_an_authorised_client_is_served(secured, reference):
     with secured.client() as client:
         done = client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=NEW_TOKENS)
     assert done.token_ids == reference["ids"]
+
+
+def test_the_http_gateway_is_a_curve_client(secured, reference):
+    """The coordinator serves only authorised CURVE clients (below: a plain one gets nothing), so an answer through
+    the gateway means it connected with the client keys."""
+    body = {"prompt": PROMPT_IDS, "max_tokens": NEW_TOKENS, "temperature": 0}
+    with httpx.Client(timeout=120) as http:
+        done = http.post(f"http://{secured.http}/v1/completions", json=body)
+        health = http.get(f"http://{secured.http}/health")
+    assert done.status_code == 200, done.text
+    assert done.json()["promoe"]["token_ids"] == reference["ids"]
+    assert health.status_code == 200 and health.json()["coordinator"] is True
 
 
 def test_connect_with_curve_keys(secured, keys, reference):

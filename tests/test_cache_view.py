@@ -70,6 +70,36 @@ def test_snapshot_shows_each_state_where_it_is(rig: Rig):
     assert snap.predicted[3] == [6]  # still ahead of layer 2
 
 
+def test_the_running_request_hit_rate_is_live_at_every_gate(rig: Rig):
+    """Counted at each gate from what the worker saw landed (``ready``, read as the worker reads it), not only when
+    the request ends: the snapshot's hit rate equals hits / uses over the gates so far, and a new request
+    starts over."""
+
+    def worker_ready(layer: int) -> list[int]:  # what the inference worker sends as ``ready_experts``
+        return [int(e) for e in rig.table.ready_experts(ExpertId(layer * E), E)]
+
+    def hit_rate() -> float | int | None:
+        return describe_cache(rig.cache, Totals(), None, request, 0.5, 1.0).request["hit_rate"]
+
+    request = RequestId(9)
+    rig.cache.begin_request(request)
+    assert hit_rate() is None  # no gate yet
+    first = loads_in(rig.gate(1, 2, at=(0, 0), ready=worker_ready(0)))  # both missing: 0 of 2
+    assert hit_rate() == 0.0
+    for load in first:
+        rig.loaded(load)
+    rig.unpin(1, 2)
+    rig.gate(1, 2, 3, at=(1, 0), ready=worker_ready(0))  # 1 and 2 landed, 3 missing: 2 of 3
+    assert hit_rate() == pytest.approx(2 / 5)
+    rig.gate(E + 0, at=(1, 1))  # no ``ready`` given: read from the slot table (missing: 0 of 1)
+    snap = describe_cache(rig.cache, Totals(), None, request, 0.5, 1.0)
+    assert snap.request["hit_rate"] == pytest.approx(2 / 6) and snap.request["expert_uses"] == 6
+    assert (rig.cache.counters.expert_hits, rig.cache.counters.expert_uses) == (2, 6)  # the totals count them too
+    rig.cache.begin_request(RequestId(10))
+    request = RequestId(10)
+    assert hit_rate() is None  # the next request's share starts empty
+
+
 class FakeUpstream:
     """Answers ``describe_cache`` with a snapshot whose ``uptime_s`` counts the calls (``change``: the cache too)."""
 

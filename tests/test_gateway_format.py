@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 
 import pytest
 from fastapi.testclient import TestClient
+from jinja2 import TemplateError
 
 from launch import check_http_flags
 from protocol.codec import MAX_MESSAGE_NBYTES
@@ -143,3 +145,43 @@ def test_bearer_key_and_bad_bodies_without_a_runtime():
             assert http.get("/nowhere").json()["error"]["code"] == "not_found"
     finally:
         upstream.close()
+
+
+class RefusingTemplate:
+    """A tokenizer whose chat template refuses every conversation (as a template that checks roles does), noting the
+    thread it ran on."""
+
+    chat_template = "{{ raise_exception('roles must alternate user/assistant') }}"
+    all_special_ids: list[int] = []
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: object) -> list[int]:
+        self.threads.append(threading.current_thread().name)
+        raise TemplateError("roles must alternate user/assistant")
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        self.threads.append(threading.current_thread().name)
+        raise AssertionError("not asked")
+
+
+def test_a_chat_template_error_is_400_in_openai_shape_and_tokenising_is_off_the_event_loop():
+    upstream = Upstream("ipc:///nonexistent-promoe-test")
+    tokenizer = RefusingTemplate()
+    app = GatewayApp(GatewaySettings(model="m"), upstream, tokenizer=tokenizer)
+    try:
+        with TestClient(app.api) as http:
+            refused = http.post("/v1/chat/completions", json={"messages": [{"role": "assistant", "content": "x"}]})
+            streamed = http.post("/v1/chat/completions",
+                                 json={"messages": [{"role": "user", "content": "x"}], "stream": True})
+    finally:
+        app.close()
+        upstream.close()
+    for response in (refused, streamed):
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "bad_request", "messages")
+        assert "roles must alternate" in error["message"]
+    assert len(tokenizer.threads) == 2 and all(t.startswith("promoe-tokenize") for t in tokenizer.threads)

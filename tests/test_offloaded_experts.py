@@ -82,16 +82,21 @@ class Rig:
         self.slots.slots.fill_(float("nan"))
         self.seq: dict[int, int] = {}
         self.gates: list[tuple[int, int, int, list[int]]] = []
+        self.reported_ready: list[list[int]] = []
+        """``ready_experts`` of each gate report (the coordinator counts the live hit rate from them)."""
         self.released: list[list[int]] = []
         self.backend = OffloadedExperts(
             lay, self.table, self.slots, self.modules,
-            on_gate=lambda request, layer, step, experts, ready: self.gates.append(
-                (request, layer, step, list(experts))),
+            on_gate=self._on_gate,
             on_released=lambda experts: self.released.append(list(experts)),
             load_timeout_s=load_timeout_s,
             reordered=reordered,
         )
         self.backend.begin_request(1)
+
+    def _on_gate(self, request: int, layer: int, step: int, experts: list[int], ready: list[int]) -> None:
+        self.gates.append((request, layer, step, list(experts)))
+        self.reported_ready.append([int(e) for e in ready])
 
     def _segment(self, what: str, nbytes: int) -> Segment:
         segment = Segment.create(segment_name(self.run_id, what), nbytes)
@@ -270,6 +275,8 @@ def test_late_experts_in_reverse_order_give_the_same_bits(make_rig, moe_layer: i
     assert stats.stall_ns > 0
     assert stats.hits == len(ready_now)
     assert stats.uses == len(ids)
+    # what the coordinator counts live from the report (``CacheDirectory.on_gate``) is the worker's final figure
+    assert len(set(ids).intersection(rig.reported_ready[0])) == stats.hits
     ((request, layer, _step, gated),) = rig.gates
     assert (request, layer, gated) == (1, moe_layer, ids)
     assert int(rig.table.expert_pin.sum()) == 0

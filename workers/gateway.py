@@ -99,6 +99,7 @@ async def serve(cfg: RuntimeConfig, listener: socket.socket, tokenizer: object |
             beacon.cancel()
         log.info("gateway stopped")
     finally:
+        app.close()
         upstream.close()
 
 

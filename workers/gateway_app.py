@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,9 @@ class GatewaySettings:
     """Bearer token of every ``/v1`` and ``/metrics`` request (None: none asked for)."""
     created: int = 0
     """Unix time the gateway started (``/v1/models``)."""
+    tokenize_threads: int = 1
+    """Threads that tokenise prompts (chat template and encode) off the event loop; requests beyond them wait their
+    turn. One by default: a fast tokenizer's backend is not safe to call from several threads at once."""
 
 
 def error_response(exc: ApiError) -> JSONResponse:
@@ -181,6 +185,8 @@ class GatewayApp:
         self.upstream = upstream
         self.tokenizer = tokenizer
         self.special_ids: set[int] = set(getattr(tokenizer, "all_special_ids", None) or [])
+        self.tokenizing = ThreadPoolExecutor(settings.tokenize_threads, thread_name_prefix="promoe-tokenize")
+        """Where tokenisation runs: it is CPU work (a long prompt, a chat template) that would stall every stream."""
         self.feed = CacheFeed(upstream)
         self.metrics = GatewayMetrics()
         self.metrics.track("promoe_http_requests_in_flight", "Generate requests holding a connection to the "
@@ -200,8 +206,31 @@ class GatewayApp:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise ApiError("invalid_api_key", "a valid API key is needed (Authorization: Bearer KEY)", status=401)
 
-    def prompt_ids(self, prompt: str) -> list[int] | None:
-        return None if self.tokenizer is None else encode_prompt(self.tokenizer, prompt, chat=False)
+    def close(self) -> None:
+        self.tokenizing.shutdown(wait=False, cancel_futures=True)
+
+    async def off_loop(self, work: Callable[[], list[int]]) -> list[int]:
+        """``work()`` (tokenisation) on the tokenising threads; its exception is raised here."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, work)
+
+    async def prompt_ids(self, prompt: str) -> list[int] | None:
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            return None
+        return await self.off_loop(lambda: encode_prompt(tokenizer, prompt, chat=False))
+
+    async def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The conversation in the chat template; ``ApiError`` (400) where there is none or it refuses them."""
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            raise ApiError("no_tokenizer", "this checkpoint has no tokenizer: use /v1/completions with token ids")
+        try:
+            return await self.off_loop(lambda: encode_chat(tokenizer, messages))
+        except NoChatTemplate as exc:
+            raise ApiError("no_chat_template", str(exc)) from None
+        except (TemplateError, ValueError, TypeError) as exc:  # the template refused these messages
+            raise ApiError("bad_request", f"the chat template refused the messages: {exc}",
+                           param="messages") from None
 
     def _routes(self) -> None:
         api = self.api
@@ -239,7 +268,7 @@ class GatewayApp:
         async def completions(body: CompletionRequest, request: Request) -> Response:
             prompt = completion_prompt(body)
             text = prompt if isinstance(prompt, str) else None
-            ids = self.prompt_ids(prompt) if isinstance(prompt, str) else prompt
+            ids = await self.prompt_ids(prompt) if isinstance(prompt, str) else prompt
             msg, stops = generate_message(body, ids, text if ids is None else None, body.max_tokens,
                                           DEFAULT_MAX_TOKENS)
             served = Served(self, "completion", body, msg, stops, len(ids) if ids is not None else 0)
@@ -247,16 +276,7 @@ class GatewayApp:
 
         @api.post("/v1/chat/completions")
         async def chat(body: ChatRequest, request: Request) -> Response:
-            messages = chat_messages(body)
-            if self.tokenizer is None:
-                raise ApiError("no_tokenizer", "this checkpoint has no tokenizer: use /v1/completions with token ids")
-            try:
-                ids = encode_chat(self.tokenizer, messages)
-            except NoChatTemplate as exc:
-                raise ApiError("no_chat_template", str(exc)) from None
-            except (TemplateError, ValueError, TypeError) as exc:  # the template refused these messages
-                raise ApiError("bad_request", f"the chat template refused the messages: {exc}",
-                               param="messages") from None
+            ids = await self.chat_ids(chat_messages(body))
             max_tokens = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
             msg, stops = generate_message(body, ids, None, max_tokens, DEFAULT_CHAT_MAX_TOKENS)
             served = Served(self, "chat", body, msg, stops, len(ids))

@@ -131,10 +131,11 @@ class OffloadedExperts:
         self.table.pin(expert_ids)
         if self.on_routing is not None:
             self.on_routing(moe_layer, self.step, top_k_index, hidden_states)
-        ready_at_gate = sum(self.table.is_ready(self.table.lookup(eid)) for eid in expert_ids)
+        # one reading of the layer's readiness for both the hits and the report (exact FetchRate): the coordinator
+        # counts the same hits from it, live (``CacheDirectory.on_gate``)
+        ready = self.table.ready_experts(lay.expert_id(moe_layer, 0), lay.experts_per_layer)
         self.stats.uses += len(expert_ids)
-        self.stats.hits += ready_at_gate
-        ready = self.table.ready_experts(lay.expert_id(moe_layer, 0), lay.experts_per_layer)  # exact FetchRate
+        self.stats.hits += len(set(expert_ids).intersection(ready))
         self.on_gate(self.request_id, moe_layer, self.step, expert_ids, ready)
 
         # [E+1, k, T] exactly as the eager implementation builds it, so row selection matches bit for bit

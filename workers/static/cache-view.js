@@ -154,7 +154,10 @@
       Object.values(series).forEach((s) => s.splice(0));
       previous = null;
     }
-    push("hit", t, totals.hit_rate);
+    // the running request's hit rate is live (counted at every gate); stall is known only once a request ends
+    const hit = running && request.hit_rate !== undefined && request.hit_rate !== null ?
+      request.hit_rate : totals.hit_rate;
+    push("hit", t, hit);
     const stall = totals.tokens_generated ? totals.stall_ms / totals.tokens_generated : null;
     push("stall", t, stall);
     const goodpred = running && request.goodpred !== undefined ? request.goodpred : totals.goodpred;
@@ -167,7 +170,7 @@
     }
     push("link", t, link);
     previous = snap;
-    $("v-hit").textContent = fmt(totals.hit_rate, 3);
+    $("v-hit").textContent = fmt(hit, 3);
     $("v-stall").textContent = stall === null ? "–" : `${fmt(stall)} ms`;
     $("v-goodpred").textContent = fmt(goodpred, 3);
     $("v-link").textContent = link === null ? "–" : snap.link_gbps ? `${fmt(100 * link, 0)} %` : `${fmt(link, 1)} MB/s`;
