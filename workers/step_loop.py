@@ -65,18 +65,24 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]
 """Per decoder layer: keys and values ``[1, heads, length, head_dim]`` of one sequence, unpadded."""
 
 
+DEFAULT_TOP_K = 50
+"""The top-k ``generate()`` samples with when the checkpoint's generation config leaves it unset (transformers'
+default generation parameters)."""
+
+
 def logits_processors(generation_config: GenerationConfig, temperature: float, top_p: float) -> LogitsProcessorList:
     """The processors ``generate()`` applies for these settings and the checkpoint's generation config, in its order
     (repetition penalty; then, when sampling, temperature, top-k, top-p, min-p)."""
     cfg = generation_config
+    top_k = DEFAULT_TOP_K if cfg.top_k is None else cfg.top_k
     processors = LogitsProcessorList()
     if cfg.repetition_penalty is not None and cfg.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty))
     if temperature > 0:
         if temperature != 1.0:
             processors.append(TemperatureLogitsWarper(temperature))
-        if cfg.top_k:
-            processors.append(TopKLogitsWarper(top_k=cfg.top_k))
+        if top_k:
+            processors.append(TopKLogitsWarper(top_k=top_k))
         if top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p=top_p))
         if cfg.min_p is not None:
