@@ -55,6 +55,9 @@ class RuntimeConfig:
     """Compute experts as they become ready; off: strictly in ascending expert order (ablations)."""
     max_queue: int = 64
     max_batch: int = 1
+    prefill_chunk: int = 128
+    """With ``max_batch`` > 1: prompt tokens prefilled per step, so that a long prompt stalls the batch one chunk at
+    a time."""
     """Requests decoded together, one token each per step (``workers/step_loop.py``); 1: one at a time with
     ``generate()``."""
     """Requests waiting (not counting the running one) before new ones get an immediate ``busy`` error."""

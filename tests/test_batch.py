@@ -24,7 +24,8 @@ from protocol.messages import GenerationDone, TokenStreamed
 
 MAX_BATCH = 4
 FLAGS = ("--policy", "lru", "--cache-experts", "192", "--lookahead", "2", "--link-gbps", "20",
-         "--max-batch", str(MAX_BATCH))
+         "--max-batch", str(MAX_BATCH), "--prefill-chunk", "5")
+"""Prompts of 8 and 13 tokens are prefilled in 2 and 3 chunks, between the batch's decode steps."""
 # (prompt ids, new tokens): different prompt lengths, different lengths of output
 REQUESTS = [
     ([35, 80, 111, 109, 111, 69, 32, 40], 16),

@@ -333,7 +333,7 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
         if cfg.max_batch > 1:
             from workers.step_loop import StepLoop
 
-            StepLoop(worker, cfg.max_batch, on_configure).serve()
+            StepLoop(worker, cfg.max_batch, cfg.prefill_chunk, on_configure).serve()
         sockets.serve({StartGeneration: worker.on_start_generation, Ping: sockets.answer_ping,
                        CancelGeneration: worker.on_cancel_generation, ConfigureInference: on_configure})
     finally:

@@ -105,6 +105,8 @@ class Sequence:
     received_ns: int
     generated: list[int] = field(default_factory=list)
     kv: KV | None = None
+    prefill_cache: DynamicCache | None = None
+    """While its prompt is prefilled chunk by chunk: its own cache."""
     """Its keys and values while it is not in the batched cache (after its prefill, or cut out at a rebuild)."""
     length: int = 0
     """Tokens in its cache."""
@@ -138,7 +140,7 @@ class Sequence:
 class StepLoop:
     """The inference worker's serve loop with ``--max-batch`` > 1 (see the module docstring)."""
 
-    def __init__(self, worker: InferenceWorker, max_batch: int,
+    def __init__(self, worker: InferenceWorker, max_batch: int, prefill_chunk: int,
                  on_configure: Callable[[ConfigureInference], None]) -> None:
         self.worker = worker
         self.max_batch = max_batch
@@ -151,6 +153,9 @@ class StepLoop:
         self.mask: torch.Tensor | None = None
         """``[rows, cache length]``: 0 on each row's left padding."""
         self.cancelled_waiting: set[RequestId] = set()
+        self.prefilling: Sequence | None = None
+        """The request whose prompt is being prefilled, ``prefill_chunk`` tokens a step."""
+        self.prefill_chunk_tokens = prefill_chunk
         self.dispatch = Dispatcher("inference", {
             StartGeneration: self.on_start_generation, CancelGeneration: self.on_cancel_generation,
             Ping: worker.sockets.answer_ping, ConfigureInference: on_configure})
@@ -167,10 +172,13 @@ class StepLoop:
             self.run_step()
 
     def run_step(self) -> None:
-        """Admit (prefill) one waiting request, then decode one token for every running one."""
-        if self.waiting and len(self.running) < self.max_batch:
+        """Prefill the next chunk of one admitted request (admitting a waiting one if none is being prefilled), then
+        decode one token for every running one."""
+        if self.prefilling is None and self.waiting and len(self.running) < self.max_batch:
             start, received_ns = self.waiting.pop(0)
             self.admit(start, received_ns)
+        if self.prefilling is not None:
+            self.prefill_chunk(self.prefilling)
         self.end_finished()
         if self.running:
             self.decode()
@@ -181,7 +189,7 @@ class StepLoop:
 
     def on_cancel_generation(self, msg: CancelGeneration) -> None:
         """The request stops before the next step (one not prefilled yet ends with no tokens)."""
-        for seq in self.running:
+        for seq in [*self.running, *([self.prefilling] if self.prefilling is not None else [])]:
             if seq.request_id == msg.request_id:
                 seq.cancelled = True
         if any(start.request_id == msg.request_id for start, _ in self.waiting):
@@ -206,7 +214,7 @@ class StepLoop:
                         received_ns)
 
     def admit(self, msg: StartGeneration, received_ns: int) -> None:
-        """Prefill the request alone and add it to the batch; a request that fails here fails alone."""
+        """Start prefilling the request (alone: a request that fails here fails alone)."""
         from workers.inference import BadRequest
 
         try:
@@ -221,16 +229,34 @@ class StepLoop:
             seq.cancelled = True
             self.report(self.finished(seq, "cancelled"))
             return
-        if not self.running and self.cache is None:  # a new batch: its routing is keyed by its first request
+        if not self.running:  # a new batch (nothing running or prefilling): its routing is keyed by its first request
             self.worker.backend.begin_request(seq.request_id)
-        self.running.append(seq)
-        input_ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.worker.device)
-        cache = DynamicCache(config=self.worker.model.config)
-        logits = self.forward([seq], input_ids=input_ids, attention_mask=torch.ones_like(input_ids), cache=cache)
+        seq.prefill_cache = DynamicCache(config=self.worker.model.config)
+        self.prefilling = seq
+
+    def prefill_chunk(self, seq: Sequence) -> None:
+        """The next ``prefill_chunk`` tokens of its prompt, in a forward pass of its own on its own cache; after
+        the last, its first token, and it joins the batch."""
+        if seq.cancelled:
+            self.prefilling = None
+            self.report(self.finished(seq, "cancelled"))
+            return
+        done = seq.length
+        chunk = seq.prompt_ids[done:done + self.prefill_chunk_tokens]
+        device = self.worker.device
+        input_ids = torch.tensor([chunk], dtype=torch.long, device=device)
+        attention_mask = torch.ones((1, done + len(chunk)), dtype=torch.long, device=device)
+        logits = self.forward([seq], input_ids=input_ids, attention_mask=attention_mask, cache=seq.prefill_cache)
         if logits is None:
             return
-        seq.kv = [(keys, values) for keys, values, *_ in cache]
-        seq.length = len(seq.prompt_ids)
+        seq.length = done + len(chunk)
+        if seq.length < len(seq.prompt_ids):
+            return
+        assert seq.prefill_cache is not None
+        seq.kv = [(keys, values) for keys, values, *_ in seq.prefill_cache]
+        seq.prefill_cache = None
+        self.prefilling = None
+        self.running.append(seq)
         self.take_token(seq, logits[0, -1])
 
     def decode(self) -> None:
@@ -323,7 +349,10 @@ class StepLoop:
             log.exception("requests %s failed", [seq.request_id for seq in rows], exc_info=exc)
             code, message = "internal", f"{type(exc).__name__}: {exc}"
         for seq in rows:
-            self.running.remove(seq)
+            if seq is self.prefilling:
+                self.prefilling = None
+            else:
+                self.running.remove(seq)
             send(worker.send_to_coordinator, GenerationFailed(request_id=seq.request_id, code=code, message=message))
         if any(seq.request_id in self.cache_rows for seq in rows):  # a decode: every row of the cache was in it
             self.cache, self.cache_rows, self.mask = None, [], None
