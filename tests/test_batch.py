@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -213,3 +214,40 @@ def test_max_batch_must_be_positive(checkpoint):
                           cwd=Path(__file__).parent.parent)
     assert done.returncode == 2 and "--max-batch must be >= 1" in done.stderr
 
+
+
+def test_a_failed_decode_fails_every_row_and_leaves_no_batch():
+    """A forward pass that fails (here a load timeout) fails each request in it once, and the loop starts afresh."""
+    import zmq
+    from transformers import LogitsProcessorList
+
+    from protocol.codec import decode
+    from protocol.ids import RequestId
+    from protocol.messages import GenerationFailed
+    from workers.offloaded_experts import LoadTimedOut
+    from workers.step_loop import Sequence, StepLoop
+
+    ctx = zmq.Context()
+    results, sender = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    try:
+        results.bind("inproc://results")
+        sender.connect("inproc://results")
+        pins_cleared: list[bool] = []
+        table = SimpleNamespace(clear_pins=lambda: pins_cleared.append(True))
+        worker = SimpleNamespace(backend=SimpleNamespace(table=table), send_to_coordinator=sender,
+                                 sockets=SimpleNamespace(answer_ping=lambda msg: None))
+        loop = StepLoop(worker, 4, 8, on_configure=lambda msg: None)  # type: ignore[arg-type]
+        rows = [Sequence(RequestId(i), [1, 2], 4, set(), LogitsProcessorList(), None, None, 0)  # type: ignore[arg-type]
+                for i in range(3)]
+        loop.running, loop.cache_rows, loop.cache = list(rows), [s.request_id for s in rows], object()  # type: ignore[assignment]
+        loop.fail(loop.running, LoadTimedOut("experts not ready"))
+        assert results.poll(int(WAIT_S * 1000))
+        failed = [decode(results.recv()) for _ in range(3)]
+        assert all(isinstance(f, GenerationFailed) and f.code == "load_timeout" for f in failed)
+        assert sorted(f.request_id for f in failed) == [0, 1, 2]
+        assert loop.running == [] and loop.cache is None and pins_cleared
+        assert not results.poll(0), "a request failed twice"
+    finally:
+        results.close(linger=0)
+        sender.close(linger=0)
+        ctx.term()

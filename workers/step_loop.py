@@ -340,6 +340,7 @@ class StepLoop:
             self.cache, self.cache_rows, self.mask = None, [], None
 
     def fail(self, rows: list[Sequence], exc: Exception) -> None:
+        """Report each of ``rows`` failed; a failed decode takes the batched cache with it."""
         worker = self.worker
         worker.backend.table.clear_pins()
         if isinstance(exc, LoadTimedOut):
@@ -348,6 +349,7 @@ class StepLoop:
         else:
             log.exception("requests %s failed", [seq.request_id for seq in rows], exc_info=exc)
             code, message = "internal", f"{type(exc).__name__}: {exc}"
+        rows = list(rows)  # a decode's rows are ``self.running`` itself, emptied here
         for seq in rows:
             if seq is self.prefilling:
                 self.prefilling = None
