@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: --max-queue + 1)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting behind the running one; past it, new ones get a 'busy' error (default 64)")
+    p.add_argument("--max-batch", type=int, default=1,
+                   help="requests decoded together, a token each per step (continuous batching); 1 (default): "
+                        "one at a time")
+    p.add_argument("--prefill-chunk", type=int, default=128,
+                   help="with --max-batch > 1: prompt tokens prefilled per step between the batch's decode steps "
+                        "(default 128)")
     p.add_argument("--request-timeout-s", type=float, default=None,
                    help="deadline of every request from its arrival, queued or running (default: none); "
                         "a request's own deadline_s may only be shorter")
@@ -191,7 +197,8 @@ def make_config(args: argparse.Namespace, run_dir: Path, one_shot: bool):  # -> 
         predictor_path=str(args.predictor) if args.predictor else None, load_timeout_s=args.load_timeout_s,
         heartbeat_timeout_s=args.heartbeat_timeout_s,
         supervisor_pid=os.getpid(), early_preemption=not args.no_early_preemption,
-        reordered_inference=not args.no_reordered_inference, max_queue=args.max_queue,
+        reordered_inference=not args.no_reordered_inference, max_queue=args.max_queue, max_batch=args.max_batch,
+        prefill_chunk=args.prefill_chunk,
         request_timeout_s=args.request_timeout_s, vocab_size=int(ckpt.config["vocab_size"]),
         curve_keys_dir=str(args.curve_keys.resolve()) if args.curve_keys else None,
         record_trace=str(args.record_trace.resolve()) if args.record_trace else None,
@@ -237,6 +244,12 @@ def check_serving_flags(args: argparse.Namespace, bind: str) -> str | None:
 
     if args.max_queue < 0:
         return f"--max-queue must be >= 0, got {args.max_queue}"
+    if args.max_batch < 1:
+        return f"--max-batch must be >= 1, got {args.max_batch}"
+    if args.prefill_chunk < 1:
+        return f"--prefill-chunk must be >= 1, got {args.prefill_chunk}"
+    if args.max_batch > 1 and (args.record_trace is not None or args.routing_predictor is not None):
+        return "--max-batch > 1 does not work with --record-trace or --routing-predictor yet (both follow one request)"
     if args.request_timeout_s is not None and not args.request_timeout_s > 0:
         return f"--request-timeout-s must be > 0, got {args.request_timeout_s}"
     if args.http_max_inflight is not None and args.http_max_inflight < 1:

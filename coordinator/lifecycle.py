@@ -54,8 +54,8 @@ class RunningRequest:
     pending: PendingRequest
     started_s: float
     """Event-loop time when it was handed to the inference worker."""
-    messages: int = 0
-    """ZeroMQ messages the coordinator sent or received for this request."""
+    messages: float = 0
+    """ZeroMQ messages the coordinator sent or received for this request (with several running: its share)."""
     gate_latency_ns: list[int] = field(default_factory=list)
 
 
@@ -66,7 +66,8 @@ class RequestLifecycle:
     send_to_supervisor: zmq.Socket
     cache: CacheDirectory
     queue: RequestQueue
-    running: RunningRequest | None
+    running: dict[RequestId, RunningRequest]
+    """Requests on the inference worker, in the order they started (at most ``cfg.max_batch``)."""
     watch: WorkerWatch
     configurator: CacheConfigurator
     totals: Totals
@@ -78,9 +79,13 @@ class RequestLifecycle:
     """Event-loop time when the coordinator began serving."""
 
     def _count(self) -> None:
-        """One more ZeroMQ message sent or received for the running request (its ``zmq_messages`` metric)."""
-        if self.running is not None:
-            self.running.messages += 1
+        """One more ZeroMQ message sent or received for the running requests (their ``zmq_messages`` metric), shared
+        among them."""
+        if len(self.running) == 1:
+            next(iter(self.running.values())).messages += 1
+        else:
+            for running in self.running.values():
+                running.messages += 1 / len(self.running)
 
     # ------------------------------------------------------------ client requests
     def on_generate(self, envelope: list[bytes], msg: Generate) -> None:
@@ -94,24 +99,23 @@ class RequestLifecycle:
             self._reply(envelope, ErrorReported(code=exc.code, message=str(exc)))
             return
         self._next_request_id += 1
-        ahead = len(self.queue) - 1 + (self.running is not None)
+        ahead = len(self.queue) - 1 + len(self.running)
         self._reply(envelope, GenerationQueued(request_id=pending.request_id, position=ahead))
-        if self.running is None:
+        if len(self.running) < self.cfg.max_batch:
             self._start_next()
 
     def on_cancel_generation(self, envelope: list[bytes], msg: CancelGeneration) -> None:
         """Only the connection that sent a request may cancel it; to any other it is unknown."""
         queued = self.queue.get(msg.request_id)
-        running = self.running.pending if self.running is not None else None
+        running = self.running[msg.request_id].pending if msg.request_id in self.running else None
         if queued is not None and queued.peer == envelope[0]:
             self.queue.remove(msg.request_id)
             self._reply(envelope, GenerationCancelled(request_id=msg.request_id))
             queued.abandoned = "cancelled"
             self.totals.count_abandoned("cancelled")
             self._reply_abandoned(queued, "cancelled while queued")
-        elif running is not None and running.request_id == msg.request_id and running.peer == envelope[0] \
-                and running.abandoned is None:
-            self._cancel_running("cancelled")
+        elif running is not None and running.peer == envelope[0] and running.abandoned is None:
+            self._cancel_running(running, "cancelled")
             self._reply(envelope, GenerationCancelled(request_id=msg.request_id))
         else:
             self._reply(envelope, ErrorReported(
@@ -124,13 +128,11 @@ class RequestLifecycle:
             pending.abandoned = "deadline_exceeded"
             self.totals.count_abandoned("deadline_exceeded")
             self._reply_abandoned(pending, "deadline passed while queued")
-        elif self.running is not None and self.running.pending is pending and pending.abandoned is None:
-            self._cancel_running("deadline_exceeded")
+        elif pending.request_id in self.running and pending.abandoned is None:
+            self._cancel_running(pending, "deadline_exceeded")
 
-    def _cancel_running(self, code: str) -> None:
+    def _cancel_running(self, pending: PendingRequest, code: str) -> None:
         """Tell the inference worker, one-way, to stop the running request at its next token boundary."""
-        assert self.running is not None
-        pending = self.running.pending
         pending.abandoned = code
         pending.disarm()
         send(self.send_to["inference"], CancelGeneration(request_id=pending.request_id))
@@ -141,10 +143,9 @@ class RequestLifecycle:
         for pending in self.queue.of_peer(peer):
             self.queue.remove(pending.request_id)
             self.totals.count_abandoned("peer_gone")
-        running = self.running.pending if self.running is not None else None
-        if running is not None and running.peer == peer:
+        for running in [r.pending for r in self.running.values() if r.pending.peer == peer]:
             if running.abandoned is None:
-                self._cancel_running("peer_gone")
+                self._cancel_running(running, "peer_gone")
             running.abandoned = "peer_gone"
         log.info("a client left; its requests are dropped")
 
@@ -159,8 +160,8 @@ class RequestLifecycle:
             self._reply(envelope, ErrorReported(code="shutting_down", message="the runtime is stopping"))
             return
         busy = None
-        if self.running is not None or self.queue:
-            busy = f"{self.running is not None:d} request(s) running, {len(self.queue)} queued"
+        if self.running or self.queue:
+            busy = f"{len(self.running)} request(s) running, {len(self.queue)} queued"
         self.configurator.request(envelope, msg, busy)
 
     def on_get_health(self, envelope: list[bytes], msg: GetHealth) -> None:
@@ -168,7 +169,7 @@ class RequestLifecycle:
         self._reply(envelope, HealthReported(
             workers=self.watch.answering(now),
             queued=len(self.queue),
-            running=self.running.pending.request_id if self.running else None,
+            running=next(iter(self.running), None),
             round_trip_us=self.watch.round_trip_us(),
             restarts=dict(self.watch.restarts),
             draining=self.draining,
@@ -187,8 +188,9 @@ class RequestLifecycle:
             now - running.started_s if running else 0.0, now - self.started_s))
 
     def _start_next(self) -> None:
-        pending = None
-        while (pending is None and self.running is None and "inference" not in self.watch.down
+        """Start queued requests while fewer than ``max_batch`` run. The first of a batch (nothing running) begins
+        the cache directory's request: its id keys the batch's gate reports and predictions."""
+        while (len(self.running) < self.cfg.max_batch and "inference" not in self.watch.down
                and self.configurator.pending is None):
             pending = self.queue.pop_next()
             if pending is None:
@@ -196,17 +198,17 @@ class RequestLifecycle:
             if not self._reply(pending.envelope, GenerationStarted(request_id=pending.request_id)):
                 pending.disarm()  # nobody to answer: not worth running
                 self.totals.count_abandoned("peer_gone")
-                pending = None
-        if pending is None:
-            self._report_if_drained()
-            return
-        req = pending.request
-        self.running = RunningRequest(pending, asyncio.get_running_loop().time())
-        self.cache.begin_request(pending.request_id)
-        send(self.send_to["inference"], StartGeneration(
-            request_id=pending.request_id, params=req.sampling_params(), prompt=req.prompt,
-            prompt_ids=req.prompt_ids, chat=req.chat))
-        self._count()
+                continue
+            req = pending.request
+            if not self.running:
+                self.cache.begin_request(pending.request_id)
+            self.running[pending.request_id] = RunningRequest(pending, asyncio.get_running_loop().time())
+            self.cache.ledger.join(pending.request_id)
+            send(self.send_to["inference"], StartGeneration(
+                request_id=pending.request_id, params=req.sampling_params(), prompt=req.prompt,
+                prompt_ids=req.prompt_ids, chat=req.chat))
+            self._count()
+        self._report_if_drained()
 
     def _reply(self, envelope: list[bytes], msg: Message) -> bool:
         """Send to a client; False if it could not be delivered (a client that is gone is forgotten)."""
@@ -224,7 +226,7 @@ class RequestLifecycle:
 
     # ------------------------------------------------------------ draining, stopping, ending
     def on_drain_requested(self, msg: DrainRequested) -> None:
-        log.info("draining: %d running, %d queued; new requests are refused", self.running is not None,
+        log.info("draining: %d running, %d queued; new requests are refused", len(self.running),
                  len(self.queue))
         self.draining = True
         asyncio.get_running_loop().call_later(msg.timeout_s, self._drain_expired)
@@ -239,21 +241,21 @@ class RequestLifecycle:
         log.warning("drain deadline passed: cancelling the running request, answering the queued ones with "
                     "shutting_down")
         self.answer_queued("shutting_down", "the runtime is stopping (drain deadline passed)")
-        if self.running is not None and self.running.pending.abandoned is None:
-            self._cancel_running("shutting_down")
+        for running in self.running.values():
+            if running.pending.abandoned is None:
+                self._cancel_running(running.pending, "shutting_down")
         self._report_if_drained()
 
     def _report_if_drained(self) -> None:
-        if self.draining and not self._drained_sent and self.running is None and not self.queue:
+        if self.draining and not self._drained_sent and not self.running and not self.queue:
             self._drained_sent = True
             send(self.send_to_supervisor, Drained())
 
     def answer_all(self, code: str, message: str) -> None:
         """Answer the running request and every queued one with an error (none is left unanswered): only when the
         coordinator itself stops, so that nothing will report on the running request any more."""
-        if self.running is not None:
-            pending = self.running.pending
-            self.running = None
+        running, self.running = self.running, {}
+        for pending in [r.pending for r in running.values()]:
             pending.disarm()
             self._reply(pending.envelope, ErrorReported(code=code, message=message, request_id=pending.request_id))
         self.answer_queued(code, message)
@@ -267,10 +269,9 @@ class RequestLifecycle:
             self._reply(pending.envelope, ErrorReported(code=code, message=message, request_id=pending.request_id))
 
     def _finish(self, request_id: RequestId) -> RunningRequest | None:
-        running = self.running
-        if running is None or running.pending.request_id != request_id:
+        running = self.running.pop(request_id, None)
+        if running is None:
             log.error("result for request %d, which is not running", request_id)
             return None
-        self.running = None
         running.pending.disarm()
         return running

@@ -34,7 +34,7 @@ def prefetch_metrics(counters: CacheCounters, enabled: bool) -> Metrics:
     }
 
 
-def link_utilisation(bytes_loaded: int, wall_s: float, link_gbps: float | None) -> float | None:
+def link_utilisation(bytes_loaded: float, wall_s: float, link_gbps: float | None) -> float | None:
     """Bytes loaded / (wall time x link bandwidth); None where the link's bandwidth is not known."""
     if not link_gbps or wall_s <= 0:
         return None

@@ -32,6 +32,7 @@ from coordinator.worker_watch import WORKER_ROLES, WorkerWatch
 from protocol.codec import MAX_MESSAGE_NBYTES, ProtocolError, decode
 from protocol.config import RuntimeConfig
 from protocol.dispatch import Dispatcher
+from protocol.ids import RequestId
 from protocol.messages import (
     CancelGeneration,
     ConfigureCache,
@@ -92,7 +93,7 @@ class Coordinator(WorkerEvents):
         self.send_to_supervisor = push_socket(self.ctx, cfg.endpoint("supervisor"))
         self.cache = CacheDirectory(table, cfg.layout, make_policy(cfg.policy, cfg.layout), cfg.early_preemption)
         self.queue = RequestQueue(cfg.max_queue, cfg.request_timeout_s, self.on_deadline, cfg.vocab_size)
-        self.running: RunningRequest | None = None
+        self.running: dict[RequestId, RunningRequest] = {}
         self._next_request_id = 1
         self._ping_nonce = 0
         self._retry: asyncio.TimerHandle | None = None
@@ -183,7 +184,7 @@ class Coordinator(WorkerEvents):
             if task is not stopper and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
         log.info("coordinator stopping (SIGTERM); answering %d request(s) with shutting_down",
-                 len(self.queue) + (self.running is not None))
+                 len(self.queue) + len(self.running))
         self.answer_all("shutting_down", "the runtime is stopping")
 
     def close(self) -> None:

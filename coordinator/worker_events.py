@@ -58,17 +58,26 @@ class WorkerEvents(RequestLifecycle):
         self._send_to_loader()
 
     def on_gate_decided(self, msg: GateDecided) -> None:
-        """Only for the running request: a report still queued from a dead inference worker (or of a request that
-        has ended) arrives after ``WorkerDied``, and must not pin the cache to loads for a request that is gone."""
-        if self.running is None or self.running.pending.request_id != msg.request_id:
+        """Only for running requests: a report still queued from a dead inference worker (or of a request that
+        has ended) arrives after ``WorkerDied``, and must not pin the cache to loads for a request that is gone.
+
+        With several running, the report keys the worker's batch by its first request (``msg.request_id``); a
+        batch the worker began that the cache directory has not seen (the worker emptied its batch before a
+        request the coordinator sent to join it arrived) begins the directory's request here."""
+        served = [r for r in msg.request_ids or [msg.request_id] if r in self.running]
+        if not served:
             log.debug("dropped a gate report of request %d, which is not running", msg.request_id)
             return
-        self.running.gate_latency_ns.append(now_ns() - msg.sent_ns)
+        if msg.request_id != self.cache.request_id:
+            self.cache.begin_request(msg.request_id)
+        self.cache.ledger.step_serves(served)
+        for request_id in served:
+            self.running[request_id].gate_latency_ns.append(now_ns() - msg.sent_ns)
         self.cache.on_gate(msg.step, msg.layer, msg.experts, msg.ready_experts)
         self._send_to_loader()
 
     def on_experts_predicted(self, msg: ExpertsPredicted) -> None:
-        if self.running is not None and self.running.pending.request_id == msg.request_id:
+        if self.running and self.cache.request_id == msg.request_id:
             self.totals.predictions_received += 1
             self.cache.on_predicted(msg.step, msg.layer, msg.experts, msg.probabilities)
             self._send_to_loader()
@@ -76,7 +85,7 @@ class WorkerEvents(RequestLifecycle):
     def on_outlook_predicted(self, msg: OutlookPredicted) -> None:
         """The routing predictor's outlook of a layer one token on: ranks resident experts (loads nothing); only
         for the running request."""
-        if self.running is not None and self.running.pending.request_id == msg.request_id:
+        if self.running and self.cache.request_id == msg.request_id:
             self.totals.outlooks_received += 1
             self.cache.on_outlook(msg.step, msg.layer, np.asarray(msg.probabilities, dtype=np.float64))
 
@@ -94,17 +103,17 @@ class WorkerEvents(RequestLifecycle):
 
     def on_token_streamed(self, msg: TokenStreamed) -> None:
         """Forward the worker's token, the same message, to a client that asked for ``stream``."""
-        running = self.running
-        if (running is not None and running.pending.request.stream and running.pending.request_id == msg.request_id
-                and running.pending.abandoned is None):
+        running = self.running.get(msg.request_id)
+        if running is not None and running.pending.request.stream and running.pending.abandoned is None:
             self._reply(running.pending.envelope, msg)
 
     def on_generation_finished(self, msg: GenerationFinished) -> None:
         running = self._finish(msg.request_id)
         if running is None:
             return
-        counters = self.cache.request_counters
-        self.cache.end_request()
+        counters = self.cache.ledger.take(msg.request_id)
+        if not self.running:
+            self.cache.end_request()
         self._send_to_loader()
         wall_s = asyncio.get_running_loop().time() - running.started_s
         abandoned = running.pending.abandoned
@@ -138,8 +147,10 @@ class WorkerEvents(RequestLifecycle):
         if running is None:
             return
         self.totals.requests_failed += 1
-        self.cache.end_request()
-        self.cache.forget_request()
+        self.cache.ledger.take(msg.request_id)
+        if not self.running:  # the others of its batch go on, their pins held
+            self.cache.end_request()
+            self.cache.forget_request()
         self._send_to_loader()
         if running.pending.abandoned != "peer_gone":
             self._reply(running.pending.envelope, ErrorReported(code=msg.code, message=msg.message,
@@ -155,17 +166,20 @@ class WorkerEvents(RequestLifecycle):
         successor reports ready; meanwhile the inference worker waits on the slot table as for any slow load."""
         log.error("%s (pid %d) died with exit code %d; the supervisor restarts it", msg.role, msg.pid, msg.exit_code)
         self.watch.died(msg.role)
-        running = self.running
-        if msg.role == "inference" and running is not None:
-            self.running = None
-            self.totals.requests_failed += 1
+        if msg.role == "inference" and self.running:
+            lost, self.running = self.running, {}
+            self.totals.requests_failed += len(lost)
+            for request_id in lost:
+                self.cache.ledger.take(request_id)
             self.cache.end_request()
             self.cache.forget_request()
             self._send_to_loader()
             message = (f"the inference worker died (exit code {msg.exit_code}) during this request; it is being "
                        "restarted, later requests will be served")
-            self._reply(running.pending.envelope, ErrorReported(code="worker_died", message=message,
-                                                                request_id=running.pending.request_id))
+            for running in lost.values():
+                running.pending.disarm()
+                self._reply(running.pending.envelope, ErrorReported(code="worker_died", message=message,
+                                                                    request_id=running.pending.request_id))
         self._report_if_drained()
 
     def on_worker_restarted(self, msg: WorkerRestarted) -> None:

@@ -54,6 +54,12 @@ class RuntimeConfig:
     reordered_inference: bool = True
     """Compute experts as they become ready; off: strictly in ascending expert order (ablations)."""
     max_queue: int = 64
+    max_batch: int = 1
+    prefill_chunk: int = 128
+    """With ``max_batch`` > 1: prompt tokens prefilled per step, so that a long prompt stalls the batch one chunk at
+    a time."""
+    """Requests decoded together, one token each per step (``workers/step_loop.py``); 1: one at a time with
+    ``generate()``."""
     """Requests waiting (not counting the running one) before new ones get an immediate ``busy`` error."""
     request_timeout_s: float | None = None
     """Server-wide deadline of a request from its arrival, queued or running (None: none); caps ``deadline_s``."""

@@ -198,6 +198,9 @@ class GateDecided(Message):
     experts: list[ExpertId]
     ready_experts: list[ExpertId]
     sent_ns: int
+    request_ids: list[RequestId] = []
+    """The requests whose tokens the step serves (``--max-batch`` > 1; ``request_id`` then keys the batch's routing:
+    it is its first request's id); empty: ``request_id`` alone."""
 
 
 class ExpertsReleased(Message):

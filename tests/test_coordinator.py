@@ -106,7 +106,7 @@ def test_a_release_nobody_reported_is_found_by_the_retry_timer(coordinator: tupl
 def run_request(coord: Coordinator, request_id: int, envelope: list[bytes]) -> None:
     """Make ``request_id`` the running request, as ``_start_next`` does, without a client round trip."""
     pending = PendingRequest(RequestId(request_id), envelope, Generate(prompt_ids=[1, 2, 3], max_new_tokens=4))
-    coord.running = RunningRequest(pending, 0.0)
+    coord.running = {pending.request_id: RunningRequest(pending, 0.0)}
     coord.cache.begin_request(RequestId(request_id))
 
 
@@ -130,7 +130,7 @@ def test_gate_reports_of_a_dead_inference_worker_load_nothing(coordinator: tuple
             coord.cache.table.publish_ready(load.slot, load.seq, 1)
             coord.cache.on_loaded(LoadId(load.load_id), load.seq)
         coord.from_workers(WorkerDied(role="inference", pid=1, exit_code=-9))
-        assert coord.running is None
+        assert not coord.running
         coord.from_workers(gate(1, [E, E + 1]))  # the dead worker's next layer, delivered late
         assert coord.cache.waiting == [] and received_loads(loader, 50) == []
         coord.cache.table.clear_pins()  # the restarted inference worker, before it reports ready
@@ -160,7 +160,7 @@ def test_the_coordinator_only_reads_the_pins(coordinator: tuple[Coordinator, zmq
                 worker.publish_ready(load.slot, load.seq, 1)
                 coord.from_workers(ExpertLoaded(load_id=load.load_id, seq=load.seq))
             coord.from_workers(end)
-            assert coord.running is None
+            assert not coord.running
             assert worker.is_pinned(ExpertId(0)) and worker.is_pinned(ExpertId(1))
         coord.from_workers(WorkerRestarted(role="inference", pid=2))
 
@@ -201,14 +201,14 @@ def test_at_the_drain_deadline_the_running_request_is_cancelled_and_ends_the_usu
         (queued_reply,) = replies(500)
         assert isinstance(queued_reply, ErrorReported) and queued_reply.request_id == 2
         assert queued_reply.code == "shutting_down"
-        assert coord.running is not None and coord.running.pending.request_id == 1, "forgotten while it runs"
+        assert list(coord.running) == [1], "forgotten while it runs"
         assert not supervisor.poll(50), "drained while a request still runs"
         coord.from_workers(GenerationFinished(
             request_id=RequestId(1), token_ids=[5, 6], text=None, prompt_tokens=3, ttft_ms=1.0, tpot_ms=1.0,
             stall_ms=0.0, expert_uses=0, expert_hits=0, finish_reason="cancelled"))
         (final,) = replies(500)
         assert isinstance(final, ErrorReported) and (final.code, final.request_id) == ("shutting_down", 1)
-        assert coord.running is None
+        assert not coord.running
         assert supervisor.poll(500) and isinstance(decode(supervisor.recv()), Drained)
 
     try:

@@ -1,5 +1,6 @@
 """The inference worker process (``promoe::inference``): the transformers model without its experts, plus the
-experts backend that computes them from the cache slots. Runs one request at a time with ``generate()``.
+experts backend that computes them from the cache slots. Runs one request at a time with ``generate()``, or with
+``--max-batch`` > 1 several together in the step loop of ``workers/step_loop.py``.
 
 Per layer it sends one one-way ``GateDecided``; per token one ``TokenStreamed``. It never waits for a reply:
 readiness comes from the slot table. It answers the coordinator's pings between tokens and from the per-layer
@@ -199,8 +200,7 @@ class InferenceWorker:
         stop_ids = self.stop_ids(msg, model_eos)
         if stop_ids:  # transformers' own end-of-sequence handling: it stops right after any of these ids
             kwargs["eos_token_id"] = sorted(stop_ids)
-        streamer = TokenStreamer(msg.request_id, self.send_to_coordinator, self.tokenizer,
-                                 self.feed.on_token if self.feed is not None else None)
+        streamer = self.streamer(msg.request_id)
         cancel = CancelCheck(msg.request_id, self.sockets)
         self.backend.begin_request(msg.request_id)
         if self.recorder is not None:
@@ -235,6 +235,10 @@ class InferenceWorker:
             expert_hits=stats.hits,
             finish_reason=finish_reason,
         )
+
+    def streamer(self, request_id: RequestId) -> TokenStreamer:
+        return TokenStreamer(request_id, self.send_to_coordinator, self.tokenizer,
+                             self.feed.on_token if self.feed is not None else None)
 
     def stop_ids(self, msg: StartGeneration, model_eos: int | list[int] | None) -> set[int]:
         """The request's stop ids and the model's own end-of-sequence ids."""
@@ -288,7 +292,8 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
         def on_gate(request_id: int, moe_layer: int, step: int, experts: list[ExpertId],
                     ready: list[ExpertId]) -> None:
             send(send_to_coordinator, GateDecided(request_id=RequestId(request_id), step=step, layer=moe_layer,
-                                                  experts=experts, ready_experts=ready, sent_ns=now_ns()))
+                                                  experts=experts, ready_experts=ready, sent_ns=now_ns(),
+                                                  request_ids=[RequestId(r) for r in backend.request_ids]))
 
         def on_released(experts: list[ExpertId]) -> None:
             send(send_to_coordinator, ExpertsReleased(experts=experts))
@@ -325,6 +330,10 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
             backend.reordered = msg.reordered_inference
 
         sockets.announce_ready()
+        if cfg.max_batch > 1:
+            from workers.step_loop import StepLoop
+
+            StepLoop(worker, cfg.max_batch, cfg.prefill_chunk, on_configure).serve()
         sockets.serve({StartGeneration: worker.on_start_generation, Ping: sockets.answer_ping,
                        CancelGeneration: worker.on_cancel_generation, ConfigureInference: on_configure})
     finally:

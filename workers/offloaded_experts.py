@@ -94,6 +94,8 @@ class OffloadedExperts:
         """(MoE layer, step, ``top_k_index [T, k]``, the layer's input ``[T, H]``) at every gate: trace recording."""
         self._moe_layer_of = {id(m): i for i, m in enumerate(experts_modules)}
         self.request_id = 0
+        self.request_ids: list[int] = []
+        """The requests of the current forward pass (step loop), sent with each gate report; empty: ``request_id``."""
         self.step = -1
         self.stats = LayerStats()
 

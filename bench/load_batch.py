@@ -1,0 +1,86 @@
+"""``bench/load.py`` at several client counts and ``--max-batch`` values, in one run (issue 14's figures).
+
+    python bench/load_batch.py --clients 1,4,16,32 --max-batch 1,16 --requests 3 --max-new-tokens 8 \\
+        --json bench/results/load-batch-cpu.json
+
+One runtime per ``--max-batch`` value (the embedded default model, ``--policy``, ``--cache-experts``), the load of
+``bench/load.py`` (closed-loop clients, each with its own connection) at each client count on it, and per run:
+requests/s, tokens/s, latency p50/p99, and bytes loaded per generated token (the coordinator's totals before and
+after the run). The machine's load average (``os.getloadavg``) is recorded beside each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.load import free_tcp_address, run
+from coordinator.runtime_process import RuntimeProcess
+from models.default_model import ensure_default_checkpoint
+
+
+def numbers(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def sweep(max_batch: int, args: argparse.Namespace) -> list[dict[str, object]]:
+    root = Path(tempfile.mkdtemp(prefix="promoe-load-batch-"))
+    runtime = RuntimeProcess(root, ensure_default_checkpoint(), "--policy", args.policy, "--cache-experts",
+                             str(args.cache_experts), "--max-queue", "256", "--max-batch", str(max_batch),
+                             ready_timeout_s=300, address=free_tcp_address())
+    rows = []
+    try:
+        for clients in args.clients:
+            with runtime.client() as client:
+                before = client.stats()
+            load_before = os.getloadavg()[0]
+            result = run(runtime.address, argparse.Namespace(**{**vars(args), "clients": clients}))
+            with runtime.client() as client:
+                after = client.stats()
+            loaded = float(after["bytes_loaded"] or 0) - float(before["bytes_loaded"] or 0)
+            tokens = int(after["tokens_generated"] or 0) - int(before["tokens_generated"] or 0)
+            result.update(max_batch=max_batch, policy=args.policy, cache_experts=args.cache_experts,
+                          bytes_loaded=loaded, bytes_loaded_per_token=loaded / tokens if tokens else None,
+                          load_average_1m=[load_before, os.getloadavg()[0]])
+            rows.append(result)
+            print(f"max-batch {max_batch:>2}, {clients:>2} clients: {result['requests_per_s']:.2f} requests/s, "
+                  f"{result['tokens_per_s']:.1f} tokens/s, p50 {result['latency_p50_s']:.2f} s, "
+                  f"p99 {result['latency_p99_s']:.2f} s, {result['bytes_loaded_per_token'] or 0:.0f} B loaded/token, "
+                  f"errors {result['errors'] or 'none'}, dropped {result['dropped']} "
+                  f"(load average {load_before:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
+    finally:
+        runtime.stop()
+        left = runtime.leftovers()
+        shutil.rmtree(runtime.root, ignore_errors=True)
+        if left:
+            raise RuntimeError(f"the runtime left {left} behind")
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=numbers, default=[1, 4, 16, 32])
+    p.add_argument("--max-batch", type=numbers, default=[1, 16])
+    p.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--timeout-s", type=float, default=600.0)
+    p.add_argument("--policy", default="lru")
+    p.add_argument("--cache-experts", type=int, default=48, help="default: a quarter of the 192 experts")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    rows = [row for max_batch in args.max_batch for row in sweep(max_batch, args)]
+    if args.json is not None:
+        args.json.write_text(json.dumps({"runs": rows}, indent=1))
+    return 0 if all(r["unanswered"] == 0 and r["dropped"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
