@@ -182,7 +182,7 @@ class RequestLifecycle:
     def on_describe_cache(self, envelope: list[bytes], msg: DescribeCache) -> None:
         """The live view's snapshot, built now (nothing is kept for it between requests)."""
         now = asyncio.get_running_loop().time()
-        running = self.running
+        running = next(iter(self.running.values()), None)  # the oldest of a batch
         self._reply(envelope, describe_cache(
             self.cache, self.totals, self.cfg.link_gbps, running.pending.request_id if running else None,
             now - running.started_s if running else 0.0, now - self.started_s))
