@@ -19,6 +19,7 @@ import zmq.asyncio
 
 from coordinator.cache import CacheDirectory
 from coordinator.configure import CacheConfigurator
+from coordinator.host_dispatch import HostDispatch
 from coordinator.metrics import Totals
 from coordinator.requests import PendingRequest, Rejected, RequestQueue
 from coordinator.worker_watch import WorkerWatch
@@ -63,6 +64,8 @@ class RequestLifecycle:
     send_to: dict[str, zmq.Socket]
     send_to_supervisor: zmq.Socket
     cache: CacheDirectory
+    host: HostDispatch
+    """``--host-compute``: the cost model and the gates' host jobs."""
     queue: RequestQueue
     running: RunningRequest | None
     watch: WorkerWatch
@@ -191,6 +194,7 @@ class RequestLifecycle:
         req = pending.request
         self.running = RunningRequest(pending, asyncio.get_running_loop().time())
         self.cache.begin_request(pending.request_id)
+        self.host.begin_request(pending.request_id)
         send(self.send_to["inference"], StartGeneration(
             request_id=pending.request_id, params=req.sampling_params(), prompt=req.prompt,
             prompt_ids=req.prompt_ids, chat=req.chat))

@@ -23,6 +23,7 @@ import zmq.asyncio
 from coordinator.auth import serve_curve
 from coordinator.cache import CacheDirectory
 from coordinator.configure import CacheConfigurator
+from coordinator.host_dispatch import HostDispatch
 from coordinator.lifecycle import RunningRequest
 from coordinator.metrics import Totals
 from coordinator.policies import make_policy
@@ -37,6 +38,7 @@ from protocol.messages import (
     ConfigureCache,
     DrainRequested,
     ErrorReported,
+    ExpertComputed,
     ExpertLoaded,
     ExpertsPredicted,
     ExpertsReleased,
@@ -90,6 +92,7 @@ class Coordinator(WorkerEvents):
         self.send_to = {role: push_socket(self.ctx, cfg.endpoint(role)) for role in WORKER_ROLES}
         self.send_to_supervisor = push_socket(self.ctx, cfg.endpoint("supervisor"))
         self.cache = CacheDirectory(table, cfg.layout, make_policy(cfg.policy, cfg.layout), cfg.early_preemption)
+        self.host = HostDispatch(cfg.host_compute)
         self.queue = RequestQueue(cfg.max_queue, cfg.request_timeout_s, self.on_deadline, cfg.vocab_size)
         self.running: RunningRequest | None = None
         self._next_request_id = 1
@@ -102,6 +105,7 @@ class Coordinator(WorkerEvents):
             OutlookPredicted: self.on_outlook_predicted,
             ExpertsReleased: self.on_experts_released,
             ExpertLoaded: self.on_expert_loaded,
+            ExpertComputed: self.on_expert_computed,
             LoadsPreempted: self.on_loads_preempted,
             TokenStreamed: self.on_token_streamed,
             GenerationFinished: self.on_generation_finished,

@@ -79,6 +79,11 @@ class RuntimeConfig:
     """Bearer token every HTTP request must carry (None: none asked for). The run directory is private (0700)."""
     served_model_name: str = "promoe"
     """The model's id on the HTTP API (``/v1/models``, the ``model`` field of responses)."""
+    host_compute: str = "never"
+    """Compute missing experts on the host (``coordinator/host_compute.py``): ``auto`` where the cost model expects
+    the output sooner than a copy's, ``always`` every miss of a small step, ``never``."""
+    host_max_tokens: int = 4
+    """Largest step (tokens) whose experts may be computed on the host; larger steps (prefill) always load."""
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -124,5 +129,5 @@ class RuntimeConfig:
         return cls(**data)
 
 
-SEGMENTS = ("store", "slots", "table", "hidden")
+SEGMENTS = ("store", "slots", "table", "hidden", "host")
 """The segments of a runtime on the CPU path, all created and unlinked by the supervisor."""
