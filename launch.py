@@ -49,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks-per-expert", type=int, default=3, help="chunks per expert copy (default 3)")
     p.add_argument("--link-gbps", type=float, default=None,
                    help="emulated host-to-device bandwidth in GB/s on the CPU path (default: unpaced memcpy)")
-    p.add_argument("--host-compute", choices=("auto", "never", "always"), default="never",
+    p.add_argument("--host-compute", choices=("auto", "never", "always"), default="auto",
                    help="compute a missing expert of a decode step on the host when that is faster than copying it "
-                        "(auto: by the measured cost model; always: every miss; default never)")
+                        "(auto, the default: by the measured cost model; always: every miss; never)")
     p.add_argument("--lookahead", type=int, default=2, help="layers ahead the predictor targets (default 2)")
     p.add_argument("--no-early-preemption", action="store_true",
                    help="ablation: never preempt or reorder speculative loads")

@@ -81,7 +81,8 @@ class RuntimeConfig:
     """The model's id on the HTTP API (``/v1/models``, the ``model`` field of responses)."""
     host_compute: str = "never"
     """Compute missing experts on the host (``coordinator/host_compute.py``): ``auto`` where the cost model expects
-    the output sooner than a copy's, ``always`` every miss of a small step, ``never``."""
+    the output sooner than a copy's, ``always`` every miss of a small step, ``never``. ``launch.py`` defaults to
+    ``auto``; a config built in process (tests, tools that make their own segments) to ``never``."""
     host_max_tokens: int = 4
     """Largest step (tokens) whose experts may be computed on the host; larger steps (prefill) always load."""
 
