@@ -15,6 +15,7 @@ the layer's input for the host (``GateDecided.host_input``: a small step, never 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -49,6 +50,11 @@ class HostDispatch:
         self.request = HostCounters()
         self._outstanding = 0
         """Jobs sent and not reported (the host's queue at the next gate)."""
+
+    def set_mode(self, mode: str) -> None:
+        """Switch auto | never | always (``configure_cache``); what was measured is kept."""
+        self.model.settings = dataclasses.replace(self.model.settings, mode=mode)
+        self.enabled = mode != "never"
 
     def begin_request(self, request_id: RequestId) -> None:
         self.request_id = request_id

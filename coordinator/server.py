@@ -122,7 +122,8 @@ class Coordinator(WorkerEvents):
             Generate: self.on_generate, GetHealth: self.on_get_health, GetStats: self.on_get_stats,
             CancelGeneration: self.on_cancel_generation, ConfigureCache: self.on_configure_cache},
             unexpected_level=logging.DEBUG)  # a client's mistake, answered, not the runtime's
-        self.configurator = CacheConfigurator(cfg, self.cache, self.send_to, self._reply, self._start_next)
+        self.configurator = CacheConfigurator(cfg, self.cache, self.send_to, self._reply, self._start_next,
+                                              self.host.set_mode)
 
     # ------------------------------------------------------------ loops
     async def serve_workers(self) -> None:

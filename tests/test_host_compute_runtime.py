@@ -14,7 +14,15 @@ from coordinator.cache import CacheDirectory
 from coordinator.host_dispatch import HostDispatch
 from coordinator.policies import make_policy
 from protocol.ids import ExpertId, LoadId, RequestId, SlotId
-from protocol.messages import ComputeExpert, ExpertComputed, GateDecided, LoadExpert, Message, Preempt
+from protocol.messages import (
+    ComputeExpert,
+    ConfigureCache,
+    ExpertComputed,
+    GateDecided,
+    LoadExpert,
+    Message,
+    Preempt,
+)
 from shm.cache_slots import CacheSlots
 from shm.expert_store import HostExpertStore
 from shm.host_exchange import HostExchange
@@ -240,9 +248,11 @@ CACHE_EXPERTS = 24  # of 192
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize(("mode", "policy"), RUNTIME_CASES)
 def test_runtime_with_host_compute_matches_transformers(runtime_keeper, checkpoint, reference, mode, policy):
-    flags = ("--policy", "lru", "--cache-experts", str(CACHE_EXPERTS), "--link-gbps", "20", "--host-compute", mode)
+    """One runtime started with host compute on; each case sets its mode and policy at run time."""
+    flags = ("--policy", "lru", "--cache-experts", str(CACHE_EXPERTS), "--link-gbps", "20", "--host-compute", "auto")
     rt = runtime_keeper.serving(checkpoint, flags, policy, CACHE_EXPERTS)
     with rt.client() as client:
+        assert client.configure_cache(host_compute=mode).host_compute == mode
         by_ids = client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=NEW_TOKENS)
         by_text = client.generate(prompt=PROMPT_TEXT, max_new_tokens=NEW_TOKENS)
     assert by_ids.token_ids == reference["ids"]
@@ -255,3 +265,12 @@ def test_runtime_with_host_compute_matches_transformers(runtime_keeper, checkpoi
         assert metrics["host_experts"] <= metrics["host_jobs"]
     else:
         assert metrics["host_predicted_jobs"] >= 0
+
+
+def test_configure_cache_switches_host_compute_only_where_the_runtime_started_with_it() -> None:
+    from coordinator.configure import CacheSettings
+
+    start = CacheSettings("lru", 24, True, True, True, True, host_compute="auto")
+    assert start.updated(ConfigureCache(host_compute="always"), 4, 24).reply(24).host_compute == "always"
+    with pytest.raises(ValueError, match="host_compute"):
+        start.updated(ConfigureCache(host_compute="sometimes"), 4, 24)
