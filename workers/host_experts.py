@@ -140,7 +140,8 @@ class HostOutputs:
         if rows is None:
             return None
         top_k_pos, token_idx = torch.where(expert_mask[local])
-        return token_idx, weighted(rows.to(dtype), token_idx, top_k_pos, top_k_weights)
+        return token_idx, weighted(rows.to(device=top_k_weights.device, dtype=dtype), token_idx, top_k_pos,
+                                   top_k_weights)
 
     def timed(self, started_ns: int) -> None:
         """One expert computed from its slot since ``started_ns``."""
