@@ -256,9 +256,9 @@ def test_runtime_with_host_compute_matches_transformers(runtime_keeper, checkpoi
     with rt.client() as client:
         assert client.configure_cache(host_compute=mode).host_compute == mode
         by_ids = client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=NEW_TOKENS)
-        by_text = client.generate(prompt=PROMPT_TEXT, max_new_tokens=NEW_TOKENS)
+        if (mode, policy) == RUNTIME_CASES[0]:  # the text prompt once: the oracle module covers it per policy
+            assert client.generate(prompt=PROMPT_TEXT, max_new_tokens=NEW_TOKENS).token_ids == reference["text"]
     assert by_ids.token_ids == reference["ids"]
-    assert by_text.token_ids == reference["text"]
     metrics = by_ids.metrics
     assert metrics["host_jobs"] >= 1, "the first decode gate's first miss measures the host, in auto too"
     assert metrics["host_ms"] > 0
