@@ -296,3 +296,25 @@ def test_loader_reports_each_loads_copy_time_and_bytes_for_the_link_model(tmp_pa
         assert rig.events(ExpertComputed) == []
     finally:
         rig.close()
+
+
+def test_configure_cache_refuses_host_compute_on_a_runtime_started_without_it(tmp_path) -> None:
+    from coordinator.configure import CacheConfigurator
+    from protocol.config import RuntimeConfig
+    from protocol.messages import ErrorReported
+
+    cache, table, segment = cache_rig("lru", n_slots=3)
+    try:
+        cfg = RuntimeConfig(run_id="x", run_dir=str(tmp_path), checkpoint="", layout=cache.layout, policy="lru",
+                            device="cpu", bind="", link_gbps=None, lookahead=1, predictor_path=None,
+                            load_timeout_s=1.0, supervisor_pid=0)  # host_compute: never
+        replies: list[Message] = []
+        configurator = CacheConfigurator(cfg, cache, {}, lambda envelope, msg: replies.append(msg) or True,
+                                         lambda: None)
+        configurator.request([b"client"], ConfigureCache(host_compute="auto"), busy=None)
+        (reply,) = replies
+        assert isinstance(reply, ErrorReported) and reply.code == "bad_request" and "--host-compute" in reply.message
+        assert configurator.pending is None and configurator.settings.host_compute == "never"
+    finally:
+        table.close()
+        segment.unlink()
