@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks-per-expert", type=int, default=3, help="chunks per expert copy (default 3)")
     p.add_argument("--link-gbps", type=float, default=None,
                    help="emulated host-to-device bandwidth in GB/s on the CPU path (default: unpaced memcpy)")
+    p.add_argument("--host-compute", choices=("auto", "never", "always"), default="auto",
+                   help="compute a missing expert of a decode step on the host when that is faster than copying it "
+                        "(auto, the default: by the measured cost model; always: every miss; never)")
     p.add_argument("--lookahead", type=int, default=2, help="layers ahead the predictor targets (default 2)")
     p.add_argument("--no-early-preemption", action="store_true",
                    help="ablation: never preempt or reorder speculative loads")
@@ -205,6 +208,7 @@ def make_config(args: argparse.Namespace, run_dir: Path, one_shot: bool):  # -> 
         record_hidden=args.record_hidden, inference_core=stand_in_core(args.stand_in_cores, device),
         routing_predictor_path=str(args.routing_predictor.resolve()) if args.routing_predictor else None,
         http=args.http, http_api_key=args.api_key, http_max_inflight=args.http_max_inflight,
+        host_compute=args.host_compute,
         served_model_name=args.model if args.model_path is None else Path(ckpt.path).name)
 
 

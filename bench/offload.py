@@ -2,7 +2,8 @@
 
     python bench/offload.py [--link-gbps 0.25] [--cache-fractions 0.125,0.25,0.5] [--predictor FILE]
                             [--routing-predictor FILE] [--model-path DIR]
-                            [--new-tokens 32] [--repeat N] [--policies lru,promoe] [--no-ablation]
+                            [--new-tokens 32] [--repeat N] [--policies lru,promoe] [--host-compute never,auto]
+                            [--no-ablation]
                             [--no-stand-in-cores] [--json PATH] [--plot PATH]
 
 Each configuration starts the runtime, runs one warm-up request, then the measured prompts (greedy). For
@@ -12,7 +13,9 @@ bytes that Belady's optimal replacement must load for the routing trace of the m
 with transformers, which the runtime matches token for token), ``W`` the emulated link. The ablation adds the
 paper's techniques one by one to prefetching at 25% cache. With ``--repeat N`` every case runs N times, one round
 of all cases after another (so that a machine's drifting noise falls on every case alike), and each row is the
-medians of its runs.
+medians of its runs. ``--host-compute`` runs every policy with each mode given (``launch.py --host-compute``; the
+resident and ablation cases always run ``never``); its rows are named ``POLICY+host-MODE`` (``never`` keeps the
+plain name).
 
 The CPU stand-in's model of a GPU (``launch.py --stand-in-cores``, on by default wherever two cores are usable): the
 inference worker computes alone on one core with one thread, as a GPU computes beside its host; the loader (its
@@ -120,6 +123,10 @@ def run(checkpoint: Path, root: Path, name: str, flags: list[str], new_tokens: i
         "ttft_ms": metric("ttft_ms"), "tpot_ms": metric("tpot_ms"), "hit_rate": metric("hit_rate"),
         "stall_ms": metric("stall_ms"), "goodpred": sum(gp) / len(gp) if gp else None,
         "bytes_loaded": sum(d.metrics["bytes_loaded"] for d in done),
+        "host_experts_per_token": sum(d.metrics.get("host_experts") or 0 for d in done)
+        / max(1, sum(len(d.token_ids) for d in done)),
+        "host_ms": sum(d.metrics.get("host_ms") or 0 for d in done),
+        "host_predicted_ms": sum(d.metrics.get("host_predicted_ms") or 0 for d in done),
         "time_ms": sum(d.metrics["ttft_ms"] + d.metrics["tpot_ms"] * (len(d.token_ids) - 1) for d in done),
         "tokens": [d.token_ids for d in done],
     }
@@ -153,6 +160,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1,
                    help="run every case N times, all cases interleaved in each round, and report medians")
     p.add_argument("--policies", default="ondemand,lru,lfu,promoe", help="policies to run (comma list)")
+    p.add_argument("--host-compute", default="never",
+                   help="host-compute modes to run every policy with (comma list of auto, never, always)")
     p.add_argument("--no-ablation", action="store_true", help="leave out the ablation rows")
     p.add_argument("--no-stand-in-cores", action="store_true",
                    help="let the operating system place the processes (default: launch.py --stand-in-cores)")
@@ -166,20 +175,24 @@ def main() -> None:
     stand_in = not args.no_stand_in_cores and len(os.sched_getaffinity(0)) >= 2
     # flags of every case: the emulated link and the processes' placement
     every = ["--link-gbps", str(args.link_gbps), *(["--stand-in-cores"] if stand_in else [])]
-    policies: list[tuple[str, list[str]]] = [(name, []) for name in args.policies.split(",")]
+    never = ["--host-compute", "never"]
+    policies: list[tuple[str, list[str]]] = [
+        (name if mode == "never" else f"{name}+host-{mode}", ["--host-compute", mode])
+        for name in args.policies.split(",") for mode in args.host_compute.split(",")]
     if args.predictor is not None:
-        policies.append(("promoe+learned", ["--predictor", str(args.predictor)]))
+        policies.append(("promoe+learned", ["--predictor", str(args.predictor), *never]))
     if args.routing_predictor is not None:
-        policies.append(("promoe+routing", ["--routing-predictor", str(args.routing_predictor)]))
+        policies.append(("promoe+routing", ["--routing-predictor", str(args.routing_predictor), *never]))
     traces = routing_trace(checkpoint, args.new_tokens)
     accesses = [a for trace in traces for a in trace]
     rows = []
     started = time.perf_counter()
-    cases = [("all_resident", n_experts, ["--policy", "lru", "--cache-experts", str(n_experts), *every])]
+    cases = [("all_resident", n_experts, ["--policy", "lru", "--cache-experts", str(n_experts), *never, *every])]
     cases += [(name, size, ["--policy", name.split("+")[0], "--cache-experts", str(size), *extra, *every])
               for size in sizes for name, extra in policies]
     quarter = max(lay.top_k, n_experts // 4)
-    cases += [(f"ablation: {step}", quarter, ["--policy", "promoe", "--cache-experts", str(quarter), *flags, *every])
+    cases += [(f"ablation: {step}", quarter, ["--policy", "promoe", "--cache-experts", str(quarter), *flags, *never,
+                                              *every])
               for step, flags in ([] if args.no_ablation else ABLATION)]
     runs: list[list[dict]] = [[] for _ in cases]
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,12 +221,13 @@ def main() -> None:
 def print_table(rows: list[dict], args: argparse.Namespace, stand_in: bool, elapsed_s: float) -> None:
     print(f"CPU, emulated link {args.link_gbps} GB/s, {len(PROMPTS)} prompts x {args.new_tokens} tokens, "
           f"medians of {args.repeat} run(s), stand-in cores {'on' if stand_in else 'off'}, "
-          f"{elapsed_s:.0f} s")
-    head = ("policy", "cache", "TTFT ms", "TPOT ms", "hit", "stall ms", "GoodPred", "x resident", "x floor", "exact")
+          f"{elapsed_s:.0f} s, load average {os.getloadavg()[0]:.1f}")
+    head = ("policy", "cache", "TTFT ms", "TPOT ms", "hit", "stall ms", "GoodPred", "host/tok", "x resident",
+            "x floor", "exact")
     print(f"{head[0]:28}" + "".join(f" {h:>10}" for h in head[1:]))
     for r in rows:
         cells = [r["cache_experts"], r["ttft_ms"], r["tpot_ms"], r["hit_rate"], r["stall_ms"], r["goodpred"],
-                 r["vs_all_resident"], r["vs_floor"], r["exact"]]
+                 r["host_experts_per_token"], r["vs_all_resident"], r["vs_floor"], r["exact"]]
         text = [f"{c:.3g}" if isinstance(c, float) else ("-" if c is None else str(c)) for c in cells]
         print(f"{r['policy']:28}" + "".join(f" {t:>10}" for t in text))
 

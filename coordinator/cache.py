@@ -128,6 +128,8 @@ class CacheDirectory:
         self._resident: set[ExpertId] = set()
         self.evicted_recently: deque[ExpertId] = deque(maxlen=self.n_slots)
         """The last evictions, oldest first (for ``DescribeCache``: one append per eviction, nothing more)."""
+        self._host: set[ExpertId] = set()
+        """The current gate's experts computed on the host: pinned by the worker, but never to be loaded for it."""
         self.table.waiting_for_slot = self._waiting_flag = False
 
     # ------------------------------------------------------------ queries
@@ -179,6 +181,7 @@ class CacheDirectory:
         self._last_chosen.clear()
         self._protected.clear()
         self._predictions.clear()
+        self._host.clear()
 
     # ------------------------------------------------------------ events
     def on_predicted(self, step: int, layer: int, experts: list[ExpertId],
@@ -218,10 +221,12 @@ class CacheDirectory:
         """The gate chose ``experts`` (now pinned by the inference worker): preempt, reorder, load what is missing.
 
         ``ready``: the layer's experts the worker saw fully landed when its gate decided (exact FetchRate); without
-        it, readiness is read from the slot table now. ``host``: missing experts computed on the host (not pinned):
-        each counts as a use but is not loaded for this gate (a load of it in flight goes on).
+        it, readiness is read from the slot table now. ``host``: missing experts computed on the host (pinned by the
+        worker like every chosen expert, until it has their output): each counts as a use but is not loaded for this
+        gate, now or when a load of it is preempted (a load of it in flight goes on).
         """
         self.position = position = (step, layer)
+        self._host = set(host)
         for expert in experts:
             self._last_chosen[expert] = position
             self._unused_since_load.pop(expert, None)
@@ -267,8 +272,9 @@ class CacheDirectory:
             self._unused_since_load.pop(load.expert, None)
             self.ledger.charge(load.request_id, wasted_bytes=done * chunk_nbytes, preempted=1)
             self._free_slot(load.slot)
-            if self.is_pinned(load.expert) and load.expert not in self._waiting:
-                self._waiting.append(load.expert)  # the gate chose it while its preemption was under way
+            if self.is_pinned(load.expert) and load.expert not in self._waiting and load.expert not in self._host:
+                self._waiting.append(load.expert)  # the gate chose it while its preemption was under way (and did
+                # not send it to the host: a host expert's pin is the worker's wait for its output, not a load)
         self._assign_waiting()
 
     def on_released(self) -> None:
@@ -302,6 +308,7 @@ class CacheDirectory:
         ``begin_request`` (which follows that report) they are not read."""
         self._pins_held = False
         self._waiting.clear()
+        self._host.clear()
         self.table.waiting_for_slot = self._waiting_flag = False
 
     def is_pinned(self, expert: ExpertId) -> bool:

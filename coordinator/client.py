@@ -150,13 +150,13 @@ class PromoeClient:
     def configure_cache(self, policy: str | None = None, cache_experts: int | None = None,
                         early_preemption: bool | None = None, reordered_inference: bool | None = None,
                         chunked_loads: bool | None = None, prefetch: bool | None = None,
-                        timeout_s: float = 60.0) -> CacheConfigured:
+                        host_compute: str | None = None, timeout_s: float = 60.0) -> CacheConfigured:
         """Between requests: switch the policy, the slots in use and the promoe mechanisms (None keeps a setting);
         the cache is emptied. ``RequestFailed`` with ``busy`` while a request runs or waits, ``bad_request`` for
         values out of range."""
         self.send(ConfigureCache(policy=policy, cache_experts=cache_experts, early_preemption=early_preemption,
                                  reordered_inference=reordered_inference, chunked_loads=chunked_loads,
-                                 prefetch=prefetch))
+                                 prefetch=prefetch, host_compute=host_compute))
         return self._expect(self.receive(timeout_s), CacheConfigured)
 
     @staticmethod

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import zmq
 
 from coordinator.cache import CacheDirectory
+from coordinator.host_compute import HOST_COMPUTE_MODES
 from coordinator.policies import make_policy
 from protocol.config import POLICIES, RuntimeConfig
 from protocol.messages import (
@@ -55,11 +56,15 @@ class CacheSettings:
     """The loader reads its inbox between chunks (False: between whole experts)."""
     prefetch: bool
     """The operator's choice for promoe: predictions drive speculative loads (in force only under promoe)."""
+    host_compute: str = "never"
+    """auto | never | always (``coordinator/host_dispatch.py``); other than never only if the runtime started with
+    host compute on (its workers then share the inputs and compute)."""
 
     @classmethod
     def at_start(cls, cfg: RuntimeConfig) -> CacheSettings:
         return cls(policy=cfg.policy, cache_experts=cfg.layout.n_slots, early_preemption=cfg.early_preemption,
-                   reordered_inference=cfg.reordered_inference, chunked_loads=True, prefetch=True)
+                   reordered_inference=cfg.reordered_inference, chunked_loads=True, prefetch=True,
+                   host_compute=cfg.host_compute)
 
     @property
     def predicting(self) -> bool:
@@ -73,13 +78,16 @@ class CacheSettings:
         if msg.cache_experts is not None and not top_k <= msg.cache_experts <= max_slots:
             raise ValueError(f"cache_experts must be in {top_k} (one layer's top-k) .. {max_slots} (the slots "
                              f"allocated at start), got {msg.cache_experts}")
+        if msg.host_compute is not None and msg.host_compute not in HOST_COMPUTE_MODES:
+            raise ValueError(f"host_compute must be one of {', '.join(HOST_COMPUTE_MODES)}, got {msg.host_compute!r}")
         changes = {f.name: getattr(msg, f.name) for f in dataclasses.fields(self) if getattr(msg, f.name) is not None}
         return dataclasses.replace(self, **changes)
 
     def reply(self, max_slots: int) -> CacheConfigured:
         return CacheConfigured(policy=self.policy, cache_experts=self.cache_experts, max_cache_experts=max_slots,
                                early_preemption=self.early_preemption, reordered_inference=self.reordered_inference,
-                               chunked_loads=self.chunked_loads, prefetch=self.predicting)
+                               chunked_loads=self.chunked_loads, prefetch=self.predicting,
+                               host_compute=self.host_compute)
 
     def for_inference(self) -> ConfigureInference:
         return ConfigureInference(hidden_states=self.predicting, reordered_inference=self.reordered_inference)
@@ -99,8 +107,12 @@ class CacheConfigurator:
     """The settings in force and the one ``configure_cache`` waiting for the cache to settle, if any."""
 
     def __init__(self, cfg: RuntimeConfig, cache: CacheDirectory, send_to: dict[str, zmq.Socket],
-                 reply: Callable[[list[bytes], Message], bool], on_applied: Callable[[], None]) -> None:
+                 reply: Callable[[list[bytes], Message], bool], on_applied: Callable[[], None],
+                 on_host_compute: Callable[[str], None] | None = None) -> None:
         self.cache = cache
+        self.host_available = cfg.host_compute != "never"
+        """The workers share inputs and compute on the host (started with host compute on)."""
+        self.on_host_compute = on_host_compute
         self.top_k = cfg.layout.top_k
         self.max_slots = cfg.layout.n_slots
         self.send_to = send_to
@@ -113,6 +125,8 @@ class CacheConfigurator:
         """Validate, then apply at once or as soon as the cache is idle; ``busy``: why it cannot be taken now."""
         try:
             settings = self.settings.updated(msg, self.top_k, self.max_slots)
+            if settings.host_compute != "never" and not self.host_available:
+                raise ValueError("host_compute needs a runtime started with --host-compute auto or always")
         except ValueError as exc:
             self.reply(envelope, ErrorReported(code="bad_request", message=str(exc)))
             return
@@ -136,6 +150,8 @@ class CacheConfigurator:
         new = pending.settings
         self.cache.reconfigure(make_policy(new.policy, self.cache.layout), new.cache_experts, new.early_preemption)
         self.settings = new
+        if self.on_host_compute is not None:
+            self.on_host_compute(new.host_compute)
         self.tell("inference")
         self.tell("loader")
         log.info("cache configured: %s", new)

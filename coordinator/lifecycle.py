@@ -20,6 +20,7 @@ import zmq.asyncio
 from coordinator.cache import CacheDirectory
 from coordinator.cache_view import describe_cache
 from coordinator.configure import CacheConfigurator
+from coordinator.host_dispatch import HostDispatch
 from coordinator.metrics import Totals
 from coordinator.requests import PendingRequest, Rejected, RequestQueue
 from coordinator.worker_watch import WorkerWatch
@@ -65,6 +66,8 @@ class RequestLifecycle:
     send_to: dict[str, zmq.Socket]
     send_to_supervisor: zmq.Socket
     cache: CacheDirectory
+    host: HostDispatch
+    """``--host-compute``: the cost model and the gates' host jobs."""
     queue: RequestQueue
     running: dict[RequestId, RunningRequest]
     """Requests on the inference worker, in the order they started (at most ``cfg.max_batch``)."""
@@ -202,6 +205,7 @@ class RequestLifecycle:
             req = pending.request
             if not self.running:
                 self.cache.begin_request(pending.request_id)
+                self.host.begin_request(pending.request_id)
             self.running[pending.request_id] = RunningRequest(pending, asyncio.get_running_loop().time())
             self.cache.ledger.join(pending.request_id)
             send(self.send_to["inference"], StartGeneration(

@@ -23,6 +23,7 @@ import zmq.asyncio
 from coordinator.auth import serve_curve
 from coordinator.cache import CacheDirectory
 from coordinator.configure import CacheConfigurator
+from coordinator.host_dispatch import HostDispatch
 from coordinator.lifecycle import RunningRequest
 from coordinator.metrics import Totals
 from coordinator.policies import make_policy
@@ -39,6 +40,7 @@ from protocol.messages import (
     DescribeCache,
     DrainRequested,
     ErrorReported,
+    ExpertComputed,
     ExpertLoaded,
     ExpertsPredicted,
     ExpertsReleased,
@@ -92,6 +94,7 @@ class Coordinator(WorkerEvents):
         self.send_to = {role: push_socket(self.ctx, cfg.endpoint(role)) for role in WORKER_ROLES}
         self.send_to_supervisor = push_socket(self.ctx, cfg.endpoint("supervisor"))
         self.cache = CacheDirectory(table, cfg.layout, make_policy(cfg.policy, cfg.layout), cfg.early_preemption)
+        self.host = HostDispatch(cfg.host_compute)
         self.queue = RequestQueue(cfg.max_queue, cfg.request_timeout_s, self.on_deadline, cfg.vocab_size)
         self.running: dict[RequestId, RunningRequest] = {}
         self._next_request_id = 1
@@ -104,6 +107,7 @@ class Coordinator(WorkerEvents):
             OutlookPredicted: self.on_outlook_predicted,
             ExpertsReleased: self.on_experts_released,
             ExpertLoaded: self.on_expert_loaded,
+            ExpertComputed: self.on_expert_computed,
             LoadsPreempted: self.on_loads_preempted,
             TokenStreamed: self.on_token_streamed,
             GenerationFinished: self.on_generation_finished,
@@ -122,7 +126,8 @@ class Coordinator(WorkerEvents):
             CancelGeneration: self.on_cancel_generation, ConfigureCache: self.on_configure_cache,
             DescribeCache: self.on_describe_cache},
             unexpected_level=logging.DEBUG)  # a client's mistake, answered, not the runtime's
-        self.configurator = CacheConfigurator(cfg, self.cache, self.send_to, self._reply, self._start_next)
+        self.configurator = CacheConfigurator(cfg, self.cache, self.send_to, self._reply, self._start_next,
+                                              self.host.set_mode)
 
     # ------------------------------------------------------------ loops
     async def serve_workers(self) -> None:

@@ -48,6 +48,7 @@ from protocol.messages import (
 from shm.cache_slots import CacheSlots
 from shm.expert_store import HostExpertStore
 from shm.hidden_exchange import HiddenExchange
+from shm.host_exchange import HostExchange
 from shm.ordering import require_ordered_stores
 from shm.segment import Segment, unlink_leftovers, unlink_torch_files
 from shm.slot_table import SlotTable
@@ -144,6 +145,8 @@ class Supervisor:
         SlotTable(table, lay.n_slots, lay.n_experts, lay.n_chunks, init=True).close()
         self.segments.append(Segment.create(self.cfg.segment("hidden"), HiddenExchange.nbytes_for(
             len(lay.moe_layers), lay.hidden_size, self.cfg.hidden_max_tokens)))
+        self.segments.append(Segment.create(self.cfg.segment("host"), HostExchange.nbytes_for(
+            len(lay.moe_layers), lay.experts_per_layer, lay.top_k, lay.hidden_size, self.cfg.host_max_tokens)))
         log.info("run %s: shared memory store %.1f MB, slots %.1f MB on %s (%d experts of %d)", self.cfg.run_id,
                  store.nbytes / 1e6, slots_nbytes / 1e6, self.cfg.device, lay.n_slots, lay.n_experts)
 

@@ -17,6 +17,7 @@ from coordinator.lifecycle import RequestLifecycle
 from coordinator.metrics import cache_metrics
 from protocol.messages import (
     ErrorReported,
+    ExpertComputed,
     ExpertLoaded,
     ExpertsPredicted,
     ExpertsReleased,
@@ -70,11 +71,19 @@ class WorkerEvents(RequestLifecycle):
             return
         if msg.request_id != self.cache.request_id:
             self.cache.begin_request(msg.request_id)
+            self.host.begin_request(msg.request_id)
         self.cache.ledger.step_serves(served)
         for request_id in served:
             self.running[request_id].gate_latency_ns.append(now_ns() - msg.sent_ns)
-        self.cache.on_gate(msg.step, msg.layer, msg.experts, msg.ready_experts)
+        jobs = self.host.at_gate(self.cache, msg)
+        for job in jobs:  # first: the host starts while the link copies
+            send(self.send_to["loader"], job)
+            self._count()
+        self.cache.on_gate(msg.step, msg.layer, msg.experts, msg.ready_experts, host={job.expert for job in jobs})
         self._send_to_loader()
+
+    def on_expert_computed(self, msg: ExpertComputed) -> None:
+        self.host.on_computed(msg)
 
     def on_experts_predicted(self, msg: ExpertsPredicted) -> None:
         if self.running and self.cache.request_id == msg.request_id:
@@ -94,6 +103,7 @@ class WorkerEvents(RequestLifecycle):
         self._send_to_loader()
 
     def on_expert_loaded(self, msg: ExpertLoaded) -> None:
+        self.host.on_loaded(msg)
         self.cache.on_loaded(msg.load_id, msg.seq)
         self._send_to_loader()
 
@@ -136,6 +146,7 @@ class WorkerEvents(RequestLifecycle):
             "zmq_messages": running.messages,
             "zmq_messages_per_token": running.messages / max(len(msg.token_ids), 1),
             "gate_message_latency_us_p50": statistics.median(latencies) / 1e3 if latencies else None,
+            **self.host.metrics(msg.host_experts),
         }
         self._reply(running.pending.envelope, GenerationDone(
             request_id=msg.request_id, token_ids=msg.token_ids, text=msg.text, finish_reason=msg.finish_reason,

@@ -170,6 +170,8 @@ class ConfigureCache(Message):
     """The loader reads its inbox between chunks (False: an expert's chunks are copied as one unit)."""
     prefetch: bool | None = None
     """promoe: predictions drive speculative loads (False: the predictor is not consulted at all)."""
+    host_compute: str | None = None
+    """auto | never | always: compute missing experts on the host (only if the runtime started with it on)."""
 
 
 class CacheConfigured(Message):
@@ -183,6 +185,7 @@ class CacheConfigured(Message):
     reordered_inference: bool
     chunked_loads: bool
     prefetch: bool
+    host_compute: str = "never"
 
 
 class ErrorReported(Message, tag="error"):

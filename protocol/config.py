@@ -90,6 +90,13 @@ class RuntimeConfig:
     final reply); past it, a new one is answered 429 ``busy`` at once. None: ``max_queue + 1``, what the coordinator
     itself can hold (the running request and the queue)."""
 
+    host_compute: str = "never"
+    """Compute missing experts on the host (``coordinator/host_compute.py``): ``auto`` where the cost model expects
+    the output sooner than a copy's, ``always`` every miss of a small step, ``never``. ``launch.py`` defaults to
+    ``auto``; a config built in process (tests, tools that make their own segments) to ``never``."""
+    host_max_tokens: int = 4
+    """Largest step (tokens) whose experts may be computed on the host; larger steps (prefill) always load."""
+
     @property
     def http_inflight_limit(self) -> int:
         """``http_max_inflight``, or its default."""
@@ -139,5 +146,5 @@ class RuntimeConfig:
         return cls(**data)
 
 
-SEGMENTS = ("store", "slots", "table", "hidden")
+SEGMENTS = ("store", "slots", "table", "hidden", "host")
 """The segments of a runtime on the CPU path, all created and unlinked by the supervisor."""

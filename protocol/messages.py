@@ -132,6 +132,33 @@ class ExpertLoaded(Message):
 
     load_id: LoadId
     seq: int
+    copy_ns: int = 0
+    """Time the loader spent copying this load's chunks (the link's time, not the queue's; 0: not measured)."""
+    copied_nbytes: int = 0
+    """Bytes this load copied over the link (its chunks from ``first_chunk`` on)."""
+
+
+class ComputeExpert(Message):
+    """Compute ``expert`` on the host for the gate of MoE layer ``layer`` at step ``step`` (``--host-compute``):
+    its input is in the host exchange's record of ``layer``, its output goes to the record (``layer``, ``index``),
+    ``index`` being its place among the gate's chosen experts in ascending order. Dropped if the input record no
+    longer holds (``request_id``, ``step``)."""
+
+    request_id: RequestId
+    layer: int
+    step: int
+    expert: ExpertId
+    index: int
+
+
+class ExpertComputed(Message):
+    """Loader -> coordinator: ``expert`` was computed on the host for ``n_tokens`` tokens in ``duration_ns`` (from
+    reading its input to its output written)."""
+
+    request_id: RequestId
+    expert: ExpertId
+    n_tokens: int
+    duration_ns: int
 
 
 class LoadsPreempted(Message):
@@ -201,6 +228,14 @@ class GateDecided(Message):
     request_ids: list[RequestId] = []
     """The requests whose tokens the step serves (``--max-batch`` > 1; ``request_id`` then keys the batch's routing:
     it is its first request's id); empty: ``request_id`` alone."""
+    n_tokens: int = 1
+    """Tokens in the step."""
+    host_input: bool = False
+    """The layer's input and routing are in the host exchange: its missing experts may be computed on the host."""
+    device_ns: int = 0
+    """Time the worker spent computing experts from the slots since its previous gate report."""
+    device_experts: int = 0
+    """Experts it computed from the slots in that time."""
 
 
 class ExpertsReleased(Message):
@@ -222,6 +257,8 @@ class GenerationFinished(Message):
     expert_uses: int
     expert_hits: int
     finish_reason: str
+    host_experts: int = 0
+    """Expert uses served by an output computed on the host (``--host-compute``)."""
 
 
 class GenerationFailed(Message):
@@ -309,6 +346,8 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     Reorder,
     ExpertLoaded,
     LoadsPreempted,
+    ComputeExpert,
+    ExpertComputed,
     SlotsExported,
     StartGeneration,
     GateDecided,

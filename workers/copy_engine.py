@@ -46,6 +46,9 @@ class CopyTicket:
     token: object
     nbytes: int = 0
     """Bytes that crossed the link (set by ``submit``)."""
+    copy_ns: int = 0
+    """Time the link spent on this chunk (set once completed: CPU, the paced copy; CUDA, from when the stream
+    reached it, i.e. its submission or the previous chunk's completion, to when its completion was seen)."""
 
 
 class CopyEngine(Protocol):
@@ -94,7 +97,9 @@ class CpuCopyEngine:
         return nbytes
 
     def submit(self, ticket: CopyTicket) -> None:
+        started_ns = time.perf_counter_ns()
         ticket.nbytes = self.copy_chunk(ticket.expert, ticket.slot, ticket.chunk)
+        ticket.copy_ns = time.perf_counter_ns() - started_ns
         self._done.append(ticket)
 
     def completed(self, wait: bool = False) -> list[CopyTicket]:
@@ -153,6 +158,7 @@ class CudaCopyEngine:
         self.stream = torch.cuda.Stream(self.device)
         self._free_events: list[torch.cuda.Event] = []
         self._in_flight: deque[tuple[CopyTicket, torch.cuda.Event]] = deque()
+        self._last_done_ns = 0
 
     def submit(self, ticket: CopyTicket) -> None:
         src = self.store.chunk(ticket.expert, ticket.chunk)  # [chunk_numel], pinned host
@@ -162,6 +168,7 @@ class CudaCopyEngine:
             dst.copy_(src, non_blocking=True)  # cudaMemcpyAsync on self.stream: the host does not wait
             event.record(self.stream)  # completes when this copy (and every earlier one on the stream) has
         ticket.nbytes = src.numel() * self.itemsize
+        ticket.copy_ns = time.perf_counter_ns()  # submitted at; made a duration once completed
         self._in_flight.append((ticket, event))
 
     def completed(self, wait: bool = False) -> list[CopyTicket]:
@@ -172,6 +179,9 @@ class CudaCopyEngine:
         while self._in_flight and self._in_flight[0][1].query():
             ticket, event = self._in_flight.popleft()
             self._free_events.append(event)
+            done_ns = time.perf_counter_ns()
+            ticket.copy_ns = done_ns - max(ticket.copy_ns, self._last_done_ns)
+            self._last_done_ns = done_ns
             done.append(ticket)
         return done
 

@@ -39,10 +39,12 @@ from protocol.messages import (
 )
 from shm.cache_slots import CacheSlots, SlotArray
 from shm.hidden_exchange import HiddenExchange
+from shm.host_exchange import HostExchange
 from shm.layout import torch_dtype
 from shm.segment import Segment
 from shm.slot_table import SlotTable
 from workers.bootstrap import KeepAlive, WorkerSockets, now_ns, push_socket, run_worker, send
+from workers.host_experts import HostOutputs
 from workers.offloaded_experts import IMPLEMENTATION_NAME, LoadTimedOut, OffloadedExperts
 from workers.routing_live import RoutingFeed
 from workers.trace_recorder import TraceRecorder
@@ -234,6 +236,7 @@ class InferenceWorker:
             expert_uses=stats.uses,
             expert_hits=stats.hits,
             finish_reason=finish_reason,
+            host_experts=stats.host_experts,
         )
 
     def streamer(self, request_id: RequestId) -> TokenStreamer:
@@ -273,12 +276,19 @@ def open_table(cfg: RuntimeConfig) -> SlotTable:
     return table
 
 
+def open_host_exchange(cfg: RuntimeConfig) -> HostExchange:
+    lay = cfg.layout
+    return HostExchange(Segment.attach(cfg.segment("host")), len(lay.moe_layers), lay.experts_per_layer, lay.top_k,
+                        lay.hidden_size, cfg.host_max_tokens)
+
+
 def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
     lay = cfg.layout
     slots, send_to_loader = open_slots(cfg, sockets)
     table = open_table(cfg)
     hidden_exchange = HiddenExchange(Segment.attach(cfg.segment("hidden")), len(lay.moe_layers), lay.hidden_size,
                                      cfg.hidden_max_tokens)
+    host = HostOutputs(open_host_exchange(cfg)) if cfg.host_compute != "never" else None
     send_to_coordinator = sockets.send_to_coordinator
     send_to_predictor = push_socket(sockets.ctx, cfg.endpoint("predictor"))
     recorder: TraceRecorder | None = None
@@ -291,9 +301,13 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
 
         def on_gate(request_id: int, moe_layer: int, step: int, experts: list[ExpertId],
                     ready: list[ExpertId]) -> None:
-            send(send_to_coordinator, GateDecided(request_id=RequestId(request_id), step=step, layer=moe_layer,
-                                                  experts=experts, ready_experts=ready, sent_ns=now_ns(),
-                                                  request_ids=[RequestId(r) for r in backend.request_ids]))
+            msg = GateDecided(request_id=RequestId(request_id), step=step, layer=moe_layer, experts=experts,
+                              ready_experts=ready, sent_ns=now_ns(),
+                              request_ids=[RequestId(r) for r in backend.request_ids])
+            if host is not None:
+                msg.n_tokens, msg.host_input = host.n_tokens, host.published
+                msg.device_ns, msg.device_experts = host.take_device_time()
+            send(send_to_coordinator, msg)
 
         def on_released(experts: list[ExpertId]) -> None:
             send(send_to_coordinator, ExpertsReleased(experts=experts))
@@ -309,6 +323,7 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
         backend = OffloadedExperts(lay, table, slots, experts_modules(model, lay.moe_layers), on_gate, on_released,
                                    cfg.load_timeout_s, on_hidden if cfg.prefetch and feed is None else None,
                                    reordered=cfg.reordered_inference, keep_alive=KeepAlive(sockets))
+        backend.host = host
         backend.register()
         model.set_experts_implementation(IMPLEMENTATION_NAME)  # type: ignore[operator]
         if cfg.record_trace is not None:
@@ -348,6 +363,8 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
         slots.close()
         table.close()
         hidden_exchange.close()
+        if host is not None:
+            host.exchange.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,6 +10,7 @@ the slot table only once a chunk's copy has completed, and only while the slot s
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 import torch
@@ -21,6 +22,7 @@ from models.synthetic_experts import fill_store as fill_synthetic
 from protocol.config import RuntimeConfig
 from protocol.dispatch import Dispatcher
 from protocol.messages import (
+    ComputeExpert,
     ConfigureLoader,
     ExpertLoaded,
     LoadExpert,
@@ -34,14 +36,19 @@ from protocol.messages import (
 )
 from shm.cache_slots import CacheSlots
 from shm.expert_store import HostExpertStore
+from shm.host_exchange import HostExchange
 from shm.segment import Segment
 from shm.slot_table import SlotTable
-from workers.bootstrap import IDLE_POLL_S, Inbox, WorkerSockets, run_worker, send
+from workers.bootstrap import IDLE_POLL_S, Inbox, WorkerSockets, push_socket, run_worker, send
 from workers.chunk_queue import ChunkQueue, QueuedLoad
 from workers.copy_engine import CopyEngine, CopyTicket, CpuCopyEngine
+from workers.host_experts import HostExperts
 
 __all__ = ["CpuCopyEngine", "Loader", "fill_store", "serve"]
 
+HOST_SWITCH_INTERVAL_S = 0.0005
+"""The loader's GIL switch interval with host compute on (Python's default is 5 ms): the emulated link's pacing
+spins in Python between chunks, and the host-compute thread waits for the GIL between torch kernels."""
 SLOTS_EXPORT_TIMEOUT_S = 300.0
 """CUDA path: how long the loader waits for the inference worker's ``SlotsExported`` after filling the store."""
 
@@ -64,6 +71,10 @@ class Loader:
         """Read the inbox between chunks; False (``configure_cache``): only between whole experts, so that a load
         is preempted or overtaken at expert granularity, as with one chunk per expert."""
         self._partial: QueuedLoad | None = None
+        self._copied: dict[int, tuple[int, int]] = {}
+        """Per live load, (ns, bytes) its chunks took on the link so far (reported with ``ExpertLoaded``)."""
+        self.host: HostExperts | None = None
+        """``--host-compute``: computes experts on the host, on its own thread."""
         """The load whose chunks are being handed out, while some are left."""
         self.dispatch = Dispatcher("loader", {
             LoadExpert: self.on_load_expert,
@@ -71,7 +82,14 @@ class Loader:
             Reorder: self.on_reorder,
             Ping: self.on_ping,
             ConfigureLoader: self.on_configure_loader,
+            ComputeExpert: self.on_compute_expert,
         })
+
+    def on_compute_expert(self, msg: ComputeExpert) -> None:
+        if self.host is None:
+            log.error("ComputeExpert for expert %d, but host compute is off", msg.expert)
+            return
+        self.host.submit(msg)
 
     def on_load_expert(self, msg: LoadExpert) -> None:
         if self.queue.holds(msg.load_id):
@@ -88,6 +106,7 @@ class Loader:
         dropped = self.queue.preempt(msg.load_ids)
         for load_id, _ in dropped:
             self._live_loads.discard(load_id)
+            self._copied.pop(load_id, None)
         if dropped:
             send(self.send_to_coordinator, LoadsPreempted(
                 load_ids=[d[0] for d in dropped], chunks_done=[d[1] for d in dropped]))
@@ -143,12 +162,17 @@ class Loader:
             assert isinstance(load, QueuedLoad)
             # False if the slot was reassigned while the copy was in flight: the new owner's readiness is not ours
             published = self.table.publish_ready(load.slot, load.seq, ticket.chunk + 1)
+            copy_ns, nbytes = self._copied.pop(load.load_id, (0, 0))
+            copy_ns, nbytes = copy_ns + ticket.copy_ns, nbytes + ticket.nbytes
             if ticket.chunk + 1 < load.n_chunks:
+                if load.load_id in self._live_loads:
+                    self._copied[load.load_id] = (copy_ns, nbytes)
                 continue
             if load.load_id in self._live_loads:
                 self._live_loads.discard(load.load_id)
                 if published:
-                    send(self.send_to_coordinator, ExpertLoaded(load_id=load.load_id, seq=load.seq))
+                    send(self.send_to_coordinator, ExpertLoaded(load_id=load.load_id, seq=load.seq, copy_ns=copy_ns,
+                                                                copied_nbytes=nbytes))
 
     def between_loads(self) -> bool:
         """Whether the inbox may be read now: between two chunks, or (whole-expert loads) between two experts."""
@@ -186,6 +210,8 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
     table = SlotTable(Segment.attach(cfg.segment("table")), lay.n_slots, lay.n_experts, lay.n_chunks, init=False)
     slots: CacheSlots | None = None
     engine: CopyEngine | None = None
+    host: HostExperts | None = None
+    report: zmq.Socket | None = None
     try:
         if table.store_filled:
             log.info("restarted: the host store is already filled")
@@ -206,11 +232,19 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
             slots = CacheSlots(Segment.attach(cfg.segment("slots")), lay)
             engine = CpuCopyEngine(store, slots, cfg.link_gbps)
         loader = Loader(cfg, table, engine, sockets.inbox, sockets.send_to_coordinator)
+        if cfg.host_compute != "never":
+            report = push_socket(sockets.ctx, cfg.endpoint("coordinator"))  # used only by the host thread
+            host = loader.host = start_host_experts(cfg, store, report)
         for msg in early:  # what arrived while waiting for the slots, in arrival order
             loader.dispatch(msg)
         sockets.announce_ready()
         loader.serve()
     finally:
+        if host is not None:
+            host.close()
+            host.exchange.close()
+        if report is not None:
+            report.close(linger=0)
         if engine is not None:
             try:
                 engine.close()
@@ -220,6 +254,18 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
         if slots is not None:
             slots.close()
         table.close()
+
+
+def start_host_experts(cfg: RuntimeConfig, store: HostExpertStore, report: zmq.Socket) -> HostExperts:
+    """The host computations, reporting on their own socket to the coordinator (used only by their thread)."""
+    from transformers.activations import ACT2FN
+
+    lay = cfg.layout
+    exchange = HostExchange(Segment.attach(cfg.segment("host")), len(lay.moe_layers), lay.experts_per_layer,
+                            lay.top_k, lay.hidden_size, cfg.host_max_tokens)
+    act_fn = ACT2FN[open_checkpoint(cfg.checkpoint).config.get("hidden_act", "silu")]
+    sys.setswitchinterval(HOST_SWITCH_INTERVAL_S)  # the paced copy spins: let the host thread back in soon
+    return HostExperts(lay, store, exchange, act_fn, lambda msg: send(report, msg))
 
 
 def wait_for_slots(inbox: Inbox, timeout_s: float, early: list[Message]) -> SlotsExported:

@@ -29,6 +29,7 @@ from protocol.ids import ExpertId, SlotId
 from shm.cache_slots import ReadFence, SlotArray
 from shm.layout import ExpertLayout
 from shm.slot_table import SlotTable, SlotView
+from workers.host_experts import HostOutputs
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class LayerStats:
     hits: int = 0
     stall_ns: int = 0
     retries: int = 0
+    host_experts: int = 0
+    """Uses served by an output computed on the host."""
 
 
 class OffloadedExperts:
@@ -92,6 +95,8 @@ class OffloadedExperts:
         self.clock_ns = clock_ns
         self.on_routing: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None
         """(MoE layer, step, ``top_k_index [T, k]``, the layer's input ``[T, H]``) at every gate: trace recording."""
+        self.host: HostOutputs | None = None
+        """``--host-compute``: publishes small steps' inputs for the host and takes the outputs it computed."""
         self._moe_layer_of = {id(m): i for i, m in enumerate(experts_modules)}
         self.request_id = 0
         self.request_ids: list[int] = []
@@ -138,6 +143,9 @@ class OffloadedExperts:
         ready = self.table.ready_experts(lay.expert_id(moe_layer, 0), lay.experts_per_layer)
         self.stats.uses += len(expert_ids)
         self.stats.hits += len(set(expert_ids).intersection(ready))
+        host = self.host
+        if host is not None:  # before the gate report: the coordinator may send these experts to the host
+            host.publish(moe_layer, self.request_id, self.step, hidden_states, top_k_index)
         self.on_gate(self.request_id, moe_layer, self.step, expert_ids, ready)
 
         # [E+1, k, T] exactly as the eager implementation builds it, so row selection matches bit for bit
@@ -156,8 +164,18 @@ class OffloadedExperts:
             for local, eid in candidates:
                 view = self.table.lookup(eid)
                 if view is None or not self.table.is_ready(view):
+                    if host is not None and host.published:  # or computed on the host: whichever comes first
+                        taken = host.take(moe_layer, chosen.index(local), self.request_id, self.step, eid, local,
+                                          expert_mask, top_k_weights, hidden_states.dtype)
+                        if taken is not None:
+                            self._accept(local, eid, taken, pending, outputs)
+                            self.stats.host_experts += 1
+                            progressed = True
                     continue
+                started_ns = self.clock_ns()
                 result = self._compute(module, local, view.slot, hidden_states, expert_mask, top_k_weights)
+                if host is not None:
+                    host.timed(started_ns)
                 del pending[local]
                 reading.append(Reading(local, eid, view, result, self.slots.read_fence()))
                 progressed |= self._retire(reading, pending, outputs, wait=False)
@@ -204,16 +222,23 @@ class OffloadedExperts:
                 self.stats.retries += 1
                 pending[entry.local] = entry.expert
                 continue
-            outputs[entry.local] = entry.result
-            self.table.unpin(entry.expert)
+            self._accept(entry.local, entry.expert, entry.result, None, outputs)
             accepted = True
-            if self.table.waiting_for_slot:
-                self.on_released([entry.expert])
         if pending:
             ordered = sorted(pending.items())  # a retried expert keeps its place (ascending) for the ablation order
             pending.clear()
             pending.update(ordered)
         return accepted
+
+    def _accept(self, local: int, expert: ExpertId, result: tuple[torch.Tensor, torch.Tensor],
+                pending: dict[int, ExpertId] | None, outputs: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep an expert's output and unpin it (reported if the coordinator waits for a slot)."""
+        outputs[local] = result
+        if pending is not None:
+            del pending[local]
+        self.table.unpin(expert)
+        if self.table.waiting_for_slot:
+            self.on_released([expert])
 
     def _compute(
         self,
