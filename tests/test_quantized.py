@@ -47,10 +47,10 @@ def test_round_trip_error_is_within_half_a_step(bits: int) -> None:
     assert relative < (0.01 if bits == 8 else 0.15)
 
 
-def test_int4_packs_two_codes_per_byte_low_nibble_first() -> None:
-    codes = torch.tensor([[-7, 7, 0, -1, 3, -3, 1, 2]], dtype=torch.int16)
+def test_int4_packs_two_codes_per_byte_first_half_in_the_low_nibbles() -> None:
+    codes = torch.tensor([[-7, 7, 0, -1, 3, -3, 1, 2]], dtype=torch.int8)
     packed = quantized.pack(codes, 4)
-    assert packed.tolist() == [[(7 + 8) << 4 | 1, (-1 + 8) << 4 | 8, (-3 + 8) << 4 | 11, (2 + 8) << 4 | 9]]
+    assert packed.tolist() == [[(3 + 8) << 4 | 1, (-3 + 8) << 4 | 15, (1 + 8) << 4 | 8, (2 + 8) << 4 | 7]]
     assert torch.equal(quantized.unpack(packed, 4), codes)
     assert torch.equal(quantized.unpack(quantized.pack(codes, 8), 8), codes)
 
