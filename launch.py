@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype on CPU (default float32); experts stay in the checkpoint's dtype in host "
                         "memory")
+    p.add_argument("--expert-dtype", choices=("bf16", "fp16", "fp32", "int8", "int4"), default=None,
+                   help="routed experts' dtype in the store, slots and link (default: the checkpoint's); int8/int4: "
+                        "group-wise symmetric weight-only quantization (README, Quantized experts)")
+    p.add_argument("--quant-group-size", type=int, default=64,
+                   help="weights per int8/int4 scale, along the input dim (default 64)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="where the model runs and the cache slots live (default: cuda if available, else cpu)")
     p.add_argument("--policy", choices=POLICIES, default="promoe", help="cache policy (default promoe)")
@@ -170,17 +175,21 @@ def resolve_device(requested: str | None) -> str:
 
 def make_config(args: argparse.Namespace, run_dir: Path, one_shot: bool):  # -> RuntimeConfig
 
-    from models.checkpoint import CheckpointError, open_checkpoint
+    from models.checkpoint import EXPERT_DTYPES, CheckpointError, open_checkpoint
     from protocol.config import RuntimeConfig
+    from shm.layout import QUANT_BITS
 
     device = resolve_device(args.device)
     try:
         ckpt = open_checkpoint(resolve_checkpoint(args))
-        # CPU computes in --dtype (float32 by default); the GPU in the checkpoint's own dtype (bf16 for real
-        # checkpoints), so a chunk crosses the link once and lands in its slot as is
-        compute_dtype = ckpt.storage_dtype() if device == "cuda" else args.dtype
+        # CPU computes in --dtype (float32 by default); the GPU in the experts' stored dtype (the checkpoint's, bf16
+        # for real checkpoints), so a chunk crosses the link once and lands in its slot as is (int8/int4: the
+        # checkpoint's dtype, dequantized into)
+        stored = EXPERT_DTYPES.get(args.expert_dtype or "", ckpt.storage_dtype())
+        compute_dtype = (ckpt.storage_dtype() if stored in QUANT_BITS else stored) if device == "cuda" else args.dtype
+        experts = {"expert_dtype": args.expert_dtype, "group_size": args.quant_group_size}
         probe = ckpt.layout(n_slots=ckpt.config["num_experts_per_tok"], n_chunks=args.chunks_per_expert,
-                            compute_dtype=compute_dtype)
+                            compute_dtype=compute_dtype, **experts)
         ckpt.validate(probe)  # every shard whole, every expert and router key there: before any worker starts
     except (CheckpointError, ValueError, KeyError) as exc:
         raise SystemExit(f"cannot serve this checkpoint: {exc}") from None
@@ -189,7 +198,7 @@ def make_config(args: argparse.Namespace, run_dir: Path, one_shot: bool):  # -> 
     if args.routing_predictor is not None:
         check_routing_predictor(args, probe)
     n_slots = cache_slots(args, probe.n_experts, probe.top_k, probe.slot_nbytes)
-    layout = ckpt.layout(n_slots=n_slots, n_chunks=args.chunks_per_expert, compute_dtype=compute_dtype)
+    layout = ckpt.layout(n_slots=n_slots, n_chunks=args.chunks_per_expert, compute_dtype=compute_dtype, **experts)
     log.info("%s (%s): %d MoE layers x %d experts of %.2f MB in %s; computing in %s on %s", ckpt.path,
              ckpt.config["model_type"], len(layout.moe_layers), layout.experts_per_layer, layout.expert_nbytes / 1e6,
              layout.storage_dtype, layout.compute_dtype, device.upper())

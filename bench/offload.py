@@ -3,7 +3,7 @@
     python bench/offload.py [--link-gbps 0.25] [--cache-fractions 0.125,0.25,0.5] [--predictor FILE]
                             [--routing-predictor FILE] [--model-path DIR]
                             [--new-tokens 32] [--repeat N] [--policies lru,promoe] [--host-compute never,auto]
-                            [--no-ablation]
+                            [--no-ablation] [--expert-dtypes default,int8,int4]
                             [--no-stand-in-cores] [--json PATH] [--plot PATH]
 
 Each configuration starts the runtime, runs one warm-up request, then the measured prompts (greedy). For
@@ -15,7 +15,9 @@ paper's techniques one by one to prefetching at 25% cache. With ``--repeat N`` e
 of all cases after another (so that a machine's drifting noise falls on every case alike), and each row is the
 medians of its runs. ``--host-compute`` runs every policy with each mode given (``launch.py --host-compute``; the
 resident and ablation cases always run ``never``); its rows are named ``POLICY+host-MODE`` (``never`` keeps the
-plain name).
+plain name). ``--expert-dtypes`` runs every policy row once per expert dtype (``launch.py --expert-dtype``;
+``default``: the checkpoint's), each with its own bytes per expert; a quantized row's ``exact`` compares with the
+unquantized all-resident tokens, so it says whether quantization changed the greedy output.
 
 The CPU stand-in's model of a GPU (``launch.py --stand-in-cores``, on by default wherever two cores are usable): the
 inference worker computes alone on one core with one thread, as a GPU computes beside its host; the loader (its
@@ -127,6 +129,7 @@ def run(checkpoint: Path, root: Path, name: str, flags: list[str], new_tokens: i
         / max(1, sum(len(d.token_ids) for d in done)),
         "host_ms": sum(d.metrics.get("host_ms") or 0 for d in done),
         "host_predicted_ms": sum(d.metrics.get("host_predicted_ms") or 0 for d in done),
+        "bytes_per_token": sum(d.metrics["bytes_loaded"] for d in done) / max(1, sum(len(d.token_ids) for d in done)),
         "time_ms": sum(d.metrics["ttft_ms"] + d.metrics["tpot_ms"] * (len(d.token_ids) - 1) for d in done),
         "tokens": [d.token_ids for d in done],
     }
@@ -163,14 +166,21 @@ def main() -> None:
     p.add_argument("--host-compute", default="never",
                    help="host-compute modes to run every policy with (comma list of auto, never, always)")
     p.add_argument("--no-ablation", action="store_true", help="leave out the ablation rows")
+    p.add_argument("--expert-dtypes", default="default",
+                   help="run the policies with each of these --expert-dtype values (comma list; default: the "
+                        "checkpoint's dtype)")
     p.add_argument("--no-stand-in-cores", action="store_true",
                    help="let the operating system place the processes (default: launch.py --stand-in-cores)")
     p.add_argument("--json", type=Path, default=None, help="write the rows here")
     p.add_argument("--plot", type=Path, default=Path("bench/results/offload-tpot.png"), help="PNG of TPOT vs cache")
     args = p.parse_args()
     checkpoint = args.model_path or ensure_default_checkpoint()
-    lay = open_checkpoint(checkpoint).layout(n_slots=4, n_chunks=1, compute_dtype="float32")
-    n_experts, expert_nbytes = lay.n_experts, lay.expert_nbytes
+    ckpt = open_checkpoint(checkpoint)
+    lay = ckpt.layout(n_slots=4, n_chunks=1, compute_dtype="float32")
+    n_experts = lay.n_experts
+    dtypes = [None if d == "default" else d for d in args.expert_dtypes.split(",")]
+    expert_nbytes = {d: ckpt.layout(n_slots=4, n_chunks=1, compute_dtype="float32", expert_dtype=d).expert_nbytes
+                     for d in dtypes}
     sizes = [max(lay.top_k, round(n_experts * float(f))) for f in args.cache_fractions.split(",")]
     stand_in = not args.no_stand_in_cores and len(os.sched_getaffinity(0)) >= 2
     # flags of every case: the emulated link and the processes' placement
@@ -187,25 +197,28 @@ def main() -> None:
     accesses = [a for trace in traces for a in trace]
     rows = []
     started = time.perf_counter()
-    cases = [("all_resident", n_experts, ["--policy", "lru", "--cache-experts", str(n_experts), *never, *every])]
-    cases += [(name, size, ["--policy", name.split("+")[0], "--cache-experts", str(size), *extra, *every])
-              for size in sizes for name, extra in policies]
+    cases: list[tuple[str, int, list[str], str | None]] = [
+        ("all_resident", n_experts, ["--policy", "lru", "--cache-experts", str(n_experts), *never, *every], None)]
+    cases += [(name, size, ["--policy", name.split("+")[0], "--cache-experts", str(size), *extra, *every,
+                            *(["--expert-dtype", dtype] if dtype else [])], dtype)
+              for size in sizes for name, extra in policies for dtype in dtypes]
     quarter = max(lay.top_k, n_experts // 4)
     cases += [(f"ablation: {step}", quarter, ["--policy", "promoe", "--cache-experts", str(quarter), *flags, *never,
-                                              *every])
+                                              *every], None)
               for step, flags in ([] if args.no_ablation else ABLATION)]
     runs: list[list[dict]] = [[] for _ in cases]
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.repeat):  # every case once per round: noise drifts alike over all of them
-            for i, (name, size, flags) in enumerate(cases):
-                runs[i].append(run(checkpoint, Path(tmp), f"{name}{size}r{round_}", flags, args.new_tokens,
-                                   warm_all=name == "all_resident"))
-    for (name, size, _), case_runs in zip(cases, runs, strict=True):
-        rows.append({"policy": name, "cache_experts": size, **median_of(case_runs)})
+            for i, (name, size, flags, dtype) in enumerate(cases):
+                runs[i].append(run(checkpoint, Path(tmp), f"{name}{size}{dtype or ''}r{round_}", flags,
+                                   args.new_tokens, warm_all=name == "all_resident"))
+    for (name, size, _, dtype), case_runs in zip(cases, runs, strict=True):
+        rows.append({"policy": name, "cache_experts": size, "expert_dtype": dtype or lay.storage_dtype,
+                     "expert_nbytes": expert_nbytes[dtype], **median_of(case_runs)})
     resident = rows[0]
     resident_tokens = resident["tokens"]
     for row in rows:
-        b = belady_misses(accesses, row["cache_experts"]) * expert_nbytes
+        b = belady_misses(accesses, row["cache_experts"]) * row["expert_nbytes"]
         floor_ms = max(resident["time_ms"], b / (args.link_gbps * 1e9) * 1e3)
         row["belady_bytes"] = b
         row["vs_all_resident"] = row["tpot_ms"] / resident["tpot_ms"]
@@ -222,12 +235,13 @@ def print_table(rows: list[dict], args: argparse.Namespace, stand_in: bool, elap
     print(f"CPU, emulated link {args.link_gbps} GB/s, {len(PROMPTS)} prompts x {args.new_tokens} tokens, "
           f"medians of {args.repeat} run(s), stand-in cores {'on' if stand_in else 'off'}, "
           f"{elapsed_s:.0f} s, load average {os.getloadavg()[0]:.1f}")
-    head = ("policy", "cache", "TTFT ms", "TPOT ms", "hit", "stall ms", "GoodPred", "host/tok", "x resident",
-            "x floor", "exact")
+    head = ("policy", "experts", "cache", "TTFT ms", "TPOT ms", "hit", "stall ms", "KB/token", "GoodPred",
+            "host/tok", "x resident", "x floor", "exact")
     print(f"{head[0]:28}" + "".join(f" {h:>10}" for h in head[1:]))
     for r in rows:
-        cells = [r["cache_experts"], r["ttft_ms"], r["tpot_ms"], r["hit_rate"], r["stall_ms"], r["goodpred"],
-                 r["host_experts_per_token"], r["vs_all_resident"], r["vs_floor"], r["exact"]]
+        cells = [r["expert_dtype"], r["cache_experts"], r["ttft_ms"], r["tpot_ms"], r["hit_rate"], r["stall_ms"],
+                 r["bytes_per_token"] / 1e3, r["goodpred"], r["host_experts_per_token"], r["vs_all_resident"],
+                 r["vs_floor"], r["exact"]]
         text = [f"{c:.3g}" if isinstance(c, float) else ("-" if c is None else str(c)) for c in cells]
         print(f"{r['policy']:28}" + "".join(f" {t:>10}" for t in text))
 
@@ -242,9 +256,11 @@ def plot(rows: list[dict], sizes: list[int], path: Path) -> None:
         print("matplotlib is not installed (pip install -e '.[bench]'): no plot", file=sys.stderr)
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for policy in dict.fromkeys(r["policy"] for r in rows if not r["policy"].startswith(("ablation", "all_"))):
-        points = sorted((r["cache_experts"], r["tpot_ms"]) for r in rows if r["policy"] == policy)
-        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=policy)
+    for policy, dtype in dict.fromkeys((r["policy"], r["expert_dtype"]) for r in rows
+                                       if not r["policy"].startswith(("ablation", "all_"))):
+        points = sorted((r["cache_experts"], r["tpot_ms"]) for r in rows
+                        if (r["policy"], r["expert_dtype"]) == (policy, dtype))
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=f"{policy} {dtype}")
     resident = next(r for r in rows if r["policy"] == "all_resident")
     ax.axhline(resident["tpot_ms"], color="grey", linestyle="--", label="all_resident")
     ax.set_xlabel("cache (experts)")

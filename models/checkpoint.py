@@ -29,6 +29,8 @@ __all__ = ["MATRICES", "SUPPORTED_ARCHITECTURES", "Checkpoint", "CheckpointError
 log = logging.getLogger(__name__)
 
 SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+EXPERT_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "int8": "int8", "int4": "int4"}
+"""``--expert-dtype``: how the routed experts are stored (int8/int4: quantized, ``shm.quantized``)."""
 MAX_HEADER_NBYTES = 100 * 2**20
 
 
@@ -91,7 +93,10 @@ class Checkpoint:
             raise CheckpointError(f"{loc.file}: expert dtype {loc.dtype} is not supported")
         return SAFETENSORS_DTYPES[loc.dtype]
 
-    def layout(self, n_slots: int, n_chunks: int, compute_dtype: str) -> ExpertLayout:
+    def layout(self, n_slots: int, n_chunks: int, compute_dtype: str, expert_dtype: str | None = None,
+               group_size: int = 64) -> ExpertLayout:
+        """The experts' layout; ``expert_dtype`` (``EXPERT_DTYPES``): store them converted or quantized (``group_size``
+        weights per scale) instead of in the checkpoint's dtype."""
         cfg = self.config
         return ExpertLayout(
             moe_layers=self.moe_layers(),
@@ -99,10 +104,11 @@ class Checkpoint:
             top_k=int(cfg["num_experts_per_tok"]),
             hidden_size=int(cfg["hidden_size"]),
             intermediate_size=self.adapter.intermediate_size(cfg),
-            storage_dtype=self.storage_dtype(),
+            storage_dtype=self.storage_dtype() if expert_dtype is None else EXPERT_DTYPES[expert_dtype],
             compute_dtype=compute_dtype,
             n_chunks=n_chunks,
             n_slots=n_slots,
+            group_size=group_size,
         )
 
     def expert_locations(self, layout: ExpertLayout) -> list[tuple[int, str, TensorLocation]]:

@@ -97,7 +97,14 @@ def fill_store(synthetic: SyntheticExperts, layout: ExpertLayout, store: HostExp
     pool = synthetic.pool(layout.expert_numel)
 
     def fill(expert: int) -> None:
-        synthetic.expert(pool, layout, expert, out=store.expert(ExpertId(expert)))
+        if not layout.quantized:
+            synthetic.expert(pool, layout, expert, out=store.expert(ExpertId(expert)))
+            return
+        flat = synthetic.expert(pool, layout, expert)  # [3*I*H]: gate | up | down, quantized into the store
+        i, h = layout.intermediate_size, layout.hidden_size
+        for n, which in enumerate(("gate", "up", "down")):
+            shape = (h, i) if which == "down" else (i, h)
+            store.write_matrix(ExpertId(expert), which, flat[n * i * h : (n + 1) * i * h].view(shape))
 
     threads = max(1, min(FILL_THREADS, os.cpu_count() or 1))
     with ThreadPoolExecutor(threads) as pool_of_threads:

@@ -195,9 +195,9 @@ class SlotsExported(Message):
     n_slots: int
     """Rows of the slot array."""
     slot_numel: int
-    """Elements per slot (one expert)."""
+    """Elements per slot (one expert; quantized experts: its bytes)."""
     dtype: str
-    """Slot dtype (a name of ``shm.layout.DTYPE_NBYTES``)."""
+    """Slot dtype (a name of ``shm.layout.DTYPE_NBYTES``, or ``uint8`` for quantized experts)."""
 
 
 # ---------------------------------------------------------------- coordinator <-> inference (also: CancelGeneration,

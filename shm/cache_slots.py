@@ -1,4 +1,5 @@
-"""The cache slots: ``n_slots`` expert buffers in the compute dtype, one row per slot.
+"""The cache slots: ``n_slots`` expert buffers in the compute dtype, one row per slot (quantized experts: their
+bytes as stored, dequantized into a scratch buffer of the compute dtype when computed with).
 
 ``SlotArray`` is what every user of the slots sees (chunk views for the loader, ``gate_up``/``down`` views for the
 experts backend, a read fence for the inference worker). ``CacheSlots`` is the CPU path's storage, a shared
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from protocol.ids import SlotId
+from shm import quantized
 from shm.layout import ExpertLayout, torch_dtype
 from shm.segment import Segment
 
@@ -33,10 +35,25 @@ COMPLETED = ReadFence()
 
 
 class SlotArray:
-    """Views into ``slots`` (``[n_slots, expert_numel]``, compute dtype); subclasses own the memory."""
+    """Views into ``slots`` (``[n_slots, row_numel]``, compute dtype or quantized bytes); subclasses own the memory.
+
+    For quantized experts ``gate_up`` and ``down`` dequantize into scratch buffers of the compute dtype, one per
+    matrix, reused by every expert (each result is consumed before the next expert's; on CUDA the kernels are
+    ordered on the compute stream)."""
 
     slots: torch.Tensor
     layout: ExpertLayout
+    _scratch: dict[str, torch.Tensor] | None = None
+
+    def _dequantized(self, slot: SlotId, which: str) -> torch.Tensor:
+        lay = self.layout
+        if self._scratch is None:
+            dtype, device = torch_dtype(lay.compute_dtype), self.slots.device
+            i, h = lay.intermediate_size, lay.hidden_size
+            self._scratch = {"gate_up": torch.empty(2 * i, h, dtype=dtype, device=device),
+                             "down": torch.empty(h, i, dtype=dtype, device=device)}
+        out = self._scratch[which]
+        return quantized.dequantize_matrix(self.slots[slot], lay, which, out.dtype, out=out)
 
     def chunk(self, slot: SlotId, chunk: int) -> torch.Tensor:
         lo, hi = self.layout.chunk_bounds(chunk)
@@ -45,6 +62,8 @@ class SlotArray:
     def gate_up(self, slot: SlotId) -> torch.Tensor:
         """transformers' fused ``gate_up_proj[e]``: ``[2I, H]``, gate rows first."""
         lay = self.layout
+        if lay.quantized:
+            return self._dequantized(slot, "gate_up")
         return self.slots[slot, : 2 * lay.intermediate_size * lay.hidden_size].view(
             2 * lay.intermediate_size, lay.hidden_size
         )
@@ -52,6 +71,8 @@ class SlotArray:
     def down(self, slot: SlotId) -> torch.Tensor:
         """``down_proj[e]``: ``[H, I]``."""
         lay = self.layout
+        if lay.quantized:
+            return self._dequantized(slot, "down")
         return self.slots[slot, 2 * lay.intermediate_size * lay.hidden_size :].view(
             lay.hidden_size, lay.intermediate_size
         )
@@ -62,6 +83,7 @@ class SlotArray:
 
     def close(self) -> None:
         del self.slots
+        self._scratch = None
 
 
 class CacheSlots(SlotArray):
@@ -73,9 +95,9 @@ class CacheSlots(SlotArray):
         self.segment = segment
         self.layout = layout
         flat = torch.frombuffer(
-            segment.buf, dtype=torch_dtype(layout.compute_dtype), count=layout.n_slots * layout.expert_numel
+            segment.buf, dtype=torch_dtype(layout.slot_row_dtype), count=layout.n_slots * layout.row_numel
         )
-        self.slots = flat.view(layout.n_slots, layout.expert_numel)  # [n_slots, 3*I*H]
+        self.slots = flat.view(layout.n_slots, layout.row_numel)  # [n_slots, 3*I*H] (quantized: bytes)
 
     @staticmethod
     def nbytes_for(layout: ExpertLayout) -> int:

@@ -1,16 +1,18 @@
-"""The host expert store: one contiguous shared region, one buffer per expert, in the checkpoint's dtype."""
+"""The host expert store: one contiguous shared region, one buffer per expert, in the checkpoint's dtype (or a
+converted one), or quantized (``shm.quantized``: a row of bytes per expert)."""
 
 from __future__ import annotations
 
 import torch
 
 from protocol.ids import ExpertId
+from shm import quantized
 from shm.layout import ExpertLayout, torch_dtype
 from shm.segment import Segment
 
 
 class HostExpertStore:
-    """``[n_experts, expert_numel]`` of ``storage_dtype`` over a shared segment."""
+    """``[n_experts, row_numel]`` of ``storage_dtype`` (quantized: bytes) over a shared segment."""
 
     def __init__(self, segment: Segment, layout: ExpertLayout) -> None:
         if segment.nbytes < self.nbytes_for(layout):
@@ -18,9 +20,9 @@ class HostExpertStore:
         self.segment = segment
         self.layout = layout
         flat = torch.frombuffer(
-            segment.buf, dtype=torch_dtype(layout.storage_dtype), count=layout.n_experts * layout.expert_numel
+            segment.buf, dtype=torch_dtype(layout.store_row_dtype), count=layout.n_experts * layout.row_numel
         )
-        self.experts = flat.view(layout.n_experts, layout.expert_numel)  # [n_experts, 3*I*H]
+        self.experts = flat.view(layout.n_experts, layout.row_numel)  # [n_experts, 3*I*H] (quantized: bytes)
 
     @staticmethod
     def nbytes_for(layout: ExpertLayout) -> int:
@@ -34,13 +36,21 @@ class HostExpertStore:
         return self.experts[expert, lo:hi]
 
     def matrix(self, expert: ExpertId, which: str) -> torch.Tensor:
-        """The flat buffer ``[I*H]`` of one of ``gate``/``up``/``down`` (row-major ``[out, in]``, as on disk)."""
+        """The flat buffer ``[I*H]`` of one of ``gate``/``up``/``down`` (row-major ``[out, in]``, as on disk);
+        not for a quantized store, whose matrices are written with ``write_matrix``."""
+        if self.layout.quantized:
+            raise ValueError("a quantized expert has no matrix buffer in the storage dtype")
         size = self.layout.intermediate_size * self.layout.hidden_size
         offset = {"gate": 0, "up": size, "down": 2 * size}[which]
         return self.experts[expert, offset : offset + size]
 
     def populate(self, expert: ExpertId, which: str) -> None:
-        """Map the pages of one matrix's buffer before writing it (see ``Segment.populate``)."""
+        """Map the pages of one matrix's buffer before writing it (see ``Segment.populate``); quantized: the whole
+        expert's row, with its ``gate``."""
+        if self.layout.quantized:
+            if which == "gate":
+                self.segment.populate(int(expert) * self.layout.expert_nbytes, self.layout.expert_nbytes)
+            return
         size = self.layout.intermediate_size * self.layout.hidden_size * self.experts.element_size()
         offset = int(expert) * self.layout.expert_nbytes + ("gate", "up", "down").index(which) * size
         self.segment.populate(offset, size)
@@ -52,6 +62,9 @@ class HostExpertStore:
             lay.intermediate_size, lay.hidden_size)
         if tuple(tensor.shape) != expected:
             raise ValueError(f"expert {expert} {which}: shape {tuple(tensor.shape)}, expected {expected}")
+        if lay.quantized:
+            quantized.write_matrix(self.experts[expert], lay, which, tensor)
+            return
         self.matrix(expert, which).copy_(tensor.reshape(-1))
 
     def close(self) -> None:

@@ -28,7 +28,6 @@ import torch
 from protocol.ids import ExpertId, SlotId
 from shm.cache_slots import SlotArray
 from shm.expert_store import HostExpertStore
-from shm.layout import DTYPE_NBYTES
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +77,13 @@ class CpuCopyEngine:
         self.store = store
         self.slots = slots
         self.ns_per_byte = None if not link_gbps else 1.0 / link_gbps  # 1 GB/s = 1 byte/ns
-        self.itemsize = DTYPE_NBYTES[store.layout.storage_dtype]
+        self.itemsize = store.layout.store_itemsize
         self._done: list[CopyTicket] = []
 
     def copy_chunk(self, expert: ExpertId, slot: SlotId, chunk: int) -> int:
         """Copy one chunk now; returns the bytes that crossed the (emulated) link."""
         start_ns = time.perf_counter_ns()
-        src = self.store.chunk(expert, chunk)  # [chunk_numel], storage dtype
+        src = self.store.chunk(expert, chunk)  # [chunk_numel], storage dtype (quantized: bytes)
         self.slots.chunk(slot, chunk).copy_(src)  # converts to the compute dtype if they differ
         nbytes = src.numel() * self.itemsize
         if self.ns_per_byte is not None:
@@ -146,14 +145,14 @@ class CudaCopyEngine:
     """Copies pinned host chunks into GPU slots on the loader's own stream; completion is read off CUDA events."""
 
     def __init__(self, store: HostExpertStore, slots: SlotArray, max_in_flight: int = 2) -> None:
-        if store.layout.storage_dtype != store.layout.compute_dtype:
+        if store.layout.store_row_dtype != store.layout.slot_row_dtype:
             log.warning("store dtype %s differs from slot dtype %s: every copy converts on the device",
                         store.layout.storage_dtype, store.layout.compute_dtype)
         self.store = store
         self.slots = slots
         self.max_in_flight = max_in_flight
         self.device = slots.slots.device
-        self.itemsize = DTYPE_NBYTES[store.layout.storage_dtype]
+        self.itemsize = store.layout.store_itemsize
         self.pinned = PinnedRegion(store.experts)
         self.stream = torch.cuda.Stream(self.device)
         self._free_events: list[torch.cuda.Event] = []

@@ -1,6 +1,6 @@
 """The CUDA path's cache slots: allocated once in the inference worker's GPU memory, exported once to the loader.
 
-The inference worker allocates one tensor ``[n_slots, expert_numel]`` at start-up and never frees or resizes it
+The inference worker allocates one tensor ``[n_slots, row_numel]`` at start-up and never frees or resizes it
 while the runtime lives. It exports the tensor's storage with torch's own CUDA IPC primitive
 (``UntypedStorage._share_cuda_``) and sends the eight values of that tuple as the typed fields of
 ``SlotsExported`` (no pickle). The loader rebuilds the storage with ``UntypedStorage._new_shared_cuda`` and copies
@@ -40,10 +40,10 @@ class GpuSlots(SlotArray):
     """Slots in GPU memory: owned by the inference worker (``allocate``) or mapped by the loader (``attach``)."""
 
     def __init__(self, slots: torch.Tensor, layout: ExpertLayout, owner: bool) -> None:
-        expected = (layout.n_slots, layout.expert_numel)
-        if tuple(slots.shape) != expected or slots.dtype != torch_dtype(layout.compute_dtype):
+        expected = (layout.n_slots, layout.row_numel)
+        if tuple(slots.shape) != expected or slots.dtype != torch_dtype(layout.slot_row_dtype):
             raise ValueError(f"slots are {tuple(slots.shape)} {slots.dtype}, expected {expected} "
-                             f"{layout.compute_dtype}")
+                             f"{layout.slot_row_dtype}")
         self.slots = slots  # [n_slots, 3*I*H] on the GPU
         self.layout = layout
         self.owner = owner
@@ -53,8 +53,8 @@ class GpuSlots(SlotArray):
     def allocate(cls, layout: ExpertLayout, device: torch.device) -> GpuSlots:
         """Allocate every slot once, poisoned with NaN (integer dtypes: zero) so that a read of a slot nothing was
         copied into shows in the output instead of passing silently."""
-        dtype = torch_dtype(layout.compute_dtype)
-        slots = torch.empty(layout.n_slots, layout.expert_numel, dtype=dtype, device=device)
+        dtype = torch_dtype(layout.slot_row_dtype)
+        slots = torch.empty(layout.n_slots, layout.row_numel, dtype=dtype, device=device)
         slots.fill_(float("nan") if dtype.is_floating_point else 0)
         # the loader's first copy must not race this fill: it is finished before the handle leaves this process
         torch.cuda.synchronize(device)
@@ -78,7 +78,7 @@ class GpuSlots(SlotArray):
             storage_offset_nbytes=int(storage_offset_nbytes), ref_counter_handle=bytes(ref_counter_handle),
             ref_counter_offset=int(ref_counter_offset), event_handle=bytes(event_handle),
             event_sync_required=bool(event_sync_required), n_slots=self.layout.n_slots,
-            slot_numel=self.layout.expert_numel, dtype=self.layout.compute_dtype)
+            slot_numel=self.layout.row_numel, dtype=self.layout.slot_row_dtype)
 
     # ------------------------------------------------------------ loader
     @classmethod
@@ -99,9 +99,9 @@ class GpuSlots(SlotArray):
 
 def check_export(msg: SlotsExported, layout: ExpertLayout) -> None:
     """Refuse an export that does not match this runtime's layout (before mapping anything)."""
-    if (msg.n_slots, msg.slot_numel, msg.dtype) != (layout.n_slots, layout.expert_numel, layout.compute_dtype):
+    if (msg.n_slots, msg.slot_numel, msg.dtype) != (layout.n_slots, layout.row_numel, layout.slot_row_dtype):
         raise ValueError(f"exported slots are {msg.n_slots} x {msg.slot_numel} {msg.dtype}, this runtime has "
-                         f"{layout.n_slots} x {layout.expert_numel} {layout.compute_dtype}")
+                         f"{layout.n_slots} x {layout.row_numel} {layout.slot_row_dtype}")
     need = layout.n_slots * layout.slot_nbytes
     if msg.storage_nbytes < need:
         raise ValueError(f"exported storage holds {msg.storage_nbytes} bytes, the slots need {need}")
