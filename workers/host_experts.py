@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from protocol.ids import ExpertId
 from protocol.messages import ComputeExpert, ExpertComputed, Message
+from shm import quantized
 from shm.expert_store import HostExpertStore
 from shm.host_exchange import HostExchange
 from shm.layout import ExpertLayout, torch_dtype
@@ -99,6 +100,10 @@ class HostExperts:
     def weights(self, expert: ExpertId) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up ``[2I, H]``, down ``[H, I]``) in the compute dtype, converted as a copy into a slot converts."""
         lay = self.layout
+        if lay.quantized:  # the store holds the quantized row: dequantize it as a slot does
+            row = self.store.expert(expert)
+            return (quantized.dequantize_matrix(row, lay, "gate_up", self.dtype),
+                    quantized.dequantize_matrix(row, lay, "down", self.dtype))
         flat = self.store.expert(expert).to(self.dtype)  # [3*I*H]; no copy when the dtypes agree
         split = 2 * lay.intermediate_size * lay.hidden_size
         return (flat[:split].view(2 * lay.intermediate_size, lay.hidden_size),
