@@ -48,8 +48,9 @@ class HostDispatch:
         self.enabled = mode != "never"
         self.request_id: RequestId | None = None
         self.request = HostCounters()
-        self._outstanding = 0
-        """Jobs sent and not reported (the host's queue at the next gate)."""
+        self._unreported: list[ComputeExpert] = []
+        """Jobs of the current request sent and not reported (the host's queue at the next gate; sent again to a
+        restarted loader, whose predecessor may have taken them with it)."""
 
     def set_mode(self, mode: str) -> None:
         """Switch auto | never | always (``configure_cache``); what was measured is kept."""
@@ -59,7 +60,7 @@ class HostDispatch:
     def begin_request(self, request_id: RequestId) -> None:
         self.request_id = request_id
         self.request = HostCounters()
-        self._outstanding = 0
+        self._unreported = []
 
     def on_loaded(self, msg: ExpertLoaded) -> None:
         if msg.copy_ns > 0 and msg.copied_nbytes > 0:
@@ -68,7 +69,9 @@ class HostDispatch:
     def on_computed(self, msg: ExpertComputed) -> None:
         self.model.observe_host(msg.n_tokens, msg.duration_ns / 1e6)
         if msg.request_id == self.request_id:
-            self._outstanding = max(0, self._outstanding - 1)
+            done = next((i for i, job in enumerate(self._unreported) if job.expert == msg.expert), None)
+            if done is not None:
+                del self._unreported[done]
             self.request.computed += 1
             self.request.host_ms += msg.duration_ns / 1e6
 
@@ -88,7 +91,7 @@ class HostDispatch:
         decisions = self.model.decide(
             [Miss(e, nbytes, remaining.get(e)) for e in missing], tokens=msg.n_tokens,
             link_backlog_nbytes=backlog_nbytes, device_backlog_experts=len(msg.experts) - len(missing),
-            host_backlog_ms=self._outstanding * (host_each or 0.0))
+            host_backlog_ms=len(self._unreported) * (host_each or 0.0))
         jobs = []
         for decision in decisions:
             if decision.choice is not Choice.HOST:
@@ -99,9 +102,14 @@ class HostDispatch:
             if decision.cost_ms is not None:
                 self.request.predicted_ms += decision.cost_ms
                 self.request.predicted_jobs += 1
-        self._outstanding += len(jobs)
+        self._unreported.extend(jobs)
         self.request.jobs += len(jobs)
         return jobs
+
+    def unreported(self) -> list[ComputeExpert]:
+        """The current request's jobs not reported yet (a restarted loader gets them again: its predecessor may have
+        died with them queued; one it had finished is computed again, the same output written again)."""
+        return list(self._unreported)
 
     def metrics(self, host_experts_used: int) -> dict[str, float | int | None]:
         """The request's host-compute metrics (``host_experts``: uses the inference worker took from the host)."""

@@ -200,5 +200,8 @@ class WorkerEvents(RequestLifecycle):
         if msg.role == "loader":
             self.cache.reissue_loads()
             self._send_to_loader()
+            for job in self.host.unreported():  # the worker waits for these outputs: compute them again
+                send(self.send_to["loader"], job)
+                self._count()
         elif msg.role == "inference":
             self._start_next()

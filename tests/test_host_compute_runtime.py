@@ -256,13 +256,20 @@ def test_dispatch_sends_only_published_missing_experts_and_measures() -> None:
                            device_experts=4)
         (only,) = dispatch.at_gate(cache, gate)
         assert (only.expert, only.index, only.step, only.layer) == (8, 0, 2, 1)
+        assert dispatch.unreported() == [only]  # what a restarted loader would be sent again
         assert dispatch.model.device_ms_per_expert == pytest.approx(0.5)
         gate.host_input = False  # prefill or a large step: the input is not in the exchange
         assert dispatch.at_gate(cache, gate) == []
         dispatch.on_computed(ExpertComputed(request_id=RequestId(1), expert=ExpertId(8), n_tokens=1,
                                             duration_ns=3_000_000))
         assert dispatch.model.host_ms(1) == pytest.approx(3.0)
+        assert dispatch.unreported() == []  # reported: not sent again
         assert dispatch.metrics(1)["host_ms"] == pytest.approx(3.0) and dispatch.metrics(1)["host_jobs"] == 1
+        gate.host_input, gate.step = True, 3
+        dispatch.at_gate(cache, gate)
+        assert [j.step for j in dispatch.unreported()] == [3]
+        dispatch.begin_request(RequestId(2))
+        assert dispatch.unreported() == []  # the next request's loader owes nothing of the last one's
         gate.host_input = True
         assert HostDispatch("never").at_gate(cache, gate) == []
     finally:
