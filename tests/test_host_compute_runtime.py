@@ -5,6 +5,7 @@ runtime's greedy tokens stay transformers' with every miss (``always``) or the c
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -103,53 +104,50 @@ def test_host_output_is_bitwise_the_slot_paths(host_rig: HostRig, tokens: int, m
     assert len(reports) == len(chosen) and all(r.duration_ns > 0 and r.n_tokens >= 1 for r in reports)
 
 
-def test_host_weights_are_converted_as_a_copy_into_a_slot_converts() -> None:
-    """bf16 store, float32 compute: the host's weights equal a slot filled by the copy engine, element for element."""
-    lay = ExpertLayout(moe_layers=(0,), experts_per_layer=4, top_k=2, hidden_size=16, intermediate_size=8,
-                       storage_dtype="bfloat16", compute_dtype="float32", n_chunks=3, n_slots=4)
-    store = HostExpertStore(Segment.private(HostExpertStore.nbytes_for(lay)), lay)
-    slots = CacheSlots(Segment.private(CacheSlots.nbytes_for(lay)), lay)
-    store.experts.copy_(torch.randn(store.experts.shape, generator=torch.Generator().manual_seed(3)))
-    engine = CpuCopyEngine(store, slots, link_gbps=None)
-    for chunk in range(lay.n_chunks):
-        engine.copy_chunk(ExpertId(2), SlotId(0), chunk)
-    host = HostExperts(lay, store, None, torch.nn.functional.silu, lambda msg: None)  # type: ignore[arg-type]
-    try:
-        gate_up, down = host.weights(ExpertId(2))
-        assert gate_up.dtype == down.dtype == torch.float32
-        assert torch.equal(gate_up, slots.gate_up(SlotId(0))) and torch.equal(down, slots.down(SlotId(0)))
-    finally:
-        host.close()
-
-
-# ---------------------------------------------------------------- the backend takes whichever is ready first
-@pytest.mark.parametrize("storage", ["int8", "int4"])
-def test_host_weights_of_quantized_experts_are_dequantized_as_a_slot_dequantizes(storage: str) -> None:
-    """Quantized store (``--expert-dtype``): the host computes with exactly the weights a slot holding the copied
-    bytes dequantizes to (not the raw bytes converted)."""
+def host_and_slot_weights(storage: str, fill: Callable[[HostExpertStore, ExpertLayout], None]) -> None:
+    """A one-layer store of ``storage`` filled by ``fill(store, layout)``: the host's weights of expert 2 must equal,
+    element for element, those of a slot the copy engine filled with it."""
     lay = ExpertLayout(moe_layers=(0,), experts_per_layer=4, top_k=2, hidden_size=16, intermediate_size=8,
                        storage_dtype=storage, compute_dtype="float32", n_chunks=3, n_slots=4, group_size=8)
     store = HostExpertStore(Segment.private(HostExpertStore.nbytes_for(lay)), lay)
     slots = CacheSlots(Segment.private(CacheSlots.nbytes_for(lay)), lay)
-    g = torch.Generator().manual_seed(4)
-    for expert in range(lay.n_experts):
-        row = store.expert(ExpertId(expert))
-        quantized.write_matrix(row, lay, "gate", torch.randn(8, 16, generator=g))
-        quantized.write_matrix(row, lay, "up", torch.randn(8, 16, generator=g))
-        quantized.write_matrix(row, lay, "down", torch.randn(16, 8, generator=g))
+    fill(store, lay)
     engine = CpuCopyEngine(store, slots, link_gbps=None)
     for chunk in range(lay.n_chunks):
         engine.copy_chunk(ExpertId(2), SlotId(0), chunk)
     host = HostExperts(lay, store, None, torch.nn.functional.silu, lambda msg: None)  # type: ignore[arg-type]
     try:
         gate_up, down = host.weights(ExpertId(2))
-        assert gate_up.shape == (16, 16) and down.shape == (16, 8) and gate_up.dtype == torch.float32
-        assert torch.count_nonzero(gate_up) > 0
+        assert gate_up.shape == (16, 16) and down.shape == (16, 8)
+        assert gate_up.dtype == down.dtype == torch.float32 and torch.count_nonzero(gate_up) > 0
         assert torch.equal(gate_up, slots.gate_up(SlotId(0))) and torch.equal(down, slots.down(SlotId(0)))
     finally:
         host.close()
 
 
+def test_host_weights_are_converted_as_a_copy_into_a_slot_converts() -> None:
+    """bf16 store, float32 compute."""
+    def fill(store: HostExpertStore, lay: ExpertLayout) -> None:
+        store.experts.copy_(torch.randn(store.experts.shape, generator=torch.Generator().manual_seed(3)))
+
+    host_and_slot_weights("bfloat16", fill)
+
+
+@pytest.mark.parametrize("storage", ["int8", "int4"])
+def test_host_weights_of_quantized_experts_are_dequantized_as_a_slot_dequantizes(storage: str) -> None:
+    """Quantized store (``--expert-dtype``): the host computes with exactly the weights a slot holding the copied
+    bytes dequantizes to (not the raw bytes converted)."""
+    def fill(store: HostExpertStore, lay: ExpertLayout) -> None:
+        g = torch.Generator().manual_seed(4)
+        for expert in range(lay.n_experts):
+            row = store.expert(ExpertId(expert))
+            for which, shape in (("gate", (8, 16)), ("up", (8, 16)), ("down", (16, 8))):
+                quantized.write_matrix(row, lay, which, torch.randn(*shape, generator=g))
+
+    host_and_slot_weights(storage, fill)
+
+
+# ---------------------------------------------------------------- the backend takes whichever is ready first
 @pytest.mark.parametrize("placed", [(), (0, 2)])
 def test_backend_adds_host_outputs_in_ascending_order_bitwise_equal_to_eager(host_rig: HostRig, placed) -> None:
     """Nothing (or some) of the chosen experts in slots, the rest computed on the host as soon as the gate
