@@ -20,7 +20,7 @@ from shm.segment import leftover_segments, torch_files_of
 from tests.conftest import NEW_TOKENS, PROMPT_IDS
 from tests.test_torch_shm_cleanup import torch_file
 
-RESTART_CYCLES = int(os.environ.get("PROMOE_RESTART_CYCLES", "10"))
+RESTART_CYCLES = int(os.environ.get("PROMOE_RESTART_CYCLES", "6"))  # > FD_JITTER: one fd per cycle shows
 FD_JITTER = 2
 """Open fds of a process may differ by this much between two quiet moments (ZeroMQ's connection handling)."""
 """Loader crash-restart cycles of the leak test (each costs a process start; 100 were run by hand, see the notes)."""

@@ -293,9 +293,9 @@ def test_runtime_with_host_compute_matches_transformers(runtime_keeper, checkpoi
             assert client.generate(prompt=PROMPT_TEXT, max_new_tokens=NEW_TOKENS).token_ids == reference["text"]
     assert by_ids.token_ids == reference["ids"]
     metrics = by_ids.metrics
-    assert metrics["host_jobs"] >= 1, "the first decode gate's first miss measures the host, in auto too"
-    assert metrics["host_ms"] > 0
+    assert metrics["host_predicted_jobs"] <= metrics["host_jobs"]
     if mode == "always":
+        assert metrics["host_jobs"] >= 1 and metrics["host_ms"] > 0
         assert metrics["host_experts"] > 0, "no expert was taken from the host"
         assert metrics["host_experts"] <= metrics["host_jobs"]
 
