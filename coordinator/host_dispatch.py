@@ -33,8 +33,6 @@ class HostCounters:
 
     jobs: int = 0
     """``ComputeExpert`` commands sent."""
-    computed: int = 0
-    """``ExpertComputed`` reports received."""
     host_ms: float = 0.0
     """Their reported time."""
     predicted_ms: float = 0.0
@@ -45,7 +43,6 @@ class HostCounters:
 class HostDispatch:
     def __init__(self, mode: str) -> None:
         self.model = HostComputeModel(CostModelSettings(mode=mode))
-        self.enabled = mode != "never"
         self.request_id: RequestId | None = None
         self.request = HostCounters()
         self._unreported: list[ComputeExpert] = []
@@ -55,7 +52,11 @@ class HostDispatch:
     def set_mode(self, mode: str) -> None:
         """Switch auto | never | always (``configure_cache``); what was measured is kept."""
         self.model.settings = dataclasses.replace(self.model.settings, mode=mode)
-        self.enabled = mode != "never"
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the host may be asked at all (the mode is not ``never``)."""
+        return self.model.settings.mode != "never"
 
     def begin_request(self, request_id: RequestId) -> None:
         self.request_id = request_id
@@ -72,7 +73,6 @@ class HostDispatch:
             done = next((i for i, job in enumerate(self._unreported) if job.expert == msg.expert), None)
             if done is not None:
                 del self._unreported[done]
-            self.request.computed += 1
             self.request.host_ms += msg.duration_ns / 1e6
 
     def at_gate(self, cache: CacheDirectory, msg: GateDecided) -> list[ComputeExpert]:
