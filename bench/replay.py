@@ -4,7 +4,7 @@ Belady floor, at full scale, in seconds, with the same numbers on every run.
     python bench/replay.py --trace ../shared/traces/deepseek-v2-lite-routing.npz [--train-fraction 0.5]
         [--cache-fractions 0.125,0.25,0.5] [--link-gbps 25] [--compute-ms-per-layer 0.5] [--expert-mb 17.3]
         [--lookahead 2] [--prompts N] [--host-compute never|auto|always[,...]] [--host-gbps 40]
-        [--host-overhead-ms 0.05] [--json OUT] [--plot OUT.png]
+        [--host-overhead-ms 0.05] [--predictions CACHE.npz] [--json OUT] [--plot OUT.png]
 
 The trace is the format of ``../shared/traces`` (``experts [N, L, k]``, ``token_ids``, ``prompt_offsets``; see its
 README). Prompts before ``--train-fraction`` train the predictor; everything is scored on the rest, served back to
@@ -28,11 +28,13 @@ host compute a policy can go below it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +81,13 @@ class Trace:
         train = Trace(self.experts[:at], self.token_ids[:at], self.prompt_offsets[: cut + 1], self.experts_per_layer)
         rest = self.prompt_offsets[cut:] - at
         return train, Trace(self.experts[at:], self.token_ids[at:], rest, self.experts_per_layer)
+
+    def fingerprint(self) -> str:
+        """A short digest of the routing, the tokens and the prompt boundaries."""
+        h = hashlib.sha256()
+        for a in (self.experts, self.token_ids, self.prompt_offsets):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
 
     @property
     def n_layers(self) -> int:
@@ -133,6 +142,26 @@ def predictions_for(train: Trace, test: Trace, distances: tuple[int, ...], **fit
     outlook = predictor.probabilities(test.experts, test.token_ids, test.prompt_offsets, test.n_layers)
     log.info("routing predictor: fit and predict in %.1f s", time.perf_counter() - started)
     return Predicted(top, outlook.astype(np.float16))
+
+
+def cached_predictions(path: Path, key: str, make: Callable[[], Predicted]) -> Predicted:
+    """``make()``'s predictions, kept in ``path`` under ``key`` (the trace, its split and the distances): fitting
+    the routing predictor takes tens of minutes on two cores, replaying it seconds to minutes, so experiments with
+    the policy fit once. A file made for another key is refitted and overwritten."""
+    if path.exists():
+        with np.load(path) as z:
+            if str(z["key"]) == key:
+                top = {int(d): (z[f"experts_{d}"], z[f"probabilities_{d}"]) for d in z["distances"]}
+                log.info("routing predictor: predictions read from %s", path)
+                return Predicted(top, z["outlook"])
+        log.info("routing predictor: %s holds predictions for another trace or split; fitting again", path)
+    predicted = make()
+    arrays: dict[str, Any] = {f"{name}_{d}": a for d, (experts, probabilities) in predicted.top.items()
+              for name, a in (("experts", experts), ("probabilities", probabilities))}
+    with path.open("wb") as f:
+        arrays.update(key=np.array(key), distances=np.array(sorted(predicted.top)), outlook=predicted.outlook)
+        np.savez(f, **arrays)
+    return predicted
 
 
 def oracle_predictions(test: Trace, distances: tuple[int, ...]) -> Predicted:
@@ -201,12 +230,19 @@ def belady_row(config: Config, test: Trace, accesses: list[list[int]]) -> dict:
 def replay(trace: Trace, train_fraction: float, fractions: list[float], profile: DeviceProfile,
            lookahead: tuple[int, ...],
            policies: tuple[str, ...] = POLICIES, jobs: int = 1, predictor: str = "routing",
-           fit_options: dict[str, Any] | None = None, host_compute: tuple[str, ...] = ("never",)) -> list[dict]:
+           fit_options: dict[str, Any] | None = None, host_compute: tuple[str, ...] = ("never",),
+           predictions: Path | None = None) -> list[dict]:
     train, test = trace.split(train_fraction)
     predicted = None
-    if "promoe" in policies and predictor != "none":
-        predicted = (oracle_predictions(test, lookahead) if predictor == "oracle"
-                     else predictions_for(train, test, lookahead, **(fit_options or {})))
+    if "promoe" in policies and predictor == "oracle":
+        predicted = oracle_predictions(test, lookahead)
+    elif "promoe" in policies and predictor == "routing":
+        def fit() -> Predicted:
+            return predictions_for(train, test, lookahead, **(fit_options or {}))
+
+        key = (f"{trace.fingerprint()} train {len(train.prompt_offsets) - 1} test {len(test.prompt_offsets) - 1} "
+               f"distances {sorted(set(lookahead))} fit {sorted((fit_options or {}).items())}")
+        predicted = fit() if predictions is None else cached_predictions(predictions, key, fit)
     accesses = test.global_accesses()
     rows: list[dict] = []
     configs = [Config(policy, f, profile, lookahead, host_compute=mode)
@@ -305,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(40: a dual-channel DDR5 desktop, README 'Host compute')")
     p.add_argument("--host-overhead-ms", type=float, default=HostProfile.overhead_ms,
                    help="per host computation: hidden states in, threads woken, output out, ms")
+    p.add_argument("--predictions", type=Path, default=None,
+                   help="keep the routing predictor's predictions in this .npz and reuse them while the trace, its "
+                        "split and the lookahead stay the same (the fit is the slow part)")
     p.add_argument("--json", type=Path, default=None, help="write the rows here")
     p.add_argument("--plot", type=Path, default=None, help="TPOT against cache size per policy (PNG)")
     args = p.parse_args(argv)
@@ -322,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = args.jobs or min(os.cpu_count() or 1, len(fractions) * len(policies) * len(host_compute))
     lookahead = tuple(int(x) for x in args.lookahead.split(","))
     rows = replay(trace, args.train_fraction, fractions, profile, lookahead, policies, jobs, args.predictor,
-                  host_compute=host_compute)
+                  host_compute=host_compute, predictions=args.predictions)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     title = (f"{args.trace.name}: link {args.link_gbps:g} GB/s, {args.compute_ms_per_layer:g} ms/layer, "
