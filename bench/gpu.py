@@ -148,6 +148,8 @@ def row_configs(source: str, fractions: tuple[float, ...], predicting: bool) -> 
             RowConfig("lru", "lru", quarter)]
     if half is not None:
         rows.append(RowConfig("promoe", "promoe", half, prefetch=predicting))
+    rows += [RowConfig("lru + host", "lru", quarter, host_compute="auto"),
+             RowConfig("promoe + host", "promoe", quarter, prefetch=predicting, host_compute="auto")]
     rows += [RowConfig("lfu", "lfu", quarter), RowConfig("ondemand", "ondemand", quarter)]
     for fraction in [f for f in fractions if f != quarter]:
         if fraction != half:
@@ -254,7 +256,7 @@ def prepare_source(source: str, plan: Plan, budget: Budget, results: Results, st
     reference = model if plan.device.type == "cuda" else float32_copy(model)
     flags += ["--policy", "lru", "--cache-experts", str(spec.n_experts), "--device", plan.device.type,
               "--lookahead", "2", "--load-timeout-s", "60",
-              "--host-compute", "never"]  # the policies' rows as designed; host-compute rows are not here yet
+              "--host-compute", "auto"]  # allowed; each row sets its own mode (the policies' rows: never)
     if plan.device.type == "cpu":
         flags += ["--link-gbps", str(plan.link_gbps)]
     root = Path(tempfile.mkdtemp(prefix=f"pb-{source[:5]}-", dir="/tmp"))  # short: ipc:// paths are limited

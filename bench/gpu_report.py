@@ -106,6 +106,10 @@ def goal_lines(rows: list[dict[str, Any]], sources: list[str]) -> list[str]:
         if promoe and lru:
             lines.append(f"goal {source}: at 25% promoe vs lru TTFT x{lru['ttft_ms'] / promoe['ttft_ms']:.2f} "
                          f"(goal >= 2), TPOT x{lru['tpot_ms'] / promoe['tpot_ms']:.2f} (goal >= 1.5)")
+        hosted = by.get(("promoe + host", 0.25))
+        if hosted and lru:
+            lines.append(f"goal {source}: at 25% promoe + host compute vs lru TPOT "
+                         f"x{lru['tpot_ms'] / hosted['tpot_ms']:.2f} (issue 16: better than either alone)")
         half = by.get(("promoe", 0.5))
         if half and half.get("vs_all_resident"):
             lines.append(f"goal {source}: promoe at 50% TPOT x{half['vs_all_resident']:.2f} all_resident "

@@ -42,6 +42,9 @@ class RowConfig:
     """Chunk-wise loads (False: an expert's chunks as one unit)."""
     prefetch: bool = True
     """promoe: predictions drive loads."""
+    host_compute: str = "never"
+    """auto | never | always: may misses be computed on the host (the runtime starts with it on; every row sets
+    it)."""
 
     def cache_experts(self, spec: ModelSpec) -> int:
         return max(spec.top_k, round(spec.n_experts * self.cache_fraction))
@@ -68,6 +71,8 @@ def summarise(results: list[Any], wall_s: float) -> dict[str, Any]:
         "goodpred": sum(goodpred) / len(goodpred) if goodpred else None,
         "prefetch_precision": _mean([m.get("prefetch_precision") for m in metrics]),
         "bytes_loaded": sum(int(m["bytes_loaded"] or 0) for m in metrics),
+        "host_experts": sum(int(m.get("host_experts") or 0) for m in metrics),
+        "host_ms": sum(float(m.get("host_ms") or 0.0) for m in metrics),
         "metrics_cache_experts": metrics[0].get("cache_experts"),
         "time_ms": sum(m["ttft_ms"] + m["tpot_ms"] * (len(r.token_ids) - 1) for m, r in zip(metrics, results,
                                                                                             strict=True)),
@@ -92,7 +97,8 @@ def measure_runtime(rt: RuntimeProcess, spec: ModelSpec, workload: Workload, con
             client.generate(prompt_ids=list(request.prompt), max_new_tokens=request.new_tokens)
         done = [client.generate(prompt_ids=list(r.prompt), max_new_tokens=r.new_tokens) for r in workload.measured]
     row = summarise(done, time.perf_counter() - started)
-    row["configured"] = {"policy": reply.policy, "cache_experts": reply.cache_experts, "prefetch": reply.prefetch}
+    row["configured"] = {"policy": reply.policy, "cache_experts": reply.cache_experts, "prefetch": reply.prefetch,
+                         "host_compute": reply.host_compute}
     return row
 
 

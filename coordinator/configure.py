@@ -90,7 +90,8 @@ class CacheSettings:
                                host_compute=self.host_compute)
 
     def for_inference(self) -> ConfigureInference:
-        return ConfigureInference(hidden_states=self.predicting, reordered_inference=self.reordered_inference)
+        return ConfigureInference(hidden_states=self.predicting, reordered_inference=self.reordered_inference,
+                                  host_inputs=self.host_compute != "never")
 
     def for_loader(self) -> ConfigureLoader:
         return ConfigureLoader(chunked_loads=self.chunked_loads)

@@ -322,6 +322,9 @@ class ConfigureInference(Message):
     while predictions drive loads)."""
     reordered_inference: bool
     """Compute experts as they become ready."""
+    host_inputs: bool = False
+    """Publish small steps' MoE inputs for host compute (only where the runtime started with it on; off under
+    ``never``: on a GPU each publication is a device-to-host copy per layer)."""
 
 
 class ConfigureLoader(Message):

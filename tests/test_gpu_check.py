@@ -52,9 +52,12 @@ def test_the_gpu_check_rehearsal_writes_every_row_exactly_into_one_folder(tmp_pa
         mine = {(r["policy"], r["cache_fraction"]): r for r in rows if r["routing"] == source}
         wanted = {("all_resident", 1.0), ("transformers", 1.0)}
         wanted |= {(p, f) for p in ("promoe", "lru", "lfu", "ondemand", "belady (floor)") for f in FRACTIONS}
+        wanted |= {("lru + host", 0.25), ("promoe + host", 0.25)}
         if source == "synthetic":
             wanted |= {(a, 0.25) for a in ABLATION}
         assert set(mine) == wanted, source
+        hosted = {r["policy"] for r in mine.values() if r.get("configured", {}).get("host_compute") == "auto"}
+        assert hosted == {"lru + host", "promoe + host"}, "host compute only in its rows"
         measured = [r for r in mine.values() if r["policy"] != "belady (floor)"]
         assert all(r["exact"] is True for r in measured), "the runtime must match transformers token for token"
         runtime = [r for r in measured if r["policy"] != "transformers"]
@@ -82,9 +85,9 @@ def test_rows_run_most_important_first_and_the_floor_counts_only_measured_access
 
     rows = [(r.label, r.cache_fraction) for r in row_configs("synthetic", (0.125, 0.25, 0.5), predicting=True)]
     assert rows[:4] == [("all_resident", 1.0), ("promoe", 0.25), ("lru", 0.25), ("promoe", 0.5)]
-    assert rows[4:6] == [("lfu", 0.25), ("ondemand", 0.25)]
+    assert rows[4:8] == [("lru + host", 0.25), ("promoe + host", 0.25), ("lfu", 0.25), ("ondemand", 0.25)]
     assert rows[-3:] == [(a, 0.25) for a in ABLATION]
-    assert len(rows) == len(set(rows)) == 1 + 4 * 3 + 3
+    assert len(rows) == len(set(rows)) == 1 + 4 * 3 + 2 + 3
     trace = row_configs("trace", (0.125, 0.25, 0.5), predicting=False)
     assert not any(r.label.startswith("ablation") for r in trace)
     assert all(not r.prefetch for r in trace if r.policy == "promoe"), "never predict on replayed routing"

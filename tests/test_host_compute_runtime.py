@@ -276,7 +276,7 @@ def test_dispatch_sends_only_published_missing_experts_and_measures() -> None:
 
 
 # ---------------------------------------------------------------- the runtime: the oracle, and host work done
-RUNTIME_CASES = [("always", "lru"), ("always", "promoe"), ("auto", "lru"), ("auto", "promoe")]
+RUNTIME_CASES = [("always", "lru"), ("always", "promoe"), ("auto", "lru"), ("auto", "promoe"), ("never", "promoe")]
 CACHE_EXPERTS = 24  # of 192
 
 
@@ -294,6 +294,8 @@ def test_runtime_with_host_compute_matches_transformers(runtime_keeper, checkpoi
     assert by_ids.token_ids == reference["ids"]
     metrics = by_ids.metrics
     assert metrics["host_predicted_jobs"] <= metrics["host_jobs"]
+    if mode == "never":  # switched off at run time: the worker stops publishing, the coordinator sends nothing
+        assert metrics["host_jobs"] == metrics["host_experts"] == 0
     if mode == "always":
         assert metrics["host_jobs"] >= 1 and metrics["host_ms"] > 0
         assert metrics["host_experts"] > 0, "no expert was taken from the host"
@@ -307,6 +309,9 @@ def test_configure_cache_switches_host_compute_only_where_the_runtime_started_wi
     assert start.updated(ConfigureCache(host_compute="always"), 4, 24).reply(24).host_compute == "always"
     with pytest.raises(ValueError, match="host_compute"):
         start.updated(ConfigureCache(host_compute="sometimes"), 4, 24)
+    # the worker publishes its inputs only while some host compute is on (on a GPU: a copy to the host per layer)
+    assert start.for_inference().host_inputs
+    assert not start.updated(ConfigureCache(host_compute="never"), 4, 24).for_inference().host_inputs
 
 
 def test_loader_reports_each_loads_copy_time_and_bytes_for_the_link_model(tmp_path) -> None:

@@ -7,13 +7,24 @@ the figures on the real trace are the benchmark's, not the tests'.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bench.belady import belady_misses
-from bench.replay import POLICIES, Config, Trace, main, oracle_predictions, replay, run_config
+from bench.replay import (
+    POLICIES,
+    Config,
+    Predicted,
+    Trace,
+    cached_predictions,
+    main,
+    oracle_predictions,
+    replay,
+    run_config,
+)
 from bench.replay_model import DeviceProfile, HostProfile, ReplayModel
 
 L, E, K = 4, 8, 2
@@ -134,6 +145,28 @@ def test_oracle_predictor_is_always_right_and_beats_no_prediction() -> None:
             for r in replay(trace, 0.5, [0.5], profile, lookahead=(2,), policies=("promoe",), predictor=predictor)}
     assert rows["promoe:oracle"]["precision"] == 1.0 and rows["promoe:none"]["precision"] is None
     assert rows["promoe:oracle"]["tpot_ms"] < rows["promoe:none"]["tpot_ms"]
+
+
+def test_predictions_are_kept_for_their_trace_and_made_again_for_another(tmp_path: Path) -> None:
+    """``--predictions``: a second run with the same key reads the file instead of fitting; another key fits."""
+    _, test = synthetic_trace(n_prompts=4).split(0.5)
+    made: list[int] = []
+
+    def make(distance: int) -> Callable[[], Predicted]:
+        def fit() -> Predicted:
+            made.append(distance)
+            return oracle_predictions(test, (distance,))
+        return fit
+
+    path = tmp_path / "predictions.npz"
+    first = cached_predictions(path, "trace a", make(2))
+    again = cached_predictions(path, "trace a", make(2))
+    assert made == [2], "the second run read the file"
+    assert set(again.top) == {2} and np.array_equal(again.outlook, first.outlook)
+    assert all(np.array_equal(a, b) for a, b in zip(again.top[2], first.top[2], strict=True))
+    other = cached_predictions(path, "trace b", make(3))
+    assert made == [2, 3] and set(other.top) == {3}
+    assert set(cached_predictions(path, "trace b", make(3)).top) == {3} and made == [2, 3]
 
 
 def test_an_outlook_of_every_expert_one_token_on_keeps_more_of_what_is_used() -> None:

@@ -304,9 +304,10 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
             msg = GateDecided(request_id=RequestId(request_id), step=step, layer=moe_layer, experts=experts,
                               ready_experts=ready, sent_ns=now_ns(),
                               request_ids=[RequestId(r) for r in backend.request_ids])
-            if host is not None:
-                msg.n_tokens, msg.host_input = host.n_tokens, host.published
-                msg.device_ns, msg.device_experts = host.take_device_time()
+            publishing = backend.host  # host compute on (configure_cache may turn it off and on)
+            if publishing is not None:
+                msg.n_tokens, msg.host_input = publishing.n_tokens, publishing.published
+                msg.device_ns, msg.device_experts = publishing.take_device_time()
             send(send_to_coordinator, msg)
 
         def on_released(experts: list[ExpertId]) -> None:
@@ -343,6 +344,7 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
             if feed is not None:
                 feed.enabled = msg.hidden_states
             backend.reordered = msg.reordered_inference
+            backend.host = host if msg.host_inputs else None
 
         sockets.announce_ready()
         if cfg.max_batch > 1:
