@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-compute", choices=("auto", "never", "always"), default="auto",
                    help="compute a missing expert of a decode step on the host when that is faster than copying it "
                         "(auto, the default: by the measured cost model; always: every miss; never)")
+    p.add_argument("--host-max-tokens", type=int, default=4,
+                   help="largest step, in tokens, whose experts may be computed on the host (default 4; prefill "
+                        "always loads)")
     p.add_argument("--lookahead", type=int, default=2, help="layers ahead the predictor targets (default 2)")
     p.add_argument("--no-early-preemption", action="store_true",
                    help="ablation: never preempt or reorder speculative loads")
@@ -217,7 +220,7 @@ def make_config(args: argparse.Namespace, run_dir: Path, one_shot: bool):  # -> 
         record_hidden=args.record_hidden, inference_core=stand_in_core(args.stand_in_cores, device),
         routing_predictor_path=str(args.routing_predictor.resolve()) if args.routing_predictor else None,
         http=args.http, http_api_key=args.api_key, http_max_inflight=args.http_max_inflight,
-        host_compute=args.host_compute,
+        host_compute=args.host_compute, host_max_tokens=args.host_max_tokens,
         served_model_name=args.model if args.model_path is None else Path(ckpt.path).name)
 
 
@@ -259,6 +262,8 @@ def check_serving_flags(args: argparse.Namespace, bind: str) -> str | None:
         return f"--max-queue must be >= 0, got {args.max_queue}"
     if args.max_batch < 1:
         return f"--max-batch must be >= 1, got {args.max_batch}"
+    if args.host_max_tokens < 1:
+        return f"--host-max-tokens must be >= 1, got {args.host_max_tokens}"
     if args.prefill_chunk < 1:
         return f"--prefill-chunk must be >= 1, got {args.prefill_chunk}"
     if args.max_batch > 1 and (args.record_trace is not None or args.routing_predictor is not None):

@@ -304,6 +304,11 @@ def test_runtime_with_host_compute_matches_transformers(runtime_keeper, checkpoi
 
 def test_configure_cache_switches_host_compute_only_where_the_runtime_started_with_it() -> None:
     from coordinator.configure import CacheSettings
+    from launch import build_parser, check_serving_flags
+
+    args = build_parser().parse_args(["--host-max-tokens", "0"])
+    assert "--host-max-tokens must be >= 1" in (check_serving_flags(args, "ipc:///x") or "")
+    assert check_serving_flags(build_parser().parse_args(["--host-max-tokens", "8"]), "ipc:///x") is None
 
     start = CacheSettings("lru", 24, True, True, True, True, host_compute="auto")
     assert start.updated(ConfigureCache(host_compute="always"), 4, 24).reply(24).host_compute == "always"
