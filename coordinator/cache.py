@@ -232,7 +232,7 @@ class CacheDirectory:
             self._unused_since_load.pop(expert, None)
         chosen = set(experts)
         self._count_hits(chosen, ready)
-        self.policy.record_use(experts, position)
+        self.policy.record_use(experts, position, self._host)
         if self.policy.prefetches:
             self._score_prediction(chosen, ready)
             if self.early_preemption:

@@ -884,6 +884,24 @@ def test_promoe_admits_an_uncertain_guess_only_while_the_link_is_quiet() -> None
     assert policy.admits(ExpertId(E), (0, 1), loads_in_flight=8)  # 8 / 9 < 0.9
 
 
+def test_promoe_speculates_only_onto_a_nearly_idle_link_while_the_host_computes_misses() -> None:
+    """Host compute takes misses off the link: a guess then needs fewer than top_k / 3 loads in flight (0 here:
+    top-2), for one token's gates after the host's last miss; then the usual rule again."""
+    policy = resident_promoe()
+    policy.record_use([ExpertId(0)], (0, 0))
+    policy.record_prediction((0, 3), [ExpertId(3 * E)], [0.9])
+    assert policy.admits(ExpertId(3 * E), (0, 3), loads_in_flight=1)
+    policy.record_use([ExpertId(E), ExpertId(E + 1)], (0, 1), host=[ExpertId(E + 1)])  # the host took a miss
+    assert not policy.admits(ExpertId(3 * E), (0, 3), loads_in_flight=1)
+    assert policy.admits(ExpertId(3 * E), (0, 3), loads_in_flight=0), "an idle link still takes a guess"
+    for position in ((0, 2), (0, 3), (1, 0), (1, 1)):  # one token of gates without the host
+        policy.record_use([ExpertId(position[1] * E)], position)
+    policy.record_prediction((1, 3), [ExpertId(3 * E + 1)], [0.9])
+    assert not policy.admits(ExpertId(3 * E + 1), (1, 3), loads_in_flight=1)
+    policy.record_use([ExpertId(2 * E)], (1, 2))
+    assert policy.admits(ExpertId(3 * E + 1), (1, 3), loads_in_flight=1)
+
+
 def test_busy_link_refuses_an_uncertain_speculative_load(make_rig) -> None:
     rig = make_rig(n_slots=9, policy="promoe")
     rig.cache.begin_request(RequestId(1))

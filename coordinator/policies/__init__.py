@@ -12,7 +12,7 @@ prediction) and asks the policy for the first of those.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 import numpy as np
@@ -34,8 +34,10 @@ class CachePolicy(Protocol):
     prefetches: bool
     """True if predictions turn into speculative loads."""
 
-    def record_use(self, experts: list[ExpertId], position: tuple[int, int]) -> None:
-        """The gate at ``position`` (step, MoE layer) chose ``experts`` (resident or not)."""
+    def record_use(self, experts: list[ExpertId], position: tuple[int, int],
+                   host: Collection[ExpertId] = ()) -> None:
+        """The gate at ``position`` (step, MoE layer) chose ``experts`` (resident or not); ``host``: those of them
+        computed on the host instead of loaded (host compute)."""
 
     def record_prediction(self, target: tuple[int, int], experts: list[ExpertId],
                           probabilities: list[float] | None) -> None:

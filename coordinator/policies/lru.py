@@ -3,7 +3,7 @@ without ever having been chosen counts as used when it lands. The least recently
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
 
@@ -32,7 +32,8 @@ class LruPolicy:
     def _key(self, expert: ExpertId) -> object:
         return self._last_use.get(expert, 0)
 
-    def record_use(self, experts: list[ExpertId], position: tuple[int, int] = (0, 0)) -> None:
+    def record_use(self, experts: list[ExpertId], position: tuple[int, int] = (0, 0),
+                   host: Collection[ExpertId] = ()) -> None:
         for expert in experts:
             self._touch(expert)
 

@@ -3,7 +3,7 @@ gate did not choose and that is not in use, so each layer loads what it needs.""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
 
@@ -22,7 +22,8 @@ class OnDemandPolicy:
         self._resident = Ranking()
         """Key: arrival order (a victim is only needed within one prefill layer)."""
 
-    def record_use(self, experts: list[ExpertId], position: tuple[int, int] = (0, 0)) -> None:
+    def record_use(self, experts: list[ExpertId], position: tuple[int, int] = (0, 0),
+                   host: Collection[ExpertId] = ()) -> None:
         pass
 
     def record_load(self, expert: ExpertId) -> None:

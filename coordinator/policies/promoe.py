@@ -18,11 +18,15 @@ A prediction becomes a speculative load only if the predicted expert is expected
 evict: speculation never pushes out something worth more than the guess, so a wrong guess costs at most link time
 the precise loads did not need. Without probabilities from the predictor, a prediction counts with the measured
 share of predictions the gates confirmed.
+
+While the host computes misses (host compute, ``coordinator/host_compute.py``), a miss no longer has to wait for
+the link, so a right guess saves less and a wrong one takes the link from the misses the cost model sent there:
+guesses then only fill a link that is nearly idle (``admits``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
 
@@ -56,6 +60,8 @@ class PromoePolicy:
         self._confirmed = 1.0
         self._judged = 2.0
         """Predictions whose gate reported, and how many of them it chose (prior: one in two)."""
+        self._host_clock = -np.inf
+        """Gate clock of the last gate that had a miss computed on the host."""
 
     @property
     def precision(self) -> float:
@@ -63,7 +69,7 @@ class PromoePolicy:
         return self._confirmed / self._judged
 
     # ------------------------------------------------------------ events
-    def record_use(self, experts: list[ExpertId], position: Position) -> None:
+    def record_use(self, experts: list[ExpertId], position: Position, host: Collection[ExpertId] = ()) -> None:
         new_token = position[0] != self.position[0] or position < self.position
         if position < self.position:  # a new request: what was predicted for the last one is void
             self._predicted.clear()
@@ -71,6 +77,8 @@ class PromoePolicy:
         if new_token:
             self.reuse.next_token()
         self.position, self.layer = position, position[1]
+        if host:
+            self._host_clock = self._clock(self.reuse.token, self.layer)
         predicted = self._predicted.pop(position, None)
         for target in [p for p in self._predicted if p < position]:
             del self._predicted[target]
@@ -116,9 +124,17 @@ class PromoePolicy:
         flight it must be right with probability at least ``n / (n + top_k / 2)`` (0 on an idle link, 1/2 with
         half a gate's worth of loads queued), since a wrong one takes link time from loads that are needed. (The
         constant is measured, not derived: on the DeepSeek trace a stricter rule helps when the link dominates and
-        hurts when compute does; ``bench/replay.py``.)"""
+        hurts when compute does; ``bench/replay.py``.)
+
+        While the host computes misses (one did within the last token's gates), a guess is loaded only onto a
+        nearly idle link: fewer than ``top_k / 3`` loads in flight (measured on the same trace, README "Host compute
+        in replay": on the link-bound profile any speculation beyond that costs more than it hides; on the balanced
+        one it hides as much as unthrottled speculation)."""
+        n = loads_in_flight
+        if self._clock(self.reuse.token, self.layer) - self._host_clock <= self.n_layers and n >= self.top_k / 3:
+            return False
         q = self._predicted.get(target, {}).get(expert, self.precision)
-        return q >= loads_in_flight / (loads_in_flight + self.top_k / 2)
+        return q >= n / (n + self.top_k / 2)
 
     def victim(self, allowed: Callable[[ExpertId], bool],
                incoming: tuple[ExpertId, Position] | None = None) -> ExpertId | None:
