@@ -6,6 +6,7 @@ the figures on the real trace are the benchmark's, not the tests'.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -217,7 +218,9 @@ def test_always_computes_every_miss_on_the_host_and_the_layer_waits_for_it() -> 
 
 @pytest.mark.parametrize("policy", ["lru", "promoe"])
 def test_auto_on_a_link_bound_profile_beats_the_link_alone_and_the_host_alone(policy: str) -> None:
-    rows = host_rows(policy, ("never", "auto", "always"))
+    """A host of 30 GB/s (0.63 ms per expert against a 0.69 ms copy): at the default 40 GB/s, promoe's prefetches
+    leave so few misses that sending every one of them to the host is within 1% of the cost model's choice."""
+    rows = host_rows(policy, ("never", "auto", "always"), dataclasses.replace(LINK_BOUND, host=HostProfile(gbps=30)))
     assert rows["auto"]["stall_ms_per_token"] < rows["never"]["stall_ms_per_token"] - 0.3
     assert rows["auto"]["stall_ms_per_token"] < rows["always"]["stall_ms_per_token"] - 0.05
     assert 0 < rows["auto"]["host_experts_per_token"] < rows["always"]["host_experts_per_token"]
