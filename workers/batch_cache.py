@@ -82,14 +82,11 @@ def prefill_inputs(kvs: Sequence[KV | None], lengths: Sequence[int], chunks: Seq
     """Inputs of a forward pass that prefills ``chunks[i]`` after the ``lengths[i]`` positions of ``kvs[i]``."""
     cache, past_mask = assemble(kvs, lengths, config, device)
     width = max(len(chunk) for chunk in chunks)
-    rows = len(chunks)
-    input_ids = torch.zeros((rows, width), dtype=torch.long, device=device)
-    chunk_mask = torch.zeros((rows, width), dtype=torch.long, device=device)
-    position_ids = torch.zeros((rows, width), dtype=torch.long, device=device)
-    for row, (chunk, length) in enumerate(zip(chunks, lengths, strict=True)):
-        input_ids[row] = torch.tensor(chunk + [chunk[-1]] * (width - len(chunk)), dtype=torch.long)
-        chunk_mask[row, :len(chunk)] = 1
-        position_ids[row] = torch.arange(length, length + width).clamp(max=length + len(chunk) - 1)
-    last = torch.tensor([[len(chunk) - 1] for chunk in chunks], dtype=torch.long, device=device)
-    return PrefillInputs(cache, past_mask.shape[1], input_ids, torch.cat([past_mask, chunk_mask], dim=1),
-                         position_ids, chunk_mask.reshape(-1).bool(), last)
+    input_ids = torch.tensor([chunk + [chunk[-1]] * (width - len(chunk)) for chunk in chunks], dtype=torch.long)
+    chunk_mask = torch.tensor([[1] * len(chunk) + [0] * (width - len(chunk)) for chunk in chunks], dtype=torch.long)
+    position_ids = torch.stack([torch.arange(length, length + width).clamp(max=length + len(chunk) - 1)
+                                for chunk, length in zip(chunks, lengths, strict=True)])
+    last = torch.tensor([[len(chunk) - 1] for chunk in chunks], dtype=torch.long)
+    chunk_mask = chunk_mask.to(device)
+    return PrefillInputs(cache, past_mask.shape[1], input_ids.to(device), torch.cat([past_mask, chunk_mask], dim=1),
+                         position_ids.to(device), chunk_mask.reshape(-1).bool(), last.to(device))
