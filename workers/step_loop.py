@@ -65,7 +65,7 @@ class StepLoop:
         self.worker = worker
         self.max_batch = max_batch
         self.waiting: list[tuple[StartGeneration, int]] = []
-        """Requests received, not yet prefilled (with when they arrived)."""
+        """Requests received, not yet admitted (with when they arrived)."""
         self.running: list[Sequence] = []
         self.cache: DynamicCache | None = None
         self.cache_rows: list[RequestId] = []
