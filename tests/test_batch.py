@@ -104,6 +104,33 @@ class Staggered:
         return self.token_s[later][0] < self.token_s[earlier][-1]
 
 
+class Together:
+    """Sends requests all at once, each on its own connection (released together by a barrier)."""
+
+    def __init__(self, rt: RuntimeProcess) -> None:
+        self.rt = rt
+
+    def run(self, requests: list[tuple[list[int], int]]) -> list[GenerationDone | BaseException | None]:
+        results: list[GenerationDone | BaseException | None] = [None] * len(requests)
+        barrier = threading.Barrier(len(requests))
+
+        def one(i: int, ids: list[int], n: int) -> None:
+            try:
+                with self.rt.client(timeout_s=WAIT_S) as client:
+                    barrier.wait(WAIT_S)
+                    results[i] = client.generate(prompt_ids=ids, max_new_tokens=n)
+            except BaseException as exc:  # the main thread asserts on it
+                results[i] = exc
+
+        threads = [threading.Thread(target=one, args=(i, ids, n)) for i, (ids, n) in enumerate(requests)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT_S)
+            assert not thread.is_alive(), "a request did not finish in time"
+        return results
+
+
 @pytest.mark.parametrize("policy", ["lru", "promoe", "ondemand", "lfu"])
 def test_batched_greedy_tokens_match_transformers_alone(runtime_keeper, checkpoint, references, policy):
     rt = runtime_keeper.serving(checkpoint, FLAGS, policy, 24)
@@ -119,6 +146,12 @@ def test_batched_greedy_tokens_match_transformers_alone(runtime_keeper, checkpoi
     # loads are charged to the requests their steps served, shared: the shares add up to what was loaded
     loaded = sum(r.metrics["experts_loaded"] for r in results if isinstance(r, GenerationDone))
     assert loaded > 0
+    # all at once: requests admitted in the same iteration are prefilled together (batched prefill; that one pass
+    # serves several requests is checked in-process below), their padding routed to no expert
+    together = Together(rt).run(REQUESTS[:MAX_BATCH])
+    for i, result in enumerate(together):
+        assert isinstance(result, GenerationDone), f"request {i} sent together: {result!r}"
+        assert result.token_ids == references[i], f"request {i} sent together under {policy}"
     if policy == "promoe":
         assert results[0].metrics["prefetch_precision"] is not None, "the predictor predicted nothing for the batch"
     with rt.client() as client:
@@ -251,3 +284,60 @@ def test_a_failed_decode_fails_every_row_and_leaves_no_batch():
         results.close(linger=0)
         sender.close(linger=0)
         ctx.term()
+
+
+@pytest.mark.parametrize("budget", [5, 32])
+def test_requests_admitted_together_are_prefilled_in_one_pass(model, references, budget):
+    """The step loop in-process on plain transformers (eager experts): requests that arrive together are admitted in
+    one iteration and their prompts (3 to 13 tokens) prefilled together, at most ``--prefill-chunk`` (``budget``)
+    real tokens a pass for all rows together (5: prompts split over passes, rows with different pasts in one pass;
+    32: the four admitted prompts in a single pass); every request gets the greedy tokens of transformers alone."""
+    import zmq
+
+    from protocol.codec import decode
+    from protocol.ids import RequestId
+    from protocol.messages import GenerationFinished, StartGeneration
+    from protocol.schema import SamplingParams
+    from workers.inference import InferenceWorker
+    from workers.offloaded_experts import LayerStats
+    from workers.step_loop import StepLoop
+
+    ctx = zmq.Context()
+    results, sender = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    passes: list[tuple[list[int], int | None]] = []
+    """Per forward pass: its requests, and its real (unpadded) tokens when it is a prefill."""
+    backend = SimpleNamespace(request_ids=[], real_tokens=None, stats=LayerStats(), begin_request=lambda r: None,
+                              table=SimpleNamespace(clear_pins=lambda: None))
+    hook = model.register_forward_pre_hook(lambda module, args: passes.append(
+        (list(backend.request_ids), None if backend.real_tokens is None else int(backend.real_tokens.sum()))))
+    try:
+        results.bind("inproc://prefill-results")
+        sender.connect("inproc://prefill-results")
+        sockets = SimpleNamespace(send_to_coordinator=sender, answer_ping=lambda msg: None)
+        worker = InferenceWorker(model, None, backend, sockets)  # type: ignore[arg-type]
+        loop = StepLoop(worker, MAX_BATCH, budget, on_configure=lambda msg: None)
+        for i, (ids, n) in enumerate(REQUESTS):
+            loop.on_start_generation(StartGeneration(request_id=RequestId(i), prompt_ids=ids,
+                                                     params=SamplingParams(max_new_tokens=n)))
+        loop.run_step()
+        assert len(loop.waiting) == len(REQUESTS) - MAX_BATCH, "the batch's room was not filled in one iteration"
+        while loop.waiting or loop.prefilling or loop.running:
+            loop.run_step()
+        finished = {}
+        while results.poll(0):
+            msg = decode(results.recv())
+            if isinstance(msg, GenerationFinished):
+                finished[msg.request_id] = msg
+    finally:
+        hook.remove()
+        results.close(linger=0)
+        sender.close(linger=0)
+        ctx.term()
+    assert sorted(finished) == list(range(len(REQUESTS)))
+    for i, msg in finished.items():
+        assert msg.token_ids == references[i], f"request {i} (prefill budget {budget})"
+    prefills = [(ids, real) for ids, real in passes if real is not None]
+    assert all(real <= budget for _, real in prefills), prefills
+    assert sum(real for _, real in prefills) == sum(len(ids) for ids, _ in REQUESTS), "a prompt token twice or never"
+    shared = max(len(ids) for ids, _ in prefills)
+    assert shared == (2 if budget == 5 else MAX_BATCH), f"prefill passes {prefills}"

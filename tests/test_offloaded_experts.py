@@ -210,6 +210,28 @@ def test_expert_index_e_is_skipped_as_the_eager_loop_skips_it(make_rig, moe_laye
 
 
 @pytest.mark.timeout(60)
+def test_padding_of_a_batched_prefill_goes_to_no_expert(make_rig) -> None:
+    """``real_tokens`` (the step loop's batched prefill): the padding's experts are neither reported nor computed,
+    the real tokens' outputs are eager's bit for bit, and the predictor is shown the real tokens only."""
+    rig = make_rig()
+    rig.place_all()
+    hidden, index, weights = routing(6, seed=77)
+    index = index.clone()
+    index[4:] = torch.tensor([N_EXPERTS - 1, N_EXPERTS - 2, N_EXPERTS - 3, N_EXPERTS - 4])  # only the padding's
+    index[:4] = index[:4] % (N_EXPERTS - 4)
+    real = torch.tensor([True, True, True, True, False, False])
+    shown: list[int] = []
+    rig.backend.on_hidden = lambda request, layer, step, rows: shown.append(rows.shape[0])
+    rig.backend.real_tokens = real
+    out = rig.forward(0, hidden, index, weights)
+    assert torch.equal(out[real], eager(rig.modules[0], hidden[real], index[real], weights[real]))
+    assert torch.count_nonzero(out[~real]) == 0
+    ((_request, _layer, _step, gated),) = rig.gates
+    assert gated == chosen(index[real]) and max(gated) < N_EXPERTS - 4
+    assert shown == [4] and rig.backend.stats.uses == len(gated)
+
+
+@pytest.mark.timeout(60)
 def test_the_slot_not_the_model_is_what_is_computed(make_rig) -> None:
     """The backend must read the cache slots: a slot holding another expert changes the result."""
     rig = make_rig()

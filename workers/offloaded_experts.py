@@ -101,6 +101,10 @@ class OffloadedExperts:
         self.request_id = 0
         self.request_ids: list[int] = []
         """The requests of the current forward pass (step loop), sent with each gate report; empty: ``request_id``."""
+        self.real_tokens: torch.Tensor | None = None
+        """``[T]`` bool, set by the step loop for a batched prefill: which tokens of the pass are not padding (None:
+        all are). Padding goes to no expert (its routing becomes the skipped index E, so it is neither reported,
+        loaded nor computed) and is not shown to the predictor."""
         self.step = -1
         self.stats = LayerStats()
 
@@ -128,8 +132,12 @@ class OffloadedExperts:
         if moe_layer == 0:
             self.step += 1
         lay = self.layout
+        real = self.real_tokens
+        if real is not None:  # padding of a batched prefill: routed to no expert
+            top_k_index = top_k_index.masked_fill(~real[:, None], lay.experts_per_layer)
         if self.on_hidden is not None:  # first, so that the predictor gets the most lead time
-            self.on_hidden(self.request_id, moe_layer, self.step, hidden_states)
+            shown = hidden_states if real is None else hidden_states[real]
+            self.on_hidden(self.request_id, moe_layer, self.step, shown)
         # ascending local expert indices; index E (one past the last expert) is skipped, as transformers' eager
         # experts loop skips it (``if expert_idx == self.num_experts: continue``): a router may emit it for a
         # token/slot that goes to no expert (expert-parallel sentinels)

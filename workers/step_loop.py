@@ -1,12 +1,14 @@
 """Continuous batching in the inference worker (``--max-batch N`` > 1): a step loop instead of one ``generate()`` per
 request.
 
-Every iteration of the loop takes what the inbox holds (new requests, cancels, pings), prefills at most one admitted
-request (alone, in one forward pass of its own, so that its numbers are those of ``generate()``), then decodes one
-token for every running request in one forward pass: a ``DynamicCache`` of the running sequences, each left-padded
-to the longest, with an attention mask that hides the padding and each row's own positions. transformers computes
-the attention (no attention is written here); the experts backend sees the union of the batch's routing, so one
-gate report, one pin set and one load serve every row routed to an expert.
+Every iteration of the loop takes what the inbox holds (new requests, cancels, pings), admits waiting requests while
+the batch has room, prefills the next chunks of the admitted prompts together in one forward pass (batched prefill:
+``--prefill-chunk`` tokens for all its rows together, each row's past left-padded and its chunk right-padded, the
+padding hidden by the attention mask and routed to no expert; ``workers/batch_cache.py``), then decodes one token
+for every running request in another forward pass: a ``DynamicCache`` of the running sequences, each left-padded to
+the longest, with an attention mask that hides the padding and each row's own positions. transformers computes the
+attention (no attention is written here); the experts backend sees the union of the pass's routing, so one gate
+report, one pin set and one load serve every row routed to an expert, in a prefill as in a decode step.
 
 The batched cache is kept from step to step while the batch does not change (each step appends one column to every
 row); when a request joins or leaves, each remaining row's unpadded keys and values are cut out and the cache is
@@ -27,19 +29,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.nn import functional as F
-from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
-from transformers.generation.logits_process import (
-    MinPLogitsWarper,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import DynamicCache
 
 from protocol.dispatch import Dispatcher
 from protocol.ids import RequestId
@@ -51,90 +44,17 @@ from protocol.messages import (
     Ping,
     StartGeneration,
 )
+from workers.batch_cache import assemble, cut, prefill_inputs
 from workers.bootstrap import IDLE_POLL_S, send
 from workers.offloaded_experts import LayerStats, LoadTimedOut
+from workers.sequence import Sequence, logits_processors
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from workers.inference import InferenceWorker, TokenStreamer
+    from workers.inference import InferenceWorker
 
 log = logging.getLogger(__name__)
-
-KV = list[tuple[torch.Tensor, torch.Tensor]]
-"""Per decoder layer: keys and values ``[1, heads, length, head_dim]`` of one sequence, unpadded."""
-
-
-DEFAULT_TOP_K = 50
-"""The top-k ``generate()`` samples with when the checkpoint's generation config leaves it unset (transformers'
-default generation parameters)."""
-
-
-def logits_processors(generation_config: GenerationConfig, temperature: float, top_p: float) -> LogitsProcessorList:
-    """The processors ``generate()`` applies for these settings and the checkpoint's generation config, in its order
-    (repetition penalty; then, when sampling, temperature, top-k, top-p, min-p)."""
-    cfg = generation_config
-    top_k = DEFAULT_TOP_K if cfg.top_k is None else cfg.top_k
-    processors = LogitsProcessorList()
-    if cfg.repetition_penalty is not None and cfg.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty))
-    if temperature > 0:
-        if temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(temperature))
-        if top_k:
-            processors.append(TopKLogitsWarper(top_k=top_k))
-        if top_p < 1.0:
-            processors.append(TopPLogitsWarper(top_p=top_p))
-        if cfg.min_p is not None:
-            processors.append(MinPLogitsWarper(min_p=cfg.min_p))
-    return processors
-
-
-@dataclass
-class Sequence:
-    """One request in the batch."""
-
-    request_id: RequestId
-    prompt_ids: list[int]
-    max_new_tokens: int
-    stop_ids: set[int]
-    processors: LogitsProcessorList
-    generator: torch.Generator | None
-    """Sampling: the request's own generator, seeded with its seed; None: greedy."""
-    streamer: TokenStreamer
-    received_ns: int
-    generated: list[int] = field(default_factory=list)
-    kv: KV | None = None
-    prefill_cache: DynamicCache | None = None
-    """While its prompt is prefilled chunk by chunk: its own cache."""
-    """Its keys and values while it is not in the batched cache (after its prefill, or cut out at a rebuild)."""
-    length: int = 0
-    """Tokens in its cache."""
-    cancelled: bool = False
-    uses: float = 0.0
-    hits: float = 0.0
-    stall_ns: int = 0
-
-    def choose(self, logits: torch.Tensor) -> int:
-        """The next token from this row's logits ``[V]``, as ``generate()`` picks it."""
-        scores = logits.to(dtype=torch.float32).unsqueeze(0)  # [1, V]
-        if self.processors:
-            ids = torch.tensor([self.prompt_ids + self.generated], dtype=torch.long, device=logits.device)
-            scores = self.processors(ids, scores)  # type: ignore[arg-type]  # a LongTensor by dtype
-        if self.generator is None:
-            return int(torch.argmax(scores, dim=-1)[0])
-        probs = F.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, num_samples=1, generator=self.generator)[0, 0])
-
-    @property
-    def finish_reason(self) -> str | None:
-        if self.cancelled:
-            return "cancelled"
-        if self.generated and self.generated[-1] in self.stop_ids:
-            return "stop"
-        if len(self.generated) >= self.max_new_tokens:
-            return "length"
-        return None
 
 
 class StepLoop:
@@ -145,7 +65,7 @@ class StepLoop:
         self.worker = worker
         self.max_batch = max_batch
         self.waiting: list[tuple[StartGeneration, int]] = []
-        """Requests received, not yet prefilled (with when they arrived)."""
+        """Requests received, not yet admitted (with when they arrived)."""
         self.running: list[Sequence] = []
         self.cache: DynamicCache | None = None
         self.cache_rows: list[RequestId] = []
@@ -153,9 +73,10 @@ class StepLoop:
         self.mask: torch.Tensor | None = None
         """``[rows, cache length]``: 0 on each row's left padding."""
         self.cancelled_waiting: set[RequestId] = set()
-        self.prefilling: Sequence | None = None
-        """The request whose prompt is being prefilled, ``prefill_chunk`` tokens a step."""
+        self.prefilling: list[Sequence] = []
+        """Admitted requests whose prompts are being prefilled, in the order they were admitted."""
         self.prefill_chunk_tokens = prefill_chunk
+        """Prompt tokens prefilled per iteration, all rows of the prefill pass together."""
         self.dispatch = Dispatcher("inference", {
             StartGeneration: self.on_start_generation, CancelGeneration: self.on_cancel_generation,
             Ping: worker.sockets.answer_ping, ConfigureInference: on_configure})
@@ -164,7 +85,7 @@ class StepLoop:
     def serve(self) -> None:
         inbox = self.worker.sockets.inbox
         while True:
-            busy = bool(self.running or self.waiting)
+            busy = bool(self.running or self.prefilling or self.waiting)
             msg = inbox.poll(0 if busy else IDLE_POLL_S)
             while msg is not None:
                 self.dispatch(msg)
@@ -172,13 +93,13 @@ class StepLoop:
             self.run_step()
 
     def run_step(self) -> None:
-        """Prefill the next chunk of one admitted request (admitting a waiting one if none is being prefilled), then
-        decode one token for every running one."""
-        if self.prefilling is None and self.waiting and len(self.running) < self.max_batch:
+        """Admit waiting requests while the batch has room, prefill the next chunks of the admitted ones in one
+        forward pass, then decode one token for every running one in another."""
+        while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch:
             start, received_ns = self.waiting.pop(0)
             self.admit(start, received_ns)
-        if self.prefilling is not None:
-            self.prefill_chunk(self.prefilling)
+        if self.prefilling:
+            self.prefill()
         self.end_finished()
         if self.running:
             self.decode()
@@ -189,7 +110,7 @@ class StepLoop:
 
     def on_cancel_generation(self, msg: CancelGeneration) -> None:
         """The request stops before the next step (one not prefilled yet ends with no tokens)."""
-        for seq in [*self.running, *([self.prefilling] if self.prefilling is not None else [])]:
+        for seq in [*self.running, *self.prefilling]:
             if seq.request_id == msg.request_id:
                 seq.cancelled = True
         if any(start.request_id == msg.request_id for start, _ in self.waiting):
@@ -214,7 +135,7 @@ class StepLoop:
                         received_ns)
 
     def admit(self, msg: StartGeneration, received_ns: int) -> None:
-        """Start prefilling the request (alone: a request that fails here fails alone)."""
+        """Validate the request and queue it for prefill (a request refused here fails alone)."""
         from workers.inference import BadRequest
 
         try:
@@ -229,35 +150,44 @@ class StepLoop:
             seq.cancelled = True
             self.report(self.finished(seq, "cancelled"))
             return
-        if not self.running:  # a new batch (nothing running or prefilling): its routing is keyed by its first request
+        if not self.running and not self.prefilling:  # a new batch: its routing is keyed by its first request
             self.worker.backend.begin_request(seq.request_id)
-        seq.prefill_cache = DynamicCache(config=self.worker.model.config)
-        self.prefilling = seq
+        self.prefilling.append(seq)
 
-    def prefill_chunk(self, seq: Sequence) -> None:
-        """The next ``prefill_chunk`` tokens of its prompt, in a forward pass of its own on its own cache; after
-        the last, its first token, and it joins the batch."""
-        if seq.cancelled:
-            self.prefilling = None
+    def prefill(self) -> None:
+        """The next chunks of the admitted prompts in one forward pass: the rows in the order they were admitted,
+        each taking as much of its prompt as is left of the ``prefill_chunk`` tokens budget (so a long prompt takes
+        the whole budget, and the pass holds the batch's decoding up by at most that many tokens). Each row's
+        past is left-padded and its chunk right-padded (``workers.batch_cache``); the padding goes to no expert. A
+        row whose prompt is done gets its first token and joins the batch."""
+        for seq in [seq for seq in self.prefilling if seq.cancelled]:
+            self.prefilling.remove(seq)
             self.report(self.finished(seq, "cancelled"))
+        budget = self.prefill_chunk_tokens
+        taken: list[tuple[Sequence, list[int]]] = []
+        for seq in self.prefilling:
+            if budget <= 0:
+                break
+            chunk = seq.prompt_ids[seq.length:seq.length + budget]
+            taken.append((seq, chunk))
+            budget -= len(chunk)
+        if not taken:
             return
-        done = seq.length
-        chunk = seq.prompt_ids[done:done + self.prefill_chunk_tokens]
-        device = self.worker.device
-        input_ids = torch.tensor([chunk], dtype=torch.long, device=device)
-        attention_mask = torch.ones((1, done + len(chunk)), dtype=torch.long, device=device)
-        logits = self.forward([seq], input_ids=input_ids, attention_mask=attention_mask, cache=seq.prefill_cache)
+        rows = [seq for seq, _ in taken]
+        inputs = prefill_inputs([seq.kv for seq in rows], [seq.length for seq in rows], [c for _, c in taken],
+                                self.worker.model.config, self.worker.device)
+        logits = self.forward(rows, inputs.real_tokens, input_ids=inputs.input_ids,
+                              attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
+                              cache=inputs.cache, logits_to_keep=inputs.last_positions)
         if logits is None:
             return
-        seq.length = done + len(chunk)
-        if seq.length < len(seq.prompt_ids):
-            return
-        assert seq.prefill_cache is not None
-        seq.kv = [(keys, values) for keys, values, *_ in seq.prefill_cache]
-        seq.prefill_cache = None
-        self.prefilling = None
-        self.running.append(seq)
-        self.take_token(seq, logits[0, -1])
+        for row, (seq, chunk) in enumerate(taken):
+            seq.kv = cut(inputs.cache, row, inputs.past_width - seq.length, inputs.past_width + len(chunk))
+            seq.length += len(chunk)
+            if seq.length == len(seq.prompt_ids):
+                self.prefilling.remove(seq)
+                self.running.append(seq)
+                self.take_token(seq, logits[row, -1])
 
     def decode(self) -> None:
         rows = self.running
@@ -268,7 +198,7 @@ class StepLoop:
         self.mask = torch.cat([self.mask, torch.ones((len(rows), 1), dtype=self.mask.dtype, device=device)], dim=1)
         input_ids = torch.tensor([[seq.generated[-1]] for seq in rows], dtype=torch.long, device=device)
         positions = torch.tensor([[seq.length] for seq in rows], dtype=torch.long, device=device)
-        logits = self.forward(rows, input_ids=input_ids, attention_mask=self.mask, position_ids=positions,
+        logits = self.forward(rows, None, input_ids=input_ids, attention_mask=self.mask, position_ids=positions,
                               cache=self.cache)
         if logits is None:
             return
@@ -282,34 +212,22 @@ class StepLoop:
             assert self.mask is not None
             width = self.mask.shape[1]
             by_id = {seq.request_id: seq for seq in self.running}
-            layers = [(keys, values) for keys, values, *_ in self.cache]
             for row, request_id in enumerate(self.cache_rows):
                 seq = by_id.get(request_id)
                 if seq is not None and seq.kv is None:
-                    pad = width - seq.length
-                    seq.kv = [(k[row:row + 1, :, pad:], v[row:row + 1, :, pad:]) for k, v in layers]
-        longest = max(seq.length for seq in self.running)
-        data = []
-        for layer in range(len(self.running[0].kv or ())):
-            keys, values = [], []
-            for seq in self.running:
-                assert seq.kv is not None
-                k, v = seq.kv[layer]
-                keys.append(F.pad(k, (0, 0, longest - seq.length, 0)))
-                values.append(F.pad(v, (0, 0, longest - seq.length, 0)))
-            data.append((torch.cat(keys), torch.cat(values)))
-        self.cache = DynamicCache(data, config=self.worker.model.config)
-        self.mask = torch.zeros((len(self.running), longest), dtype=torch.long, device=self.worker.device)
-        for row, seq in enumerate(self.running):
-            self.mask[row, longest - seq.length:] = 1
+                    seq.kv = cut(self.cache, row, width - seq.length, width)
+        self.cache, self.mask = assemble([seq.kv for seq in self.running], [seq.length for seq in self.running],
+                                         self.worker.model.config, self.worker.device)
+        for seq in self.running:
             seq.kv = None
         self.cache_rows = [seq.request_id for seq in self.running]
 
-    def forward(self, rows: list[Sequence], **inputs: Any) -> torch.Tensor | None:
-        """One forward pass for ``rows``: their logits ``[rows, T, V]``, or None when it failed (every row in it
-        failed and was reported)."""
+    def forward(self, rows: list[Sequence], real_tokens: torch.Tensor | None, **inputs: Any) -> torch.Tensor | None:
+        """One forward pass for ``rows`` (``real_tokens``: which of its tokens are not padding; None: all are):
+        their logits ``[rows, T, V]``, or None when it failed (every row in it failed and was reported)."""
         backend = self.worker.backend
         backend.request_ids = [seq.request_id for seq in rows]
+        backend.real_tokens = real_tokens
         base_stall_ns = max(seq.stall_ns for seq in rows)  # the load deadline is each request's own waiting
         backend.stats = LayerStats(stall_ns=base_stall_ns)
         try:
@@ -318,6 +236,8 @@ class StepLoop:
         except Exception as exc:  # the rows fail; the worker and the other requests go on
             self.fail(rows, exc)
             return None
+        finally:
+            backend.real_tokens = None
         stats = backend.stats
         for seq in rows:
             seq.uses += stats.uses / len(rows)
@@ -351,8 +271,8 @@ class StepLoop:
             code, message = "internal", f"{type(exc).__name__}: {exc}"
         rows = list(rows)  # a decode's rows are ``self.running`` itself, emptied here
         for seq in rows:
-            if seq is self.prefilling:
-                self.prefilling = None
+            if seq in self.prefilling:  # by identity (``Sequence`` has no equality of its own)
+                self.prefilling.remove(seq)
             else:
                 self.running.remove(seq)
             send(worker.send_to_coordinator, GenerationFailed(request_id=seq.request_id, code=code, message=message))
