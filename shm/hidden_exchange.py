@@ -1,12 +1,9 @@
 """The hidden-state exchange: the input of each MoE layer, written by the inference worker, read by the predictor.
 
 One record per MoE layer: a sequence number, the step, the number of rows, and up to ``max_tokens`` rows of the
-hidden state (float32). Writing is a seqlock: the sequence is odd while the inference worker writes; the predictor
-copies the rows and accepts them only if the sequence was even and unchanged across the copy. A record that was
-overwritten before the predictor got to it is dropped: the prediction would be for a layer already past.
-
-No fences: the seqlock relies on x86-64 keeping the writer's stores and the reader's loads in program order
-(``shm/ordering.py``; the runtime refuses to start on CPUs without that ordering).
+hidden state (float32), a seqlock record (``shm/seqlock.py``) written by the inference worker and copied by the
+predictor. A record that was overwritten before the predictor got to it is dropped: the prediction would be for a
+layer already past.
 """
 
 from __future__ import annotations
@@ -14,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from shm import seqlock
 from shm.segment import Segment
 
 _HEADER_WORDS = 4  # seq, request_id, step, n_tokens
@@ -41,23 +39,13 @@ class HiddenExchange:
         """Publish the last ``max_tokens`` rows of ``hidden`` [T, H]; returns how many rows were written."""
         rows = hidden[-self.max_tokens:]  # [n, H]
         n = rows.shape[0]
-        header = self._header[layer]
-        header[0] += 1  # odd: being written
-        self._rows[layer, :n].copy_(rows)
-        header[1] = request_id
-        header[2] = step
-        header[3] = n
-        header[0] += 1  # even: complete
+        seqlock.publish(self._header[layer], (request_id, step, n), lambda: self._rows[layer, :n].copy_(rows))
         return n
 
     def read(self, layer: int, request_id: int, step: int) -> torch.Tensor | None:
         """A copy of the rows of ``layer`` if they are still those of (``request_id``, ``step``), else None."""
         header = self._header[layer]
-        seq = int(header[0])
-        if seq % 2 or header[1] != request_id or header[2] != step:
-            return None
-        rows = self._rows[layer, : int(header[3])].clone()  # [n, H]
-        return rows if int(header[0]) == seq else None
+        return seqlock.read(header, (request_id, step), lambda: self._rows[layer, : int(header[3])].clone())  # [n, H]
 
     def close(self) -> None:
         del self._header, self._rows

@@ -10,8 +10,7 @@ expert's unweighted output rows ``[n_rows, H]``. The inference worker takes an e
 header names its (request_id, step, expert) and the sequence was even and unchanged across the copy.
 
 Rows are float32: every compute dtype (float32, bfloat16, float16) converts to it and back exactly, so what the
-host computes from them is what the device would. No fences: as ``shm/hidden_exchange.py``, the seqlock relies on
-x86-64 store/load ordering (``shm/ordering.py``).
+host computes from them is what the device would. Every record is a seqlock record (``shm/seqlock.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from shm import seqlock
 from shm.segment import Segment
 
 _IN_WORDS = 4  # seq, request_id, step, n_tokens
@@ -74,49 +74,37 @@ class HostExchange:
         n = hidden.shape[0]
         if n > self.max_tokens:
             return False
-        header = self._in_header[layer]
-        header[0] += 1  # odd: being written
-        self._in_rows[layer, :n].copy_(hidden)
-        self._in_index[layer, :n].copy_(top_k_index)
-        header[1] = request_id
-        header[2] = step
-        header[3] = n
-        header[0] += 1  # even: complete
+        def write_data() -> None:
+            self._in_rows[layer, :n].copy_(hidden)
+            self._in_index[layer, :n].copy_(top_k_index)
+
+        seqlock.publish(self._in_header[layer], (request_id, step, n), write_data)
         return True
 
     def read_input(self, layer: int, request_id: int, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Copies of (rows ``[T, H]`` float32, ``top_k_index [T, k]``) if the record is still (request_id, step)."""
         header = self._in_header[layer]
-        seq = int(header[0])
-        if seq % 2 or header[1] != request_id or header[2] != step:
-            return None
-        n = int(header[3])
-        rows, index = self._in_rows[layer, :n].clone(), self._in_index[layer, :n].clone()
-        return (rows, index) if int(header[0]) == seq else None
+
+        def copy_data() -> tuple[torch.Tensor, torch.Tensor]:
+            n = int(header[3])
+            return self._in_rows[layer, :n].clone(), self._in_index[layer, :n].clone()
+
+        return seqlock.read(header, (request_id, step), copy_data)
 
     # ------------------------------------------------------------ outputs (host -> inference worker)
     def write_output(self, layer: int, index: int, request_id: int, step: int, expert: int,
                      rows: torch.Tensor) -> None:
         """Publish one expert's unweighted output rows ``[n, H]``."""
-        header = self._out_header[layer, index]
-        header[0] += 1
         n = rows.shape[0]
-        self._out_rows[layer, index, :n].copy_(rows)
-        header[1] = request_id
-        header[2] = step
-        header[3] = expert
-        header[4] = n
-        header[0] += 1
+        seqlock.publish(self._out_header[layer, index], (request_id, step, expert, n),
+                        lambda: self._out_rows[layer, index, :n].copy_(rows))
 
     def read_output(self, layer: int, index: int, request_id: int, step: int, expert: int) -> torch.Tensor | None:
         """A copy of the output rows ``[n, H]`` (float32) if the record is complete and names this expert of this
         request and step; None otherwise (not computed yet, or being written)."""
         header = self._out_header[layer, index]
-        seq = int(header[0])
-        if seq % 2 or header[3] != expert or header[2] != step or header[1] != request_id:
-            return None
-        rows = self._out_rows[layer, index, : int(header[4])].clone()
-        return rows if int(header[0]) == seq else None
+        return seqlock.read(header, (request_id, step, expert),
+                            lambda: self._out_rows[layer, index, : int(header[4])].clone())
 
     def close(self) -> None:
         del self._in_header, self._in_index, self._out_header, self._in_rows, self._out_rows

@@ -467,3 +467,29 @@ def test_segments_too_small_are_refused(segments: Segments) -> None:
         CacheSlots(small, LAYOUT)
     with pytest.raises(ValueError):
         SlotTable(small, LAYOUT.n_slots, LAYOUT.n_experts, LAYOUT.n_chunks, init=True)
+
+
+def test_seqlock_record_refuses_a_torn_or_foreign_read() -> None:
+    """A reader gets the data only from a complete record with its key, never while it is being (re)written."""
+    import numpy as np
+
+    from shm import seqlock
+
+    header = np.zeros(4, dtype=np.int64)
+    data = [0]
+    seen_while_writing: list[object] = []
+
+    def write(value: int) -> None:
+        data[0] = value
+        seen_while_writing.append(seqlock.read(header, (7, 1), lambda: data[0]))
+
+    seqlock.publish(header, (7, 1, 3), lambda: write(42))
+    assert list(header) == [2, 7, 1, 3] and seen_while_writing == [None], "odd while written"
+    assert seqlock.read(header, (7, 1), lambda: data[0]) == 42
+    assert seqlock.read(header, (7, 2), lambda: data[0]) is None, "another step's record"
+
+    def rewritten_during_copy() -> int:
+        seqlock.publish(header, (7, 1, 3), lambda: None)  # the writer came back while this reader copied
+        return data[0]
+
+    assert seqlock.read(header, (7, 1), rewritten_during_copy) is None
