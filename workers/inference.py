@@ -144,13 +144,9 @@ class InferenceWorker:
             result = self.generate(msg)
         except BadRequest as exc:
             result = GenerationFailed(request_id=msg.request_id, code=exc.code, message=str(exc))
-        except LoadTimedOut as exc:
-            log.error("request %d: %s", msg.request_id, exc)
-            result = GenerationFailed(request_id=msg.request_id, code="load_timeout", message=str(exc))
         except Exception as exc:  # the worker survives a failing request; the client hears why
-            log.exception("request %d failed", msg.request_id)
-            result = GenerationFailed(request_id=msg.request_id, code="internal",
-                                      message=f"{type(exc).__name__}: {exc}")
+            code, message = failure(exc, f"request {msg.request_id}")
+            result = GenerationFailed(request_id=msg.request_id, code=code, message=message)
         finally:
             self.backend.table.clear_pins()
         send(self.send_to_coordinator, result)
@@ -222,21 +218,29 @@ class InferenceWorker:
             finish_reason = "stop"
         else:
             finish_reason = "length"
+        stats = self.backend.stats
+        return self.finished(msg.request_id, len(ids), new_ids, started, streamer, finish_reason, stats.stall_ns,
+                             stats.uses, stats.hits, stats.host_experts)
+
+    def finished(self, request_id: RequestId, prompt_tokens: int, new_ids: list[int], started_ns: int,
+                 streamer: TokenStreamer, reason: str, stall_ns: int, uses: int, hits: int,
+                 host_experts: int = 0) -> GenerationFinished:
+        """How a request ended: its tokens, text and timings (TTFT from ``started_ns``, TPOT between its first and
+        last streamed token) and its expert counters."""
         first = streamer.first_ns or time.perf_counter_ns()
         last = streamer.last_ns or first
-        stats = self.backend.stats
         return GenerationFinished(
-            request_id=msg.request_id,
+            request_id=request_id,
             token_ids=new_ids,
             text=self.tokenizer.decode(new_ids) if self.tokenizer is not None else None,
-            prompt_tokens=len(ids),
-            ttft_ms=(first - started) / 1e6,
+            prompt_tokens=prompt_tokens,
+            ttft_ms=(first - started_ns) / 1e6,
             tpot_ms=(last - first) / 1e6 / max(len(new_ids) - 1, 1),
-            stall_ms=stats.stall_ns / 1e6,
-            expert_uses=stats.uses,
-            expert_hits=stats.hits,
-            finish_reason=finish_reason,
-            host_experts=stats.host_experts,
+            stall_ms=stall_ns / 1e6,
+            expert_uses=uses,
+            expert_hits=hits,
+            finish_reason=reason,
+            host_experts=host_experts,
         )
 
     def streamer(self, request_id: RequestId) -> TokenStreamer:
@@ -274,6 +278,15 @@ def open_table(cfg: RuntimeConfig) -> SlotTable:
     table = SlotTable(Segment.attach(cfg.segment("table")), lay.n_slots, lay.n_experts, lay.n_chunks, init=False)
     table.clear_pins()
     return table
+
+
+def failure(exc: Exception, who: str) -> tuple[str, str]:
+    """Log why ``who`` (a request, or a batch's requests) failed; the code and message its clients get."""
+    if isinstance(exc, LoadTimedOut):
+        log.error("%s: %s", who, exc)
+        return "load_timeout", str(exc)
+    log.exception("%s failed", who, exc_info=exc)
+    return "internal", f"{type(exc).__name__}: {exc}"
 
 
 def open_host_exchange(cfg: RuntimeConfig) -> HostExchange:

@@ -26,7 +26,6 @@ the whole wait of that step.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -46,15 +45,13 @@ from protocol.messages import (
 )
 from workers.batch_cache import assemble, cut, prefill_inputs
 from workers.bootstrap import IDLE_POLL_S, send
-from workers.offloaded_experts import LayerStats, LoadTimedOut
+from workers.offloaded_experts import LayerStats
 from workers.sequence import Sequence, logits_processors
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from workers.inference import InferenceWorker
-
-log = logging.getLogger(__name__)
 
 
 class StepLoop:
@@ -261,14 +258,11 @@ class StepLoop:
 
     def fail(self, rows: list[Sequence], exc: Exception) -> None:
         """Report each of ``rows`` failed; a failed decode takes the batched cache with it."""
+        from workers.inference import failure
+
         worker = self.worker
         worker.backend.table.clear_pins()
-        if isinstance(exc, LoadTimedOut):
-            log.error("requests %s: %s", [seq.request_id for seq in rows], exc)
-            code, message = "load_timeout", str(exc)
-        else:
-            log.exception("requests %s failed", [seq.request_id for seq in rows], exc_info=exc)
-            code, message = "internal", f"{type(exc).__name__}: {exc}"
+        code, message = failure(exc, f"requests {[seq.request_id for seq in rows]}")
         rows = list(rows)  # a decode's rows are ``self.running`` itself, emptied here
         for seq in rows:
             if seq in self.prefilling:  # by identity (``Sequence`` has no equality of its own)
@@ -280,22 +274,8 @@ class StepLoop:
             self.cache, self.cache_rows, self.mask = None, [], None
 
     def finished(self, seq: Sequence, reason: str) -> GenerationFinished:
-        worker = self.worker
-        new_ids = seq.generated
-        first = seq.streamer.first_ns or time.perf_counter_ns()
-        last = seq.streamer.last_ns or first
-        return GenerationFinished(
-            request_id=seq.request_id,
-            token_ids=new_ids,
-            text=worker.tokenizer.decode(new_ids) if worker.tokenizer is not None else None,
-            prompt_tokens=len(seq.prompt_ids),
-            ttft_ms=(first - seq.received_ns) / 1e6,
-            tpot_ms=(last - first) / 1e6 / max(len(new_ids) - 1, 1),
-            stall_ms=seq.stall_ns / 1e6,
-            expert_uses=round(seq.uses),
-            expert_hits=round(seq.hits),
-            finish_reason=reason,
-        )
+        return self.worker.finished(seq.request_id, len(seq.prompt_ids), seq.generated, seq.received_ns, seq.streamer,
+                                    reason, seq.stall_ns, round(seq.uses), round(seq.hits))
 
     def report(self, result: GenerationFinished) -> None:
         """Its pins are clear (between forward passes the backend holds none) before the result goes out."""
