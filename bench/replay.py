@@ -156,10 +156,11 @@ def cached_predictions(path: Path, key: str, make: Callable[[], Predicted]) -> P
                 return Predicted(top, z["outlook"])
         log.info("routing predictor: %s holds predictions for another trace or split; fitting again", path)
     predicted = make()
-    arrays: dict[str, Any] = {f"{name}_{d}": a for d, (experts, probabilities) in predicted.top.items()
-              for name, a in (("experts", experts), ("probabilities", probabilities))}
+    arrays: dict[str, Any] = {"key": np.array(key), "distances": np.array(sorted(predicted.top)),
+                              "outlook": predicted.outlook}
+    for d, (experts, probabilities) in predicted.top.items():
+        arrays[f"experts_{d}"], arrays[f"probabilities_{d}"] = experts, probabilities
     with path.open("wb") as f:
-        arrays.update(key=np.array(key), distances=np.array(sorted(predicted.top)), outlook=predicted.outlook)
         np.savez(f, **arrays)
     return predicted
 

@@ -74,6 +74,7 @@ class HostExchange:
         n = hidden.shape[0]
         if n > self.max_tokens:
             return False
+
         def write_data() -> None:
             self._in_rows[layer, :n].copy_(hidden)
             self._in_index[layer, :n].copy_(top_k_index)
