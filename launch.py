@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stand-in-cores", action="store_true",
                    help="CPU only: the inference worker alone on one core, every other process on the rest (the "
                         "CPU stand-in's model of a GPU, as bench/offload.py runs it)")
+    p.add_argument("--compute-threads", type=int, default=None, metavar="N",
+                   help="CPU only: torch threads of the inference worker (default: one fewer than the cores, at "
+                        "least one, so the loader, predictor and coordinator keep a core; --stand-in-cores: one)")
     p.add_argument("--bind", default=None,
                    help=f"client socket address (default {DEFAULT_BIND} when serving; a private ipc:// "
                         "socket in one-shot mode)")
@@ -218,6 +221,7 @@ def make_config(args: argparse.Namespace, run_dir: Path, one_shot: bool):  # -> 
         curve_keys_dir=str(args.curve_keys.resolve()) if args.curve_keys else None,
         record_trace=str(args.record_trace.resolve()) if args.record_trace else None,
         record_hidden=args.record_hidden, inference_core=stand_in_core(args.stand_in_cores, device),
+        compute_threads=args.compute_threads,
         routing_predictor_path=str(args.routing_predictor.resolve()) if args.routing_predictor else None,
         http=args.http, http_api_key=args.api_key, http_max_inflight=args.http_max_inflight,
         host_compute=args.host_compute, host_max_tokens=args.host_max_tokens,
@@ -264,6 +268,8 @@ def check_serving_flags(args: argparse.Namespace, bind: str) -> str | None:
         return f"--max-batch must be >= 1, got {args.max_batch}"
     if args.host_max_tokens < 1:
         return f"--host-max-tokens must be >= 1, got {args.host_max_tokens}"
+    if args.compute_threads is not None and args.compute_threads < 1:
+        return f"--compute-threads must be >= 1, got {args.compute_threads}"
     if args.prefill_chunk < 1:
         return f"--prefill-chunk must be >= 1, got {args.prefill_chunk}"
     if args.max_batch > 1 and (args.record_trace is not None or args.routing_predictor is not None):

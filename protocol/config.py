@@ -54,13 +54,13 @@ class RuntimeConfig:
     reordered_inference: bool = True
     """Compute experts as they become ready; off: strictly in ascending expert order (ablations)."""
     max_queue: int = 64
+    """Requests waiting (not counting the running one) before new ones get an immediate ``busy`` error."""
     max_batch: int = 1
+    """Requests decoded together, one token each per step (``workers/step_loop.py``); 1: one at a time with
+    ``generate()``."""
     prefill_chunk: int = 128
     """With ``max_batch`` > 1: prompt tokens prefilled per step, so that a long prompt stalls the batch one chunk at
     a time."""
-    """Requests decoded together, one token each per step (``workers/step_loop.py``); 1: one at a time with
-    ``generate()``."""
-    """Requests waiting (not counting the running one) before new ones get an immediate ``busy`` error."""
     request_timeout_s: float | None = None
     """Server-wide deadline of a request from its arrival, queued or running (None: none); caps ``deadline_s``."""
     vocab_size: int | None = None
@@ -78,6 +78,11 @@ class RuntimeConfig:
     """The CPU stand-in's model of a GPU (``--stand-in-cores``): the inference worker alone on this core with one
     torch thread, every other process of the runtime on the remaining cores, so that loading, predicting and
     coordinating take no time from the model's compute (on a GPU they run beside it). None: no placement."""
+
+    compute_threads: int | None = None
+    """torch threads of the inference worker on the CPU path (None: one fewer than the cores the runtime may use,
+    at least one, so that the loader, the predictor and the coordinator keep a core: on two cores, two threads
+    spent about 40% of a batched decode step spinning in OpenMP barriers). With ``inference_core``: one."""
 
     http: str | None = None
     """``HOST:PORT`` of the HTTP gateway (``workers/gateway.py``; None: no gateway, ZeroMQ only)."""
@@ -108,15 +113,24 @@ class RuntimeConfig:
         return (*ROLES, GATEWAY) if self.http else ROLES
 
     def place(self, role: str) -> None:
-        """Put the calling process of ``role`` on its cores (``inference_core``); nothing when there is no placement."""
-        if self.inference_core is None:
-            return
-        cores = {self.inference_core} if role == "inference" else os.sched_getaffinity(0) - {self.inference_core}
-        os.sched_setaffinity(0, cores)
-        if role == "inference":
+        """Put the calling process of ``role`` on its cores (``inference_core``) and give the inference worker its
+        torch threads on the CPU path (``compute_threads``)."""
+        if self.inference_core is not None:
+            cores = {self.inference_core} if role == "inference" else os.sched_getaffinity(0) - {self.inference_core}
+            os.sched_setaffinity(0, cores)
+        if role == "inference" and self.device == "cpu":
             import torch
 
-            torch.set_num_threads(1)
+            torch.set_num_threads(self.inference_threads)
+
+    @property
+    def inference_threads(self) -> int:
+        """The inference worker's torch threads on the CPU path (``compute_threads`` or its default)."""
+        if self.inference_core is not None:
+            return 1
+        if self.compute_threads is not None:
+            return self.compute_threads
+        return max(1, len(os.sched_getaffinity(0)) - 1)
 
     @property
     def prefetch(self) -> bool:

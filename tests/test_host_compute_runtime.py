@@ -37,6 +37,7 @@ from tests.test_offloaded_experts import N_EXPERTS, Rig, eager, model, routing
 from workers.bootstrap import send
 from workers.copy_engine import CpuCopyEngine
 from workers.host_experts import HostExperts, HostOutputs
+from workers.routes import Routes
 
 __all__ = ["model"]  # the module-scoped model fixture of test_offloaded_experts
 
@@ -88,15 +89,16 @@ def test_host_output_is_bitwise_the_slot_paths(host_rig: HostRig, tokens: int, m
     module = rig.modules[moe_layer]
     host_rig.outputs.publish(moe_layer, 1, 1, hidden, index)
     assert host_rig.outputs.published
-    mask = torch.nn.functional.one_hot(index, num_classes=N_EXPERTS + 1).permute(2, 1, 0)
+    routes = Routes(index, weights, N_EXPERTS)
     chosen = sorted(set(index.flatten().tolist()))
+    assert routes.chosen == chosen
     for local in chosen:
         assert host_rig.host.run(job(host_rig, moe_layer, 1, local, chosen))
         eid = rig.layout.expert_id(moe_layer, local)
-        taken = host_rig.outputs.take(moe_layer, chosen.index(local), 1, 1, eid, local, mask, weights, hidden.dtype)
+        taken = host_rig.outputs.take(moe_layer, chosen.index(local), 1, 1, eid, local, routes, hidden.dtype)
         assert taken is not None
         slot = SlotId(int(rig.table.expert_slot[eid]))
-        token_idx, contribution = rig.backend._compute(module, local, slot, hidden, mask, weights)
+        token_idx, contribution = rig.backend._compute(module, local, slot, hidden, routes)
         assert torch.equal(taken[0], token_idx)
         assert torch.count_nonzero(contribution) > 0
         assert torch.equal(taken[1], contribution), f"expert {local}: host output differs from the slot path"

@@ -209,6 +209,27 @@ def test_expert_index_e_is_skipped_as_the_eager_loop_skips_it(make_rig, moe_laye
     assert int(rig.table.expert_pin.sum()) == 0
 
 
+@pytest.mark.parametrize("tokens", [0, 1, 5, 64])
+def test_routes_give_each_expert_the_eager_loops_rows_in_its_order(tokens: int) -> None:
+    """``Routes`` (one sort per gate) names, for every expert, the (position, token) pairs that ``torch.where`` on
+    the eager loop's one-hot mask names, in the same order, with their weights; the skipped index E is chosen by
+    no one."""
+    from workers.routes import Routes
+
+    _, index, weights = routing(tokens, seed=tokens)
+    if tokens:
+        index[0, 1] = N_EXPERTS  # a slot routed to no expert
+    routes = Routes(index, weights, N_EXPERTS)
+    mask = torch.nn.functional.one_hot(index, num_classes=N_EXPERTS + 1).permute(2, 1, 0)  # [E+1, k, T]
+    assert routes.chosen == [e for e in range(N_EXPERTS) if mask[e].any()]
+    for local in range(N_EXPERTS):
+        top_k_pos, token_idx = torch.where(mask[local])
+        got_pos, got_idx = routes.rows(local)
+        assert torch.equal(got_pos, top_k_pos) and torch.equal(got_idx, token_idx), f"expert {local}"
+        rows = torch.randn(len(token_idx), HIDDEN)
+        assert torch.equal(routes.weighted(local, rows), rows * weights[token_idx, top_k_pos, None])
+
+
 @pytest.mark.timeout(60)
 def test_padding_of_a_batched_prefill_goes_to_no_expert(make_rig) -> None:
     """``real_tokens`` (the step loop's batched prefill): the padding's experts are neither reported nor computed,

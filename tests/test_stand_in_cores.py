@@ -19,7 +19,7 @@ CORES = sorted(os.sched_getaffinity(0))
 ROLES = ("inference", "loader", "predictor", "coordinator")
 
 
-def placed(inference_core: int | None, tmp_path: Path) -> dict[str, dict]:
+def placed(inference_core: int | None, tmp_path: Path, compute_threads: int | None = None) -> dict[str, dict]:
     """Write the config to a run directory, read it in a fresh process and, for each role in turn (from the cores
     the process started with), ``place(role)``: the cores and torch threads each role got (threads: None if the
     role did not need torch)."""
@@ -27,7 +27,8 @@ def placed(inference_core: int | None, tmp_path: Path) -> dict[str, dict]:
                           n_slots=2, n_chunks=1, storage_dtype="float32", compute_dtype="float32")
     cfg = RuntimeConfig(run_id="x", run_dir=str(tmp_path), checkpoint="none", layout=layout, policy="lru",
                         device="cpu", bind="ipc://none", link_gbps=None, lookahead=1, predictor_path=None,
-                        load_timeout_s=1.0, supervisor_pid=os.getpid(), inference_core=inference_core)
+                        load_timeout_s=1.0, supervisor_pid=os.getpid(), inference_core=inference_core,
+                        compute_threads=compute_threads)
     cfg.write()
     code = f"""
 import json, os, sys
@@ -58,6 +59,21 @@ def test_the_inference_worker_gets_its_core_alone_and_one_thread(tmp_path: Path)
 def test_no_placement_leaves_every_process_where_it_was(tmp_path: Path) -> None:
     assert stand_in_core(False, "cpu") is None
     assert all(r["cores"] == CORES for r in placed(None, tmp_path).values())
+
+
+def test_the_inference_worker_leaves_a_core_to_the_others_unless_told(tmp_path: Path) -> None:
+    """Without placement the inference worker computes with one torch thread fewer than the cores (at least one),
+    or with ``--compute-threads``; the other roles' cores are untouched."""
+    assert placed(None, tmp_path)["inference"]["threads"] == max(1, len(CORES) - 1)
+    assert placed(None, tmp_path, compute_threads=3)["inference"]["threads"] == 3
+    assert placed(CORES[0], tmp_path, compute_threads=3)["inference"]["threads"] == 1  # the stand-in: one
+
+
+def test_compute_threads_must_be_positive() -> None:
+    from launch import build_parser, check_serving_flags
+
+    args = build_parser().parse_args(["--compute-threads", "0"])
+    assert "--compute-threads must be >= 1" in (check_serving_flags(args, "ipc:///x") or "")
 
 
 def test_stand_in_cores_is_refused_on_a_gpu() -> None:

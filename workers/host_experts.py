@@ -2,10 +2,10 @@
 its own thread, and the inference worker's side, which takes their outputs from the host exchange.
 
 The computation is the experts backend's own (``OffloadedExperts._compute``) up to the routing weights: the rows
-routed to the expert are selected from the same one-hot mask, and gate_up, the activation, up and down run in the
-compute dtype on weights converted from the store as the copy engine converts them into a slot. The output rows
-are written unweighted; the inference worker multiplies them by the routing weights itself, with the same
-operation as ``_compute``, so on the CPU the result is bit for bit the slot path's.
+routed to the expert are selected in the same order (``workers.routes``), and gate_up, the activation, up and down
+run in the compute dtype on weights converted from the store as the copy engine converts them into a slot. The
+output rows are written unweighted; the inference worker multiplies them by the routing weights itself, with the
+same operation as ``_compute``, so on the CPU the result is bit for bit the slot path's.
 """
 
 from __future__ import annotations
@@ -24,17 +24,11 @@ from shm import quantized
 from shm.expert_store import HostExpertStore
 from shm.host_exchange import HostExchange
 from shm.layout import ExpertLayout, torch_dtype
+from workers.routes import Routes
 
 log = logging.getLogger(__name__)
 
 ActFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def routed_rows(top_k_index: torch.Tensor, local: int, experts_per_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top_k_pos, token_idx) of the tokens routed to ``local``, from the one-hot mask the eager loop builds."""
-    expert_mask = F.one_hot(top_k_index, num_classes=experts_per_layer + 1).permute(2, 1, 0)  # [E+1, k, T]
-    top_k_pos, token_idx = torch.where(expert_mask[local])
-    return top_k_pos, token_idx
 
 
 def expert_rows(hidden: torch.Tensor, token_idx: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
@@ -44,12 +38,6 @@ def expert_rows(hidden: torch.Tensor, token_idx: torch.Tensor, gate_up: torch.Te
     gate, up = F.linear(current_state, gate_up).chunk(2, dim=-1)  # [n, I] each
     current = act_fn(gate) * up
     return F.linear(current, down)  # [n, H]
-
-
-def weighted(rows: torch.Tensor, token_idx: torch.Tensor, top_k_pos: torch.Tensor,
-             top_k_weights: torch.Tensor) -> torch.Tensor:
-    """``rows`` times their routing weights, the last operation of ``OffloadedExperts._compute``."""
-    return rows * top_k_weights[token_idx, top_k_pos, None]
 
 
 class HostExperts:
@@ -90,7 +78,7 @@ class HostExperts:
             return False
         rows32, top_k_index = record
         local = self.layout.split(msg.expert)[1]
-        _, token_idx = routed_rows(top_k_index, local, self.layout.experts_per_layer)
+        _, token_idx = torch.where((top_k_index == local).t())  # [k, T]: the rows in the order ``Routes`` gives
         out = expert_rows(rows32.to(self.dtype), token_idx, *self.weights(msg.expert), self.act_fn)
         self.exchange.write_output(msg.layer, msg.index, msg.request_id, msg.step, msg.expert, out)
         self.report(ExpertComputed(request_id=msg.request_id, expert=msg.expert, n_tokens=int(token_idx.numel()),
@@ -135,18 +123,16 @@ class HostOutputs:
         self.published = step > 0 and self.exchange.write_input(layer, request_id, step, hidden, top_k_index)
 
     def take(self, layer: int, index: int, request_id: int, step: int, expert: ExpertId, local: int,
-             expert_mask: torch.Tensor, top_k_weights: torch.Tensor,
-             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(token_idx, weighted output) of ``expert`` (local index ``local``; ``expert_mask [E+1, k, T]`` the
-        backend's own) if the host has written it for this gate, else None."""
+             routes: Routes, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(token_idx, weighted output) of ``expert`` (local index ``local``, its rows in the backend's ``routes``)
+        if the host has written it for this gate, else None."""
         if not self.published:
             return None
         rows = self.exchange.read_output(layer, index, request_id, step, expert)
         if rows is None:
             return None
-        top_k_pos, token_idx = torch.where(expert_mask[local])
-        return token_idx, weighted(rows.to(device=top_k_weights.device, dtype=dtype), token_idx, top_k_pos,
-                                   top_k_weights)
+        _, token_idx = routes.rows(local)
+        return token_idx, routes.weighted(local, rows.to(device=routes.weights.device, dtype=dtype))
 
     def timed(self, started_ns: int) -> None:
         """One expert computed from its slot since ``started_ns``."""

@@ -30,6 +30,7 @@ from shm.cache_slots import ReadFence, SlotArray
 from shm.layout import ExpertLayout
 from shm.slot_table import SlotTable, SlotView
 from workers.host_experts import HostOutputs
+from workers.routes import Routes
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,8 @@ class OffloadedExperts:
         # ascending local expert indices; index E (one past the last expert) is skipped, as transformers' eager
         # experts loop skips it (``if expert_idx == self.num_experts: continue``): a router may emit it for a
         # token/slot that goes to no expert (expert-parallel sentinels)
-        chosen = [e for e in torch.unique(top_k_index).tolist() if e != lay.experts_per_layer]
+        routes = Routes(top_k_index, top_k_weights, lay.experts_per_layer)
+        chosen = routes.chosen
         expert_ids = [lay.expert_id(moe_layer, e) for e in chosen]
         self.table.pin(expert_ids)
         if self.on_routing is not None:
@@ -156,8 +158,6 @@ class OffloadedExperts:
             host.publish(moe_layer, self.request_id, self.step, hidden_states, top_k_index)
         self.on_gate(self.request_id, moe_layer, self.step, expert_ids, ready)
 
-        # [E+1, k, T] exactly as the eager implementation builds it, so row selection matches bit for bit
-        expert_mask = F.one_hot(top_k_index, num_classes=lay.experts_per_layer + 1).permute(2, 1, 0)
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         pending = dict(zip(chosen, expert_ids, strict=True))
         reading: list[Reading] = []
@@ -174,14 +174,14 @@ class OffloadedExperts:
                 if view is None or not self.table.is_ready(view):
                     if host is not None and host.published:  # or computed on the host: whichever comes first
                         taken = host.take(moe_layer, chosen.index(local), self.request_id, self.step, eid, local,
-                                          expert_mask, top_k_weights, hidden_states.dtype)
+                                          routes, hidden_states.dtype)
                         if taken is not None:
                             self._accept(local, eid, taken, pending, outputs)
                             self.stats.host_experts += 1
                             progressed = True
                     continue
                 started_ns = self.clock_ns()
-                result = self._compute(module, local, view.slot, hidden_states, expert_mask, top_k_weights)
+                result = self._compute(module, local, view.slot, hidden_states, routes)
                 if host is not None:
                     host.timed(started_ns)
                 del pending[local]
@@ -254,13 +254,11 @@ class OffloadedExperts:
         local: int,
         slot: SlotId,
         hidden_states: torch.Tensor,  # [T, H]
-        expert_mask: torch.Tensor,  # [E+1, k, T]
-        top_k_weights: torch.Tensor,  # [T, k]
+        routes: Routes,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        top_k_pos, token_idx = torch.where(expert_mask[local])
+        _, token_idx = routes.rows(local)
         current_state = hidden_states[token_idx]  # [n, H]
         gate, up = F.linear(current_state, self.slots.gate_up(slot)).chunk(2, dim=-1)  # [n, I] each
         current = module.act_fn(gate) * up  # type: ignore[operator]
         current = F.linear(current, self.slots.down(slot))  # [n, H]
-        current = current * top_k_weights[token_idx, top_k_pos, None]
-        return token_idx, current
+        return token_idx, routes.weighted(local, current)
