@@ -286,6 +286,33 @@ def test_a_failed_decode_fails_every_row_and_leaves_no_batch():
         ctx.term()
 
 
+def test_each_row_is_charged_its_share_of_a_passs_uses_hits_and_host_experts():
+    """A pass's expert uses, hits and experts taken from the host are shared out over its rows, and each request's
+    result carries its share."""
+    from transformers import LogitsProcessorList
+
+    from protocol.ids import RequestId
+    from workers.offloaded_experts import LayerStats
+    from workers.step_loop import Sequence, StepLoop
+
+    backend = SimpleNamespace(request_ids=[], real_tokens=None, stats=LayerStats())
+
+    def model(**inputs):  # the experts backend counts while the pass runs
+        backend.stats.uses, backend.stats.hits, backend.stats.host_experts = 12, 6, 4
+        return SimpleNamespace(logits=torch.zeros(2, 1, 8))
+
+    ended: list[tuple] = []
+    worker = SimpleNamespace(backend=backend, model=model, sockets=SimpleNamespace(answer_ping=lambda msg: None),
+                             finished=lambda *args: ended.append(args))
+    loop = StepLoop(worker, 4, 8, on_configure=lambda msg: None)  # type: ignore[arg-type]
+    rows = [Sequence(RequestId(i), [1, 2], 4, set(), LogitsProcessorList(), None, None, 0)  # type: ignore[arg-type]
+            for i in range(2)]
+    assert loop.forward(rows, None) is not None
+    assert [(seq.uses, seq.hits, seq.host_experts) for seq in rows] == [(6.0, 3.0, 2.0)] * 2
+    loop.finished(rows[0], "length")
+    assert ended[0][-3:] == (6, 3, 2)  # uses, hits, host experts of GenerationFinished
+
+
 @pytest.mark.parametrize("budget", [5, 32])
 def test_requests_admitted_together_are_prefilled_in_one_pass(model, references, budget):
     """The step loop in-process on plain transformers (eager experts): requests that arrive together are admitted in

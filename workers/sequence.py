@@ -77,6 +77,8 @@ class Sequence:
     """Its share of the expert uses of the forward passes it was in (each pass's count over its rows)."""
     hits: float = 0.0
     """Its share of those uses' hits."""
+    host_experts: float = 0.0
+    """Its share of the experts those passes took from the host (``--host-compute``)."""
     stall_ns: int = 0
     """The time it waited for experts, in all (each pass's whole wait)."""
 

@@ -239,6 +239,7 @@ class StepLoop:
         for seq in rows:
             seq.uses += stats.uses / len(rows)
             seq.hits += stats.hits / len(rows)
+            seq.host_experts += stats.host_experts / len(rows)
             seq.stall_ns += stats.stall_ns - base_stall_ns
         return logits
 
@@ -275,7 +276,7 @@ class StepLoop:
 
     def finished(self, seq: Sequence, reason: str) -> GenerationFinished:
         return self.worker.finished(seq.request_id, len(seq.prompt_ids), seq.generated, seq.received_ns, seq.streamer,
-                                    reason, seq.stall_ns, round(seq.uses), round(seq.hits))
+                                    reason, seq.stall_ns, round(seq.uses), round(seq.hits), round(seq.host_experts))
 
     def report(self, result: GenerationFinished) -> None:
         """Its pins are clear (between forward passes the backend holds none) before the result goes out."""
