@@ -255,7 +255,7 @@ def prepare_source(source: str, plan: Plan, budget: Budget, results: Results, st
     check_shm(spec)
     reference = model if plan.device.type == "cuda" else float32_copy(model)
     flags += ["--policy", "lru", "--cache-experts", str(spec.n_experts), "--device", plan.device.type,
-              "--lookahead", "2", "--load-timeout-s", "60",
+              "--lookahead", "2", "--load-timeout-s", "60", "--max-batch", "1",  # one request at a time: generate()
               "--host-compute", "auto"]  # allowed; each row sets its own mode (the policies' rows: never)
     if plan.device.type == "cpu":
         flags += ["--link-gbps", str(plan.link_gbps)]

@@ -19,6 +19,7 @@ the way it inflates latencies).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import shutil
@@ -51,11 +52,32 @@ class ClientResult:
     """Requests without a final reply within the timeout."""
 
 
+TRAINING_TEXT_BYTES = 400_000
+"""What the trained copy's training read of the standard library's sources (``--text-prompts`` starts after it)."""
+
+
+def prompt(rng: random.Random, args: argparse.Namespace) -> list[int]:
+    """``--prompt-tokens`` ids: random printable bytes, or (``--text-prompts``) a random window of held-out text."""
+    if not args.text_prompts:
+        return [rng.randrange(32, 127) for _ in range(args.prompt_tokens)]
+    text = held_out_text()
+    start = rng.randrange(len(text) - args.prompt_tokens)
+    return list(text[start:start + args.prompt_tokens])
+
+
+@functools.cache
+def held_out_text() -> bytes:
+    """UTF-8 bytes of the standard library's sources after the trained copy's training text (byte-level models)."""
+    from training.predictor_training import default_corpus_text
+
+    return default_corpus_text(TRAINING_TEXT_BYTES + 200_000).encode()[TRAINING_TEXT_BYTES:]
+
+
 def run_client(address: str, index: int, args: argparse.Namespace, result: ClientResult) -> None:
     rng = random.Random(index)
     with PromoeClient(address, timeout_s=args.timeout_s) as client:
         for _ in range(args.requests):
-            prompt_ids = [rng.randrange(32, 127) for _ in range(args.prompt_tokens)]
+            prompt_ids = prompt(rng, args)
             started = time.monotonic()
             try:
                 done = client.generate(prompt_ids=prompt_ids, max_new_tokens=args.max_new_tokens)
@@ -75,7 +97,7 @@ def run_http_client(url: str, index: int, args: argparse.Namespace, result: Clie
     rng = random.Random(index)
     with httpx.Client(timeout=args.timeout_s) as http:
         for _ in range(args.requests):
-            prompt_ids = [rng.randrange(32, 127) for _ in range(args.prompt_tokens)]
+            prompt_ids = prompt(rng, args)
             body = {"prompt": prompt_ids, "max_tokens": args.max_new_tokens, "temperature": 0, "stream": True}
             started = time.monotonic()
             arrivals: list[float] = []
@@ -133,7 +155,7 @@ def run(address: str, args: argparse.Namespace, http: bool = False) -> dict[str,
         "path": "http" if http else "zeromq",
         "gateway_added_per_token_ms_p50": statistics.median(added) * 1e3 if added else None,
         "clients": args.clients, "requests_per_client": args.requests, "max_new_tokens": args.max_new_tokens,
-        "prompt_tokens": args.prompt_tokens, "requests": sent, "answered": answered,
+        "prompt_tokens": args.prompt_tokens, "text_prompts": args.text_prompts, "requests": sent, "answered": answered,
         "unanswered": sent - answered, "dropped": dropped, "errors": dict(errors),
         "completed": answered - sum(errors.values()), "wall_s": wall_s,
         "latency_p50_s": statistics.median(latencies) if latencies else None,
@@ -155,6 +177,9 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=4, help="requests per client, one after another")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--text-prompts", action="store_true",
+                   help="prompts are windows of held-out text (the standard library's sources past what the trained "
+                        "copy read) instead of random printable bytes; byte-level models")
     p.add_argument("--timeout-s", type=float, default=600.0, help="a request unanswered after this is dropped")
     p.add_argument("--connect", metavar="ADDR", help="a runtime already serving (default: start one)")
     p.add_argument("--policy", default="lru")

@@ -3,10 +3,11 @@
     python bench/load_batch.py --clients 1,4,16,32 --max-batch 1,16 --requests 3 --max-new-tokens 8 \\
         --json bench/results/load-batch-cpu.json
 
-One runtime per ``--max-batch`` value (the embedded default model, ``--policy``, ``--cache-experts``), the load of
-``bench/load.py`` (closed-loop clients, each with its own connection) at each client count on it, and per run:
-requests/s, tokens/s, latency p50/p99, and bytes loaded per generated token (the coordinator's totals before and
-after the run). The machine's load average (``os.getloadavg``) is recorded beside each run.
+One runtime per ``--max-batch`` value and ``--policy`` (the embedded default model or ``--model-path``,
+``--cache-experts``; ``--repeat N``: every combination N times, in turn), the load of ``bench/load.py`` (closed-loop
+clients, each with its own connection) at each client count on it, and per run: requests/s, tokens/s, latency
+p50/p99, and bytes loaded per generated token (the coordinator's totals before and after the run). The machine's load
+average (``os.getloadavg``) is recorded beside each run.
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ def numbers(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
-def sweep(max_batch: int, args: argparse.Namespace) -> list[dict[str, object]]:
+def sweep(max_batch: int, policy: str, args: argparse.Namespace) -> list[dict[str, object]]:
     root = Path(tempfile.mkdtemp(prefix="promoe-load-batch-"))
-    runtime = RuntimeProcess(root, ensure_default_checkpoint(), "--policy", args.policy, "--cache-experts",
+    checkpoint = args.model_path if args.model_path is not None else ensure_default_checkpoint()
+    predictor = ["--predictor", str(args.predictor)] if args.predictor is not None else []
+    runtime = RuntimeProcess(root, checkpoint, "--policy", policy, *predictor, "--cache-experts",
                              str(args.cache_experts), "--max-queue", "256", "--max-batch", str(max_batch),
+                             *(["--stand-in-cores"] if args.stand_in_cores else []),
                              ready_timeout_s=300, address=free_tcp_address())
     rows = []
     try:
@@ -46,11 +50,14 @@ def sweep(max_batch: int, args: argparse.Namespace) -> list[dict[str, object]]:
                 after = client.stats()
             loaded = float(after["bytes_loaded"] or 0) - float(before["bytes_loaded"] or 0)
             tokens = int(after["tokens_generated"] or 0) - int(before["tokens_generated"] or 0)
-            result.update(max_batch=max_batch, policy=args.policy, cache_experts=args.cache_experts,
+            result.update(max_batch=max_batch, policy=policy, cache_experts=args.cache_experts,
+                          stand_in_cores=args.stand_in_cores, model_path=str(checkpoint),
+                          predictor=str(args.predictor) if args.predictor else None,
                           bytes_loaded=loaded, bytes_loaded_per_token=loaded / tokens if tokens else None,
                           load_average_1m=[load_before, os.getloadavg()[0]])
             rows.append(result)
-            print(f"max-batch {max_batch:>2}, {clients:>2} clients: {result['requests_per_s']:.2f} requests/s, "
+            print(f"{policy}, max-batch {max_batch:>2}, {clients:>2} clients: "
+                  f"{result['requests_per_s']:.2f} requests/s, "
                   f"{result['tokens_per_s']:.1f} tokens/s, p50 {result['latency_p50_s']:.2f} s, "
                   f"p99 {result['latency_p99_s']:.2f} s, {result['bytes_loaded_per_token'] or 0:.0f} B loaded/token, "
                   f"errors {result['errors'] or 'none'}, dropped {result['dropped']} "
@@ -72,11 +79,20 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--timeout-s", type=float, default=600.0)
-    p.add_argument("--policy", default="lru")
+    p.add_argument("--policy", type=lambda text: text.split(","), default=["lru"],
+                   help="policies, comma-separated: each gets its own runtime, in turn (interleaved with --repeat)")
+    p.add_argument("--repeat", type=int, default=1, help="run every (max-batch, policy) this many times, in turn")
     p.add_argument("--cache-experts", type=int, default=48, help="default: a quarter of the 192 experts")
+    p.add_argument("--text-prompts", action="store_true",
+                   help="prompts from held-out text (bench/load.py --text-prompts), for a trained copy")
+    p.add_argument("--model-path", type=Path, default=None, help="a checkpoint (default: the embedded default model)")
+    p.add_argument("--predictor", type=Path, default=None, help="a trained predictor (launch.py --predictor)")
+    p.add_argument("--stand-in-cores", action="store_true",
+                   help="the runtime with --stand-in-cores (the inference worker alone on one core)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    rows = [row for max_batch in args.max_batch for row in sweep(max_batch, args)]
+    rows = [{**row, "repeat": r} for r in range(args.repeat) for max_batch in args.max_batch for policy in args.policy
+            for row in sweep(max_batch, policy, args)]
     if args.json is not None:
         args.json.write_text(json.dumps({"runs": rows}, indent=1))
     return 0 if all(r["unanswered"] == 0 and r["dropped"] == 0 for r in rows) else 1

@@ -184,7 +184,8 @@ def main() -> None:
     sizes = [max(lay.top_k, round(n_experts * float(f))) for f in args.cache_fractions.split(",")]
     stand_in = not args.no_stand_in_cores and len(os.sched_getaffinity(0)) >= 2
     # flags of every case: the emulated link and the processes' placement
-    every = ["--link-gbps", str(args.link_gbps), *(["--stand-in-cores"] if stand_in else [])]
+    every = ["--link-gbps", str(args.link_gbps), "--max-batch", "1",  # one request at a time, as every figure so far
+             *(["--stand-in-cores"] if stand_in else [])]
     never = ["--host-compute", "never"]
     policies: list[tuple[str, list[str]]] = [
         (name if mode == "never" else f"{name}+host-{mode}", ["--host-compute", mode])

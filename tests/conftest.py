@@ -137,9 +137,10 @@ def shared_runtime(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -
 
 @pytest.fixture(scope="session")
 def serving(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterator[RuntimeProcess]:
-    """One runtime with a small queue bound for the serving and fuzz modules; checked clean at the end."""
+    """One runtime with a small queue bound for the serving and fuzz modules, one request running at a time (their
+    queue tests count on it; batching's own are tests/test_batch.py's); checked clean at the end."""
     rt = RuntimeProcess(tmp_path_factory.mktemp("serving"), checkpoint, "--policy", "lru", "--cache-experts", "48",
-                        "--max-queue", str(MAX_QUEUE))
+                        "--max-queue", str(MAX_QUEUE), "--max-batch", "1")
     yield rt
     rt.stop()
     assert rt.leftovers() == [], rt.log()

@@ -248,6 +248,21 @@ def test_max_batch_must_be_positive(checkpoint):
     assert done.returncode == 2 and "--max-batch must be >= 1" in done.stderr
 
 
+def test_the_default_batch_and_where_it_is_one():
+    """Batching is the default; where a feature follows one request at a time it defaults to one, and asking for
+    more with it is refused."""
+    from launch import DEFAULT_MAX_BATCH, build_parser, check_serving_flags, max_batch
+
+    def parsed(*flags: str):
+        return build_parser().parse_args(list(flags))
+
+    assert max_batch(parsed()) == DEFAULT_MAX_BATCH > 1
+    assert max_batch(parsed("--max-batch", "3")) == 3
+    assert max_batch(parsed("--record-trace", "t.npz")) == max_batch(parsed("--routing-predictor", "r.npz")) == 1
+    assert check_serving_flags(parsed("--record-trace", "t.npz"), "ipc:///x") is None
+    assert "does not work with --record-trace" in (
+        check_serving_flags(parsed("--record-trace", "t.npz", "--max-batch", "2"), "ipc:///x") or "")
+
 
 def test_a_failed_decode_fails_every_row_and_leaves_no_batch():
     """A forward pass that fails (here a load timeout) fails each request in it once, and the loop starts afresh."""
@@ -313,12 +328,36 @@ def test_each_row_is_charged_its_share_of_a_passs_uses_hits_and_host_experts():
     assert ended[0][-3:] == (6, 3, 2)  # uses, hits, host experts of GenerationFinished
 
 
-@pytest.mark.parametrize("budget", [5, 32])
-def test_requests_admitted_together_are_prefilled_in_one_pass(model, references, budget):
+def test_keys_and_values_per_token_and_what_fits():
+    """A token's keys and values over every layer (grouped heads; multi-head latent attention's full heads), and a
+    batch fits while 2 x rows x its longest reservation stays within the budget (one row always fits)."""
+    from transformers import Qwen2MoeConfig
+
+    from workers.kv_memory import KvBudget, kv_bytes_per_token
+
+    qwen = Qwen2MoeConfig(num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, hidden_size=256)
+    assert kv_bytes_per_token(qwen, torch.float32) == 6 * 2 * (64 + 64) * 4
+    mla = SimpleNamespace(num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, hidden_size=2048,
+                          qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
+    assert kv_bytes_per_token(mla, torch.bfloat16) == 27 * 16 * (192 + 128) * 2
+    kv = KvBudget(budget_bytes=1000, bytes_per_token=5)
+    assert kv.admits([500]) and kv.admits([50, 50]) and not kv.admits([50, 51]) and not kv.admits([40, 40, 40])
+    assert kv.rows_of(50) == 2 and kv.rows_of(10_000) == 1
+
+
+KV_TOKENS = 100
+"""A memory budget of 100 tokens' keys and values: 2 x rows x longest reservation <= 100 (the first two requests,
+24 and 9 tokens at most, fit together; a third of 25 does not)."""
+
+
+@pytest.mark.parametrize(("budget", "kv_tokens"), [(5, None), (32, None), (32, KV_TOKENS)])
+def test_requests_admitted_together_are_prefilled_in_one_pass(model, references, budget, kv_tokens):
     """The step loop in-process on plain transformers (eager experts): requests that arrive together are admitted in
     one iteration and their prompts (3 to 13 tokens) prefilled together, at most ``--prefill-chunk`` (``budget``)
     real tokens a pass for all rows together (5: prompts split over passes, rows with different pasts in one pass;
-    32: the four admitted prompts in a single pass); every request gets the greedy tokens of transformers alone."""
+    32: the four admitted prompts in a single pass); every request gets the greedy tokens of transformers alone.
+    With a memory budget (``kv_tokens``) a request waits until the batch's keys and values fit with it: no pass
+    holds more than fits, and every request is still served, in order of arrival."""
     import zmq
 
     from protocol.codec import decode
@@ -326,6 +365,7 @@ def test_requests_admitted_together_are_prefilled_in_one_pass(model, references,
     from protocol.messages import GenerationFinished, StartGeneration
     from protocol.schema import SamplingParams
     from workers.inference import InferenceWorker
+    from workers.kv_memory import KvBudget
     from workers.offloaded_experts import LayerStats
     from workers.step_loop import StepLoop
 
@@ -342,13 +382,15 @@ def test_requests_admitted_together_are_prefilled_in_one_pass(model, references,
         sender.connect("inproc://prefill-results")
         sockets = SimpleNamespace(send_to_coordinator=sender, answer_ping=lambda msg: None)
         worker = InferenceWorker(model, None, backend, sockets)  # type: ignore[arg-type]
-        loop = StepLoop(worker, MAX_BATCH, budget, on_configure=lambda msg: None)
+        kv = None if kv_tokens is None else KvBudget(budget_bytes=kv_tokens, bytes_per_token=1)
+        loop = StepLoop(worker, MAX_BATCH, budget, on_configure=lambda msg: None, kv=kv)
         for i, (ids, n) in enumerate(REQUESTS):
             loop.on_start_generation(StartGeneration(request_id=RequestId(i), prompt_ids=ids,
                                                      params=SamplingParams(max_new_tokens=n)))
         loop.run_step()
-        assert len(loop.waiting) == len(REQUESTS) - MAX_BATCH, "the batch's room was not filled in one iteration"
-        while loop.waiting or loop.prefilling or loop.running:
+        admitted = 2 if kv_tokens else MAX_BATCH
+        assert len(loop.waiting) + (loop.next_up is not None) == len(REQUESTS) - admitted, "admitted wrongly"
+        while loop.waiting or loop.next_up or loop.prefilling or loop.running:
             loop.run_step()
         finished = {}
         while results.poll(0):
@@ -365,6 +407,12 @@ def test_requests_admitted_together_are_prefilled_in_one_pass(model, references,
         assert msg.token_ids == references[i], f"request {i} (prefill budget {budget})"
     prefills = [(ids, real) for ids, real in passes if real is not None]
     assert all(real <= budget for _, real in prefills), prefills
+    if kv_tokens is not None:
+        longest = [len(ids) + n for ids, n in REQUESTS]
+        assert all(2 * len(ids) * max(longest[i] for i in ids) <= kv_tokens or len(ids) == 1 for ids, _ in passes)
+        assert max(len(ids) for ids, _ in passes) == 2
     assert sum(real for _, real in prefills) == sum(len(ids) for ids, _ in REQUESTS), "a prompt token twice or never"
     shared = max(len(ids) for ids, _ in prefills)
-    assert shared == (2 if budget == 5 else MAX_BATCH), f"prefill passes {prefills}"
+    assert shared == (2 if budget == 5 or kv_tokens else MAX_BATCH), f"prefill passes {prefills}"
+    first_pass = [next(n for n, (ids, _) in enumerate(passes) if i in ids) for i in range(len(REQUESTS))]
+    assert first_pass == sorted(first_pass), "a request was admitted before one that arrived earlier"

@@ -1,4 +1,4 @@
-"""The client socket: requests are queued and answered in order, bad input gets an error and serving goes on."""
+"""The client socket: requests are queued and all answered, bad input gets an error and serving goes on."""
 
 from __future__ import annotations
 
@@ -51,7 +51,9 @@ def test_concurrent_requests_are_queued_and_all_answered(shared_runtime, referen
     assert len({r.request_id for r in results.values()}) == 4
 
 
-def test_pipelined_requests_on_one_socket_are_answered_in_order(shared_runtime):
+def test_pipelined_requests_on_one_socket_run_together_and_are_all_answered(shared_runtime):
+    """Three requests sent back to back on one socket are each queued, started and answered with their own length
+    (batched, the default, they run together and finish in any order; tests/test_batch.py checks the overlap)."""
     with shared_runtime.client() as client:
         for n in (3, 1, 2):
             client.socket.send(encode(Generate(prompt_ids=PROMPT_IDS, max_new_tokens=n)))
@@ -59,9 +61,8 @@ def test_pipelined_requests_on_one_socket_are_answered_in_order(shared_runtime):
     kinds = [type(r) for r in replies]
     assert kinds[:2] == [GenerationQueued, GenerationStarted]  # the first one starts at once
     assert kinds.count(GenerationQueued) == kinds.count(GenerationStarted) == 3
-    replies = [r for r in replies if isinstance(r, GenerationDone)]
-    assert [len(r.token_ids) for r in replies] == [3, 1, 2]
-    assert [r.request_id for r in replies] == sorted(r.request_id for r in replies)
+    done = [r for r in replies if isinstance(r, GenerationDone)]
+    assert [len(r.token_ids) for r in sorted(done, key=lambda r: r.request_id)] == [3, 1, 2]  # in the order sent
 
 
 @pytest.mark.parametrize(

@@ -84,7 +84,7 @@ def test_request_in_progress_survives_a_dead_worker_which_is_restarted(runtime_f
 
 def test_dead_inference_worker_fails_its_request_at_once_and_the_queue_is_served_after_the_restart(
         runtime_factory, reference):
-    rt = runtime_factory("--policy", "lru", "--cache-experts", "24", "--link-gbps", "0.5")
+    rt = runtime_factory("--policy", "lru", "--cache-experts", "24", "--link-gbps", "0.5", "--max-batch", "1")
     queued: dict[str, object] = {}
 
     def second_request() -> None:

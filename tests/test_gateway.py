@@ -27,11 +27,12 @@ LONG = 480
 
 @pytest.fixture(scope="module")
 def http_rt(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints) -> Iterator[RuntimeProcess]:
-    """The tiny qwen2_moe checkpoint (a byte tokenizer with a chat template) served over HTTP, one request queued
-    at most behind the running one; the gateway holds one more than that (so that ``busy`` is the coordinator's:
+    """The tiny qwen2_moe checkpoint (a byte tokenizer with a chat template) served over HTTP, one request running
+    and one queued at most behind it; the gateway holds one more than that (so that ``busy`` is the coordinator's:
     the gateway's own bound is tests/test_cache_view_live.py's)."""
     rt = RuntimeProcess(tmp_path_factory.mktemp("http"), tiny_checkpoints["qwen2_moe"], "--policy", "lru",
                         "--http", f"127.0.0.1:{free_port()}", "--max-queue", "1", "--http-max-inflight", "3",
+                        "--max-batch", "1",
                         "--heartbeat-timeout-s", str(HEARTBEAT_S))
     yield rt
     rt.stop()

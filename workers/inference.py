@@ -361,9 +361,15 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
 
         sockets.announce_ready()
         if cfg.max_batch > 1:
+            from workers.kv_memory import KvBudget, kv_bytes_per_token, memory_budget_bytes
             from workers.step_loop import StepLoop
 
-            StepLoop(worker, cfg.max_batch, cfg.prefill_chunk, on_configure).serve()
+            dtype = next(model.parameters()).dtype
+            kv = KvBudget(memory_budget_bytes(worker.device), kv_bytes_per_token(model.config, dtype))
+            log.info("step loop: up to %d requests together while their keys and values fit in %.2f GB (%d bytes "
+                     "per token; %d requests of %d tokens)", cfg.max_batch, kv.budget_bytes / 1e9,
+                     kv.bytes_per_token, kv.rows_of(2048), 2048)
+            StepLoop(worker, cfg.max_batch, cfg.prefill_chunk, on_configure, kv).serve()
         sockets.serve({StartGeneration: worker.on_start_generation, Ping: sockets.answer_ping,
                        CancelGeneration: worker.on_cancel_generation, ConfigureInference: on_configure})
     finally:
@@ -386,5 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     run_worker("inference", argv, serve)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # run as ``python -m workers.inference``: serve from the module the step loop imports,
+    from workers import inference  # so that its ``BadRequest`` is the class raised here, not a __main__ copy
+
+    inference.main()

@@ -45,6 +45,7 @@ from protocol.messages import (
 )
 from workers.batch_cache import assemble, cut, prefill_inputs
 from workers.bootstrap import IDLE_POLL_S, send
+from workers.kv_memory import KvBudget
 from workers.offloaded_experts import LayerStats
 from workers.sequence import Sequence, logits_processors
 
@@ -58,9 +59,13 @@ class StepLoop:
     """The inference worker's serve loop with ``--max-batch`` > 1 (see the module docstring)."""
 
     def __init__(self, worker: InferenceWorker, max_batch: int, prefill_chunk: int,
-                 on_configure: Callable[[ConfigureInference], None]) -> None:
+                 on_configure: Callable[[ConfigureInference], None], kv: KvBudget | None = None) -> None:
         self.worker = worker
         self.max_batch = max_batch
+        self.kv = kv
+        """Admits a request only if the batch's keys and values fit with it (None: ``max_batch`` alone decides)."""
+        self.next_up: Sequence | None = None
+        """The first waiting request, validated, held back until the batch's memory has room for it."""
         self.waiting: list[tuple[StartGeneration, int]] = []
         """Requests received, not yet admitted (with when they arrived)."""
         self.running: list[Sequence] = []
@@ -82,7 +87,7 @@ class StepLoop:
     def serve(self) -> None:
         inbox = self.worker.sockets.inbox
         while True:
-            busy = bool(self.running or self.prefilling or self.waiting)
+            busy = bool(self.running or self.prefilling or self.waiting or self.next_up)
             msg = inbox.poll(0 if busy else IDLE_POLL_S)
             while msg is not None:
                 self.dispatch(msg)
@@ -92,9 +97,15 @@ class StepLoop:
     def run_step(self) -> None:
         """Admit waiting requests while the batch has room, prefill the next chunks of the admitted ones in one
         forward pass, then decode one token for every running one in another."""
-        while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch:
-            start, received_ns = self.waiting.pop(0)
-            self.admit(start, received_ns)
+        while len(self.running) + len(self.prefilling) < self.max_batch:
+            seq = self.next_up or self.next_waiting()
+            if seq is None:
+                break
+            if not self.fits(seq):
+                self.next_up = seq  # the batch's memory is full: it goes first once a request leaves
+                break
+            self.next_up = None
+            self.admit(seq)
         if self.prefilling:
             self.prefill()
         self.end_finished()
@@ -107,7 +118,7 @@ class StepLoop:
 
     def on_cancel_generation(self, msg: CancelGeneration) -> None:
         """The request stops before the next step (one not prefilled yet ends with no tokens)."""
-        for seq in [*self.running, *self.prefilling]:
+        for seq in [*self.running, *self.prefilling, *([self.next_up] if self.next_up else [])]:
             if seq.request_id == msg.request_id:
                 seq.cancelled = True
         if any(start.request_id == msg.request_id for start, _ in self.waiting):
@@ -131,20 +142,37 @@ class StepLoop:
                         logits_processors(generation_config, params.temperature, params.top_p), generator, streamer,
                         received_ns)
 
-    def admit(self, msg: StartGeneration, received_ns: int) -> None:
-        """Validate the request and queue it for prefill (a request refused here fails alone)."""
+    def next_waiting(self) -> Sequence | None:
+        """The first waiting request that is valid and not cancelled, as a sequence (None: none is left). A request
+        refused here fails alone; one cancelled while it waited ends with no tokens."""
         from workers.inference import BadRequest
 
-        try:
-            seq = self.new_sequence(msg, received_ns)
-        except BadRequest as exc:
-            self.cancelled_waiting.discard(msg.request_id)
-            send(self.worker.send_to_coordinator,
-                 GenerationFailed(request_id=msg.request_id, code=exc.code, message=str(exc)))
-            return
-        if seq.request_id in self.cancelled_waiting:
-            self.cancelled_waiting.discard(seq.request_id)
-            seq.cancelled = True
+        while self.waiting:
+            msg, received_ns = self.waiting.pop(0)
+            try:
+                seq = self.new_sequence(msg, received_ns)
+            except BadRequest as exc:
+                self.cancelled_waiting.discard(msg.request_id)
+                send(self.worker.send_to_coordinator,
+                     GenerationFailed(request_id=msg.request_id, code=exc.code, message=str(exc)))
+                continue
+            if seq.request_id in self.cancelled_waiting:
+                self.cancelled_waiting.discard(seq.request_id)
+                seq.cancelled = True
+            return seq
+        return None
+
+    def fits(self, seq: Sequence) -> bool:
+        """Whether the batch's keys and values fit in memory with ``seq`` (``workers.kv_memory``); a cancelled one
+        takes no room."""
+        if self.kv is None or seq.cancelled:
+            return True
+        rows = [*self.running, *self.prefilling, seq]
+        return self.kv.admits([len(r.prompt_ids) + r.max_new_tokens for r in rows])
+
+    def admit(self, seq: Sequence) -> None:
+        """Queue ``seq`` for prefill (a cancelled one ends here, with no tokens)."""
+        if seq.cancelled:
             self.report(self.finished(seq, "cancelled"))
             return
         if not self.running and not self.prefilling:  # a new batch: its routing is keyed by its first request
