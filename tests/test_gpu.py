@@ -51,11 +51,54 @@ def cuda_reference(checkpoint: Path) -> list[int]:
                                                        ("ondemand", 8)])
 def test_cuda_runtime_matches_transformers_on_the_same_device(runtime_factory, cuda_reference, policy: str,
                                                               cache_experts: int) -> None:
-    rt = runtime_factory("--device", "cuda", "--policy", policy, "--cache-experts", str(cache_experts))
+    rt = runtime_factory("--device", "cuda", "--policy", policy, "--cache-experts", str(cache_experts),
+                         "--max-batch", "1")  # generate(), one request at a time: the step loop's test is below
     with rt.client() as client:
         done = client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=NEW_TOKENS)
     assert done.token_ids == cuda_reference
     assert done.metrics["experts_loaded"] > 0
+
+
+BATCH_PROMPTS = [PROMPT_IDS, [7, 7, 7, 7, 7], list(range(100, 113))]
+
+
+@pytest.mark.timeout(300)
+def test_cuda_step_loop_gives_each_batched_request_its_tokens_alone(runtime_factory, checkpoint: Path) -> None:
+    """Continuous batching on the GPU (the default ``--max-batch``): three requests of different lengths sent at
+    once run together through the step loop, and each gets the greedy tokens transformers gives it alone on the same
+    device and dtype (bf16). The batched passes pad and mask where ``generate()`` alone does not; if this fails while
+    the test above passes, batched bf16 rounds differently from unbatched: compare the logits
+    (``bench/batch_logits.py``) before suspecting the runtime."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, experts_implementation="eager")
+    model.to("cuda")
+    references = []
+    for ids in BATCH_PROMPTS:
+        prompt = torch.tensor([ids], device="cuda")
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
+                             do_sample=False)
+        references.append(out[0, len(ids):].tolist())
+    del model
+    torch.cuda.empty_cache()
+    rt = runtime_factory("--device", "cuda", "--policy", "promoe", "--cache-experts", "24")
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def ask(i: int) -> None:
+        try:
+            with rt.client() as client:
+                results[i] = client.generate(prompt_ids=BATCH_PROMPTS[i], max_new_tokens=NEW_TOKENS).token_ids
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(BATCH_PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not errors, errors
+    assert [results.get(i) for i in range(len(BATCH_PROMPTS))] == references
 
 
 @pytest.mark.timeout(120)
