@@ -257,7 +257,7 @@ class OffloadedExperts:
         routes: Routes,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         _, token_idx = routes.rows(local)
-        current_state = hidden_states[token_idx]  # [n, H]
+        current_state = hidden_states.index_select(0, token_idx)  # [n, H], as hidden_states[token_idx] gathers
         gate, up = F.linear(current_state, self.slots.gate_up(slot)).chunk(2, dim=-1)  # [n, I] each
         current = module.act_fn(gate) * up  # type: ignore[operator]
         current = F.linear(current, self.slots.down(slot))  # [n, H]

@@ -5,8 +5,8 @@ transformers' eager experts loop builds a one-hot mask ``[E+1, k, T]`` and, for 
 (position, token) order. ``Routes`` gives the same pairs in the same order from one stable sort of the gate's
 ``top_k_index`` (flattened position-major, so a pair's flat index ``p * T + t`` orders as ``(p, t)`` does), so that
 the rows an expert reads, and the products over them, are those of the eager loop bit for bit. Per expert only
-slices remain; the per-expert ``where``, the mask and the weights' gather (together about a fifth of a batched
-decode step's time on the CPU) are gone.
+views remain (``narrow``); the per-expert ``where``, the mask and the weights' gather (together about a fifth of a
+batched decode step's time on the CPU) are gone.
 """
 
 from __future__ import annotations
@@ -26,16 +26,16 @@ class Routes:
         self._starts = [0, *accumulate(counts)]
         self.top_k_pos = order // max(tokens, 1)  # [k*T]
         self.token_idx = order % max(tokens, 1)  # [k*T]
-        self.weights = top_k_weights[self.token_idx, self.top_k_pos]  # [k*T] each pair's routing weight
+        self.weights = top_k_weights[self.token_idx, self.top_k_pos, None]  # [k*T, 1] each pair's routing weight
         self.chosen = [e for e in range(experts_per_layer) if counts[e]]
         """Local ids of the experts the gate chose, ascending (the skipped index ``experts_per_layer`` left out)."""
 
     def rows(self, local: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(top_k_pos, token_idx)`` of the pairs routed to ``local``, as ``torch.where(mask[local])`` gives them."""
-        lo, hi = self._starts[local], self._starts[local + 1]
-        return self.top_k_pos[lo:hi], self.token_idx[lo:hi]
+        lo, n = self._starts[local], self._starts[local + 1] - self._starts[local]
+        return self.top_k_pos.narrow(0, lo, n), self.token_idx.narrow(0, lo, n)
 
     def weighted(self, local: int, rows: torch.Tensor) -> torch.Tensor:
         """``rows [n, H]`` of ``local`` times their routing weights (the eager loop's last product)."""
-        lo, hi = self._starts[local], self._starts[local + 1]
-        return rows * self.weights[lo:hi, None]
+        lo, n = self._starts[local], self._starts[local + 1] - self._starts[local]
+        return rows * self.weights.narrow(0, lo, n)
