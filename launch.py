@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=None,
                    help="requests decoded together, a token each per step (continuous batching), as many as their "
                         f"keys and values fit in memory up to this (default {DEFAULT_MAX_BATCH}; 1 with "
-                        "--record-trace or --routing-predictor); 1: one at a time with generate()")
+                        "--routing-predictor); 1: one at a time with generate()")
     p.add_argument("--prefill-chunk", type=int, default=128,
                    help="with --max-batch > 1: prompt tokens prefilled per step between the batch's decode steps "
                         "(default 128)")
@@ -263,11 +263,11 @@ def check_routing_predictor(args: argparse.Namespace, layout) -> None:  # layout
 
 
 def max_batch(args: argparse.Namespace) -> int:
-    """``--max-batch``, or its default: ``DEFAULT_MAX_BATCH``, or 1 where a feature follows one request at a time
-    (``--record-trace``, ``--routing-predictor``)."""
+    """``--max-batch``, or its default: ``DEFAULT_MAX_BATCH``, or 1 with ``--routing-predictor``, which follows one
+    request at a time."""
     if args.max_batch is not None:
         return int(args.max_batch)
-    if args.record_trace is not None or args.routing_predictor is not None:
+    if args.routing_predictor is not None:
         return 1
     return DEFAULT_MAX_BATCH
 
@@ -286,8 +286,8 @@ def check_serving_flags(args: argparse.Namespace, bind: str) -> str | None:
         return f"--compute-threads must be >= 1, got {args.compute_threads}"
     if args.prefill_chunk < 1:
         return f"--prefill-chunk must be >= 1, got {args.prefill_chunk}"
-    if (args.max_batch or 1) > 1 and (args.record_trace is not None or args.routing_predictor is not None):
-        return "--max-batch > 1 does not work with --record-trace or --routing-predictor yet (both follow one request)"
+    if (args.max_batch or 1) > 1 and args.routing_predictor is not None:
+        return "--max-batch > 1 does not work with --routing-predictor yet (it follows one request)"
     if args.request_timeout_s is not None and not args.request_timeout_s > 0:
         return f"--request-timeout-s must be > 0, got {args.request_timeout_s}"
     if args.http_max_inflight is not None and args.http_max_inflight < 1:

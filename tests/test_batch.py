@@ -249,8 +249,8 @@ def test_max_batch_must_be_positive(checkpoint):
 
 
 def test_the_default_batch_and_where_it_is_one():
-    """Batching is the default; where a feature follows one request at a time it defaults to one, and asking for
-    more with it is refused."""
+    """Batching is the default; with the routing predictor, which follows one request at a time, it defaults to one,
+    and asking for more with it is refused."""
     from launch import DEFAULT_MAX_BATCH, build_parser, check_serving_flags, max_batch
 
     def parsed(*flags: str):
@@ -258,10 +258,11 @@ def test_the_default_batch_and_where_it_is_one():
 
     assert max_batch(parsed()) == DEFAULT_MAX_BATCH > 1
     assert max_batch(parsed("--max-batch", "3")) == 3
-    assert max_batch(parsed("--record-trace", "t.npz")) == max_batch(parsed("--routing-predictor", "r.npz")) == 1
-    assert check_serving_flags(parsed("--record-trace", "t.npz"), "ipc:///x") is None
-    assert "does not work with --record-trace" in (
-        check_serving_flags(parsed("--record-trace", "t.npz", "--max-batch", "2"), "ipc:///x") or "")
+    assert max_batch(parsed("--routing-predictor", "r.npz")) == 1
+    assert max_batch(parsed("--record-trace", "t.npz")) == DEFAULT_MAX_BATCH  # recording follows each request
+    assert check_serving_flags(parsed("--routing-predictor", "r.npz"), "ipc:///x") is None
+    assert "does not work with --routing-predictor" in (
+        check_serving_flags(parsed("--routing-predictor", "r.npz", "--max-batch", "2"), "ipc:///x") or "")
 
 
 def test_a_failed_decode_fails_every_row_and_leaves_no_batch():
@@ -282,7 +283,7 @@ def test_a_failed_decode_fails_every_row_and_leaves_no_batch():
         sender.connect("inproc://results")
         pins_cleared: list[bool] = []
         table = SimpleNamespace(clear_pins=lambda: pins_cleared.append(True))
-        worker = SimpleNamespace(backend=SimpleNamespace(table=table), send_to_coordinator=sender,
+        worker = SimpleNamespace(backend=SimpleNamespace(table=table), send_to_coordinator=sender, recorder=None,
                                  sockets=SimpleNamespace(answer_ping=lambda msg: None))
         loop = StepLoop(worker, 4, 8, on_configure=lambda msg: None)  # type: ignore[arg-type]
         rows = [Sequence(RequestId(i), [1, 2], 4, set(), LogitsProcessorList(), None, None, 0)  # type: ignore[arg-type]
@@ -317,7 +318,8 @@ def test_each_row_is_charged_its_share_of_a_passs_uses_hits_and_host_experts():
         return SimpleNamespace(logits=torch.zeros(2, 1, 8))
 
     ended: list[tuple] = []
-    worker = SimpleNamespace(backend=backend, model=model, sockets=SimpleNamespace(answer_ping=lambda msg: None),
+    worker = SimpleNamespace(backend=backend, model=model, recorder=None,
+                             sockets=SimpleNamespace(answer_ping=lambda msg: None),
                              finished=lambda *args: ended.append(args))
     loop = StepLoop(worker, 4, 8, on_configure=lambda msg: None)  # type: ignore[arg-type]
     rows = [Sequence(RequestId(i), [1, 2], 4, set(), LogitsProcessorList(), None, None, 0)  # type: ignore[arg-type]

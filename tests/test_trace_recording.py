@@ -3,6 +3,7 @@ transformers computes, readable by ``bench/replay.py``."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,8 @@ def plain_routing(checkpoint: Path, ids: list[int]) -> tuple[np.ndarray, int]:
 
 def test_recorded_trace_is_the_models_routing_and_replays(runtime_factory, reference, checkpoint, tmp_path) -> None:
     path = tmp_path / "trace.npz"
-    rt = runtime_factory("--policy", "lru", "--cache-experts", "48", "--record-trace", str(path), "--record-hidden")
+    rt = runtime_factory("--policy", "lru", "--cache-experts", "48", "--record-trace", str(path), "--record-hidden",
+                         "--max-batch", "1")  # generate(); the step loop's recording is the next test's
     with rt.client() as client:
         first = client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=NEW_TOKENS)
         assert path.is_file(), "the trace is written after each request"
@@ -54,6 +56,65 @@ def test_recorded_trace_is_the_models_routing_and_replays(runtime_factory, refer
     assert hidden.shape[:2] == experts.shape[:2] and hidden.dtype == np.float16 and np.isfinite(hidden).all()
     trace = Trace.load(path)
     assert trace.experts_per_layer == int(data["experts_per_layer"]) and trace.top_k == top_k
+
+
+def test_requests_batched_together_are_recorded_each_as_its_own_prompt(runtime_factory, reference, checkpoint,
+                                                                          tmp_path) -> None:
+    """With continuous batching (the default) two requests run together, one prompt prefilled in chunks of 5 tokens
+    beside the other's decoding: each is recorded as its own prompt, its positions in order, the prefill's routing
+    that of transformers, padding recorded for no one."""
+    import threading
+
+    path = tmp_path / "batched.npz"
+    rt = runtime_factory("--policy", "lru", "--cache-experts", "48", "--record-trace", str(path), "--record-hidden",
+                         "--prefill-chunk", "5")
+    asks = [(PROMPT_IDS, NEW_TOKENS), (PROMPT_IDS[:6], 6)]
+    done: dict[int, list[int]] = {}
+
+    def ask(i: int) -> None:
+        with rt.client() as client:
+            done[i] = client.generate(prompt_ids=asks[i][0], max_new_tokens=asks[i][1]).token_ids
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert done.get(0) == reference["ids"] and len(done.get(1, [])) == 6
+    data = np.load(path)
+    offsets = data["prompt_offsets"].tolist()
+    ids = data["model_token_ids"].tolist()
+    recorded = sorted(ids[a:b] for a, b in itertools.pairwise(offsets))
+    assert recorded == sorted([*prompt, *done[i][:-1]] for i, (prompt, _) in enumerate(asks))
+    a = next(a for a, b in itertools.pairwise(offsets) if b - a == len(PROMPT_IDS) + NEW_TOKENS - 1)
+    expected, _ = plain_routing(checkpoint, PROMPT_IDS)
+    np.testing.assert_array_equal(np.sort(data["experts"][a:a + len(PROMPT_IDS)], axis=-1), np.sort(expected, axis=-1))
+    assert data["hidden"].shape[:2] == data["experts"].shape[:2] and np.isfinite(data["hidden"]).all()
+
+
+def test_a_batched_pass_is_filed_under_its_requests_and_padding_under_none(tmp_path) -> None:
+    """The recorder alone: a prefill pass of two rows (widths 3 and 2, padded to 3), then a decode pass of both;
+    each request's routing comes out in its own positions' order, the padding nowhere; a failed one is dropped."""
+    from workers.trace_recorder import TraceRecorder
+
+    rec = TraceRecorder(tmp_path / "t.npz", n_moe_layers=2, experts_per_layer=8, record_hidden=False)
+    index = torch.tensor([[0, 1], [1, 2], [2, 3], [4, 5], [5, 6], [7, 7]])  # [6 = 2 rows x 3, k=2]; row 1's last: pad
+    rec.begin_pass([(10, torch.tensor([0, 1, 2])), (11, torch.tensor([3, 4]))])
+    for layer in range(2):
+        rec.on_routing(layer, 0, index + layer, torch.zeros(6, 4))
+    rec.begin_pass([(10, torch.tensor([0])), (11, torch.tensor([1])), (12, torch.tensor([2]))])
+    for layer in range(2):
+        rec.on_routing(layer, 1, torch.tensor([[3, 4], [6, 7], [0, 0]]) + layer, torch.zeros(3, 4))
+    rec.drop(12)
+    rec.end_sequence(11, [5, 6], [9, 1])
+    rec.end_sequence(10, [1, 2, 3], [8, 2])
+    rec.flush()
+    data = np.load(tmp_path / "t.npz")
+    assert data["prompt_offsets"].tolist() == [0, 3, 7]
+    assert data["model_token_ids"].tolist() == [5, 6, 9, 1, 2, 3, 8]
+    experts = data["experts"]  # [7, L=2, k=2]
+    assert experts[:, 0].tolist() == [[4, 5], [5, 6], [6, 7], [0, 1], [1, 2], [2, 3], [3, 4]]
+    assert (experts[:, 1] == experts[:, 0] + 1).all()
 
 
 def test_the_recorder_rewrites_the_file_a_logarithmic_number_of_times_and_flushes_the_rest(tmp_path) -> None:

@@ -253,6 +253,14 @@ class StepLoop:
         backend = self.worker.backend
         backend.request_ids = [seq.request_id for seq in rows]
         backend.real_tokens = real_tokens
+        if self.worker.recorder is not None:  # which of the pass's tokens are whose
+            if real_tokens is None:  # a decode step: one token a row
+                tokens = [torch.tensor([i]) for i in range(len(rows))]
+            else:  # a prefill: each row's real tokens of its padded chunk
+                width = real_tokens.numel() // len(rows)
+                tokens = [torch.nonzero(real).flatten().cpu() + i * width
+                          for i, real in enumerate(real_tokens.view(len(rows), width))]
+            self.worker.recorder.begin_pass([(seq.request_id, t) for seq, t in zip(rows, tokens, strict=True)])
         base_stall_ns = max(seq.stall_ns for seq in rows)  # the load deadline is each request's own waiting
         backend.stats = LayerStats(stall_ns=base_stall_ns)
         try:
@@ -299,10 +307,14 @@ class StepLoop:
             else:
                 self.running.remove(seq)
             send(worker.send_to_coordinator, GenerationFailed(request_id=seq.request_id, code=code, message=message))
+            if worker.recorder is not None:
+                worker.recorder.drop(seq.request_id)
         if any(seq.request_id in self.cache_rows for seq in rows):  # a decode: every row of the cache was in it
             self.cache, self.cache_rows, self.mask = None, [], None
 
     def finished(self, seq: Sequence, reason: str) -> GenerationFinished:
+        if self.worker.recorder is not None:
+            self.worker.recorder.end_sequence(seq.request_id, seq.prompt_ids, seq.generated)
         return self.worker.finished(seq.request_id, len(seq.prompt_ids), seq.generated, seq.received_ns, seq.streamer,
                                     reason, seq.stall_ns, round(seq.uses), round(seq.hits), round(seq.host_experts))
 
