@@ -22,7 +22,8 @@ log = logging.getLogger("promoe")
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 DEFAULT_MAX_BATCH = 16
 """Requests run together by default, fewer where their keys and values do not fit (``workers/kv_memory.py``): on the
-CPU stand-in 16 clients got 3.5x the tokens/s of one at a time (README, "Continuous batching")."""
+CPU stand-in 16 clients got 3.2x the tokens/s of one at a time (median of four pairs; README, "Continuous
+batching")."""
 JSON_FIELDS = ("ttft_ms", "tpot_ms", "hit_rate", "stall_ms", "experts_loaded", "bytes_loaded",
                "prefetch_precision", "prefetch_recall", "goodpred")
 
@@ -88,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU only: the inference worker alone on one core, every other process on the rest (the "
                         "CPU stand-in's model of a GPU, as bench/offload.py runs it)")
     p.add_argument("--compute-threads", type=int, default=None, metavar="N",
-                   help="CPU only: torch threads of the inference worker (default: one fewer than the cores, at "
-                        "least one, so the loader, predictor and coordinator keep a core; --stand-in-cores: one)")
+                   help="CPU only: torch threads of the inference worker (default: torch's, at most one fewer than "
+                        "the cores and at least one, so the loader, predictor and coordinator keep a core)")
     p.add_argument("--bind", default=None,
                    help=f"client socket address (default {DEFAULT_BIND} when serving; a private ipc:// "
                         "socket in one-shot mode)")
@@ -284,6 +285,8 @@ def check_serving_flags(args: argparse.Namespace, bind: str) -> str | None:
         return f"--host-max-tokens must be >= 1, got {args.host_max_tokens}"
     if args.compute_threads is not None and args.compute_threads < 1:
         return f"--compute-threads must be >= 1, got {args.compute_threads}"
+    if args.compute_threads is not None and args.stand_in_cores:
+        return "give --compute-threads or --stand-in-cores, not both (--stand-in-cores computes with one thread)"
     if args.prefill_chunk < 1:
         return f"--prefill-chunk must be >= 1, got {args.prefill_chunk}"
     if (args.max_batch or 1) > 1 and args.routing_predictor is not None:

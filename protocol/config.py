@@ -54,7 +54,7 @@ class RuntimeConfig:
     reordered_inference: bool = True
     """Compute experts as they become ready; off: strictly in ascending expert order (ablations)."""
     max_queue: int = 64
-    """Requests waiting (not counting the running one) before new ones get an immediate ``busy`` error."""
+    """Requests waiting (not counting the running ones) before new ones get an immediate ``busy`` error."""
     max_batch: int = 1
     """Requests decoded together, one token each per step (``workers/step_loop.py``); 1: one at a time with
     ``generate()``."""
@@ -80,9 +80,10 @@ class RuntimeConfig:
     coordinating take no time from the model's compute (on a GPU they run beside it). None: no placement."""
 
     compute_threads: int | None = None
-    """torch threads of the inference worker on the CPU path (None: one fewer than the cores the runtime may use,
-    at least one, so that the loader, the predictor and the coordinator keep a core: on two cores, two threads
-    spent about 40% of a batched decode step spinning in OpenMP barriers). With ``inference_core``: one."""
+    """torch threads of the inference worker on the CPU path (None: torch's own default, which follows
+    ``OMP_NUM_THREADS`` and the physical cores, but at most one fewer than the cores the runtime may use and at least
+    one, so that the loader, the predictor and the coordinator keep a core: on two cores, two threads spent about
+    40% of a batched decode step spinning in OpenMP barriers). With ``inference_core``: one."""
 
     http: str | None = None
     """``HOST:PORT`` of the HTTP gateway (``workers/gateway.py``; None: no gateway, ZeroMQ only)."""
@@ -130,7 +131,9 @@ class RuntimeConfig:
             return 1
         if self.compute_threads is not None:
             return self.compute_threads
-        return max(1, len(os.sched_getaffinity(0)) - 1)
+        import torch
+
+        return max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0)) - 1))
 
     @property
     def prefetch(self) -> bool:

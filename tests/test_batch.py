@@ -330,18 +330,32 @@ def test_each_row_is_charged_its_share_of_a_passs_uses_hits_and_host_experts():
     assert ended[0][-3:] == (6, 3, 2)  # uses, hits, host experts of GenerationFinished
 
 
+def cached_bytes_per_token(model: torch.nn.Module, tokens: int = 3) -> int:
+    """Bytes the model's own cache holds per token after a forward pass of ``tokens`` tokens."""
+    with torch.inference_mode():
+        cache = model(torch.tensor([list(range(1, tokens + 1))]), use_cache=True).past_key_values
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return held // tokens
+
+
 def test_keys_and_values_per_token_and_what_fits():
-    """A token's keys and values over every layer (grouped heads; multi-head latent attention's full heads), and a
-    batch fits while 2 x rows x its longest reservation stays within the budget (one row always fits)."""
-    from transformers import Qwen2MoeConfig
+    """A token's keys and values over every layer, checked against the cache transformers really fills (grouped
+    heads; multi-head latent attention's compressed latent), and a batch fits while 2 x rows x its longest
+    reservation stays within the budget (one row always fits)."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     from workers.kv_memory import KvBudget, kv_bytes_per_token
 
-    qwen = Qwen2MoeConfig(num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, hidden_size=256)
-    assert kv_bytes_per_token(qwen, torch.float32) == 6 * 2 * (64 + 64) * 4
-    mla = SimpleNamespace(num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, hidden_size=2048,
-                          qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
-    assert kv_bytes_per_token(mla, torch.bfloat16) == 27 * 16 * (192 + 128) * 2
+    qwen = Qwen2MoeConfig(vocab_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_experts=4,
+                          num_experts_per_tok=2, shared_expert_intermediate_size=16)
+    mla = DeepseekV2Config(vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16,
+                           q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                           n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1)
+    for config, model_class in ((qwen, Qwen2MoeForCausalLM), (mla, DeepseekV2ForCausalLM)):
+        model = model_class(config).eval()
+        assert kv_bytes_per_token(config, torch.float32) == cached_bytes_per_token(model), config.model_type
     kv = KvBudget(budget_bytes=1000, bytes_per_token=5)
     assert kv.admits([500]) and kv.admits([50, 50]) and not kv.admits([50, 51]) and not kv.admits([40, 40, 40])
     assert kv.rows_of(50) == 2 and kv.rows_of(10_000) == 1
@@ -364,7 +378,7 @@ def test_requests_admitted_together_are_prefilled_in_one_pass(model, references,
 
     from protocol.codec import decode
     from protocol.ids import RequestId
-    from protocol.messages import GenerationFinished, StartGeneration
+    from protocol.messages import CancelGeneration, GenerationFinished, StartGeneration
     from protocol.schema import SamplingParams
     from workers.inference import InferenceWorker
     from workers.kv_memory import KvBudget
@@ -385,13 +399,19 @@ def test_requests_admitted_together_are_prefilled_in_one_pass(model, references,
         sockets = SimpleNamespace(send_to_coordinator=sender, answer_ping=lambda msg: None)
         worker = InferenceWorker(model, None, backend, sockets)  # type: ignore[arg-type]
         kv = None if kv_tokens is None else KvBudget(budget_bytes=kv_tokens, bytes_per_token=1)
-        loop = StepLoop(worker, MAX_BATCH, budget, on_configure=lambda msg: None, kv=kv)
+        loop = StepLoop(worker, MAX_BATCH, budget, on_configure=lambda msg: None,
+                        kv_budget=None if kv is None else lambda: kv)
         for i, (ids, n) in enumerate(REQUESTS):
             loop.on_start_generation(StartGeneration(request_id=RequestId(i), prompt_ids=ids,
                                                      params=SamplingParams(max_new_tokens=n)))
         loop.run_step()
         admitted = 2 if kv_tokens else MAX_BATCH
         assert len(loop.waiting) + (loop.next_up is not None) == len(REQUESTS) - admitted, "admitted wrongly"
+        held = None
+        if kv_tokens:  # the request held back for memory is cancelled while it waits
+            assert loop.next_up is not None
+            held = loop.next_up.request_id
+            loop.on_cancel_generation(CancelGeneration(request_id=held))
         while loop.waiting or loop.next_up or loop.prefilling or loop.running:
             loop.run_step()
         finished = {}
@@ -406,6 +426,9 @@ def test_requests_admitted_together_are_prefilled_in_one_pass(model, references,
         ctx.term()
     assert sorted(finished) == list(range(len(REQUESTS)))
     for i, msg in finished.items():
+        if i == held:
+            assert msg.finish_reason == "cancelled" and msg.token_ids == []
+            continue
         assert msg.token_ids == references[i], f"request {i} (prefill budget {budget})"
     prefills = [(ids, real) for ids, real in passes if real is not None]
     assert all(real <= budget for _, real in prefills), prefills
@@ -413,8 +436,10 @@ def test_requests_admitted_together_are_prefilled_in_one_pass(model, references,
         longest = [len(ids) + n for ids, n in REQUESTS]
         assert all(2 * len(ids) * max(longest[i] for i in ids) <= kv_tokens or len(ids) == 1 for ids, _ in passes)
         assert max(len(ids) for ids, _ in passes) == 2
-    assert sum(real for _, real in prefills) == sum(len(ids) for ids, _ in REQUESTS), "a prompt token twice or never"
+    served = [i for i in range(len(REQUESTS)) if i != held]
+    prompt_tokens = sum(len(REQUESTS[i][0]) for i in served)
+    assert sum(real for _, real in prefills) == prompt_tokens, "a prompt token twice or never"
     shared = max(len(ids) for ids, _ in prefills)
     assert shared == (2 if budget == 5 or kv_tokens else MAX_BATCH), f"prefill passes {prefills}"
-    first_pass = [next(n for n, (ids, _) in enumerate(passes) if i in ids) for i in range(len(REQUESTS))]
+    first_pass = [next(n for n, (ids, _) in enumerate(passes) if i in ids) for i in served]
     assert first_pass == sorted(first_pass), "a request was admitted before one that arrived earlier"

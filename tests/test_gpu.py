@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -79,16 +80,19 @@ def test_cuda_step_loop_gives_each_batched_request_its_tokens_alone(runtime_fact
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
                              do_sample=False)
         references.append(out[0, len(ids):].tolist())
+        assert len(set(references[-1])) > 2, "a degenerate reference says nothing"
     del model
     torch.cuda.empty_cache()
     rt = runtime_factory("--device", "cuda", "--policy", "promoe", "--cache-experts", "24")
     results: dict[int, list[int]] = {}
     errors: list[BaseException] = []
+    arrived: dict[int, list[float]] = {i: [] for i in range(len(BATCH_PROMPTS))}
 
     def ask(i: int) -> None:
         try:
             with rt.client() as client:
-                results[i] = client.generate(prompt_ids=BATCH_PROMPTS[i], max_new_tokens=NEW_TOKENS).token_ids
+                results[i] = client.generate(prompt_ids=BATCH_PROMPTS[i], max_new_tokens=NEW_TOKENS,
+                                             on_token=lambda token: arrived[i].append(time.monotonic())).token_ids
         except BaseException as exc:  # surfaced by the assertion below
             errors.append(exc)
 
@@ -99,6 +103,8 @@ def test_cuda_step_loop_gives_each_batched_request_its_tokens_alone(runtime_fact
         t.join(timeout=240)
     assert not errors, errors
     assert [results.get(i) for i in range(len(BATCH_PROMPTS))] == references
+    last_start, first_end = max(times[0] for times in arrived.values()), min(times[-1] for times in arrived.values())
+    assert last_start < first_end, "the three never ran together (one ended before another's first token)"
 
 
 @pytest.mark.timeout(120)

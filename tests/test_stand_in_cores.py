@@ -62,9 +62,11 @@ def test_no_placement_leaves_every_process_where_it_was(tmp_path: Path) -> None:
 
 
 def test_the_inference_worker_leaves_a_core_to_the_others_unless_told(tmp_path: Path) -> None:
-    """Without placement the inference worker computes with one torch thread fewer than the cores (at least one),
-    or with ``--compute-threads``; the other roles' cores are untouched."""
-    assert placed(None, tmp_path)["inference"]["threads"] == max(1, len(CORES) - 1)
+    """Without placement the inference worker computes with torch's default threads but at most one fewer than the
+    cores (at least one), or with ``--compute-threads``; the stand-in with one."""
+    import torch
+
+    assert placed(None, tmp_path)["inference"]["threads"] == max(1, min(torch.get_num_threads(), len(CORES) - 1))
     assert placed(None, tmp_path, compute_threads=3)["inference"]["threads"] == 3
     assert placed(CORES[0], tmp_path, compute_threads=3)["inference"]["threads"] == 1  # the stand-in: one
 
@@ -74,6 +76,8 @@ def test_compute_threads_must_be_positive() -> None:
 
     args = build_parser().parse_args(["--compute-threads", "0"])
     assert "--compute-threads must be >= 1" in (check_serving_flags(args, "ipc:///x") or "")
+    args = build_parser().parse_args(["--compute-threads", "2", "--stand-in-cores"])
+    assert "--stand-in-cores computes with one thread" in (check_serving_flags(args, "ipc:///x") or "")
 
 
 def test_stand_in_cores_is_refused_on_a_gpu() -> None:

@@ -365,11 +365,12 @@ def serve(cfg: RuntimeConfig, sockets: WorkerSockets) -> None:
             from workers.step_loop import StepLoop
 
             dtype = next(model.parameters()).dtype
-            kv = KvBudget(memory_budget_bytes(worker.device), kv_bytes_per_token(model.config, dtype))
-            log.info("step loop: up to %d requests together while their keys and values fit in %.2f GB (%d bytes "
-                     "per token; %d requests of %d tokens)", cfg.max_batch, kv.budget_bytes / 1e9,
-                     kv.bytes_per_token, kv.rows_of(2048), 2048)
-            StepLoop(worker, cfg.max_batch, cfg.prefill_chunk, on_configure, kv).serve()
+            per_token = kv_bytes_per_token(model.config, dtype)
+
+            def kv_budget() -> KvBudget:
+                return KvBudget(memory_budget_bytes(worker.device), per_token)
+
+            StepLoop(worker, cfg.max_batch, cfg.prefill_chunk, on_configure, kv_budget).serve()
         sockets.serve({StartGeneration: worker.on_start_generation, Ping: sockets.answer_ping,
                        CancelGeneration: worker.on_cancel_generation, ConfigureInference: on_configure})
     finally:

@@ -26,6 +26,7 @@ the whole wait of that step.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -54,16 +55,21 @@ if TYPE_CHECKING:
 
     from workers.inference import InferenceWorker
 
+log = logging.getLogger(__name__)
+
 
 class StepLoop:
     """The inference worker's serve loop with ``--max-batch`` > 1 (see the module docstring)."""
 
     def __init__(self, worker: InferenceWorker, max_batch: int, prefill_chunk: int,
-                 on_configure: Callable[[ConfigureInference], None], kv: KvBudget | None = None) -> None:
+                 on_configure: Callable[[ConfigureInference], None],
+                 kv_budget: Callable[[], KvBudget] | None = None) -> None:
         self.worker = worker
         self.max_batch = max_batch
-        self.kv = kv
-        """Admits a request only if the batch's keys and values fit with it (None: ``max_batch`` alone decides)."""
+        self.kv_budget = kv_budget
+        """Measures what the batch's keys and values may take, once, when the first request needs it (None:
+        ``max_batch`` alone decides)."""
+        self.kv: KvBudget | None = None
         self.next_up: Sequence | None = None
         """The first waiting request, validated, held back until the batch's memory has room for it."""
         self.waiting: list[tuple[StartGeneration, int]] = []
@@ -165,8 +171,13 @@ class StepLoop:
     def fits(self, seq: Sequence) -> bool:
         """Whether the batch's keys and values fit in memory with ``seq`` (``workers.kv_memory``); a cancelled one
         takes no room."""
-        if self.kv is None or seq.cancelled:
+        if self.kv_budget is None or seq.cancelled:
             return True
+        if self.kv is None:
+            self.kv = self.kv_budget()
+            log.info("step loop: up to %d requests together while their keys and values fit in %.2f GB (%d bytes "
+                     "per token: %d requests of 2048 tokens)", self.max_batch, self.kv.budget_bytes / 1e9,
+                     self.kv.bytes_per_token, self.kv.rows_of(2048))
         rows = [*self.running, *self.prefilling, seq]
         return self.kv.admits([len(r.prompt_ids) + r.max_new_tokens for r in rows])
 
