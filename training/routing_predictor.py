@@ -5,7 +5,8 @@ At MoE layer ``l`` of token ``t`` it predicts the experts of the layer ``d`` ahe
 is the next token's layer ``l + d - L`` (whose token is not known yet, so the current token stands for it). Inputs,
 all as rows of one embedding table summed into a hidden vector (a bag of features, no hand-made interactions):
 
-- this token's experts at layers ``l``, ``l - 1``, ``l - 2`` (per layer: an expert means something different at each);
+- this token's experts at layers ``l``, ``l - 1``, ... ``l - 7`` (per layer: an expert means something different at
+  each; eight layers rather than three raised precision at d = 2 from 0.621 to 0.633 on the DeepSeek trace);
 - the token before the target's token: its experts at the target layer and its two neighbours (known by then), and
   the token two before at the target layer (what a cache of recent routing would know);
 - the token's id, the previous token's id (hashed into ``TOKEN_BUCKETS``), the distance and the target layer.
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_BUCKETS = 1 << 14
 """Token ids are hashed (modulo) into this many embedding rows: a trace's ids index its own vocabulary."""
-CURRENT_LAYERS = 3
+CURRENT_LAYERS = 8
 """This token's layers fed in: ``l``, ``l - 1``, ... (``CURRENT_LAYERS`` of them)."""
 MAX_DISTANCE = 8
 """Distances past this share one embedding row."""
