@@ -34,6 +34,22 @@ REWRITE_GROWTH = 0.1
 """Rewrite the file once it would grow by this share (the first request is always written at once)."""
 
 
+class Routed:
+    """One request's routing so far: per step (a forward pass), one ``[T, k]`` (and ``[T, H]`` input) per MoE layer."""
+
+    def __init__(self, n_moe_layers: int) -> None:
+        self.n_moe_layers = n_moe_layers
+        self.steps: dict[int, list[torch.Tensor | None]] = {}
+        self.hidden: dict[int, list[torch.Tensor | None]] = {}
+        self.passes = 0
+        """Batched passes begun (``TraceRecorder.begin_pass``): the current one is step ``passes - 1``."""
+
+    def put(self, step: int, moe_layer: int, routed: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        self.steps.setdefault(step, [None] * self.n_moe_layers)[moe_layer] = routed
+        if hidden is not None:
+            self.hidden.setdefault(step, [None] * self.n_moe_layers)[moe_layer] = hidden
+
+
 class TraceRecorder:
     def __init__(self, path: Path, n_moe_layers: int, experts_per_layer: int, record_hidden: bool,
                  tokenizer: Any = None) -> None:
@@ -42,9 +58,8 @@ class TraceRecorder:
         self.experts_per_layer = experts_per_layer
         self.record_hidden = record_hidden
         self.tokenizer = tokenizer
-        self._steps: dict[int, list[torch.Tensor | None]] = {}
-        """This request's routing per step: one ``[T, k]`` per MoE layer."""
-        self._hidden: dict[int, list[torch.Tensor | None]] = {}
+        self._current = Routed(n_moe_layers)
+        """The request of ``generate()`` (one at a time)."""
         self._experts: list[np.ndarray] = []  # per request [n, L, k]
         self._hidden_done: list[np.ndarray] = []  # per request [n, L, H]
         self._token_ids: list[int] = []
@@ -53,50 +68,59 @@ class TraceRecorder:
         """Positions in the file as last written."""
         self._pass: list[tuple[int, torch.Tensor]] | None = None
         """The current batched pass: each request's token rows in the gate's ``[T, k]`` (None: one request)."""
-        self._passes: dict[int, list[list[tuple[torch.Tensor, torch.Tensor | None] | None]]] = {}
-        """Per request in a batch, its passes so far, each one ``(top_k_index, hidden)`` per MoE layer."""
+        self._batched: dict[int, Routed] = {}
+        """The routing of each request of a batch so far, one step per pass it was in."""
         self.writes = 0
         """Times the file was written."""
 
     def begin_request(self) -> None:
-        self._steps.clear()
-        self._hidden.clear()
+        self._current = Routed(self.n_moe_layers)
 
     def begin_pass(self, rows: list[tuple[int, torch.Tensor]]) -> None:
         """A batched forward pass starts: ``rows`` are its requests with the indices of their tokens in the pass's
         ``[T]`` (a prefill's padding in none), in token order."""
         self._pass = rows
         for request_id, _ in rows:
-            self._passes.setdefault(request_id, []).append([None] * self.n_moe_layers)
+            self._batched.setdefault(request_id, Routed(self.n_moe_layers)).passes += 1
 
     def on_routing(self, moe_layer: int, step: int, top_k_index: torch.Tensor, hidden: torch.Tensor) -> None:
         """The gate of ``moe_layer`` at ``step`` routed ``top_k_index [T, k]``; its input was ``hidden [T, H]``."""
-        if self._pass is not None:
-            for request_id, tokens in self._pass:
-                routed = top_k_index.detach()[tokens.to(top_k_index.device)].to("cpu")
-                rows = (hidden.detach()[tokens.to(hidden.device)].to("cpu", torch.float16) if self.record_hidden
-                        else None)
-                self._passes[request_id][-1][moe_layer] = (routed, rows)
+        if self._pass is None:
+            self._current.put(step, moe_layer, top_k_index.detach().to("cpu"), self._kept(hidden))
             return
-        self._steps.setdefault(step, [None] * self.n_moe_layers)[moe_layer] = top_k_index.detach().to("cpu")
-        if self.record_hidden:
-            rows = hidden.detach().to("cpu", torch.float16)
-            self._hidden.setdefault(step, [None] * self.n_moe_layers)[moe_layer] = rows
+        for request_id, tokens in self._pass:
+            record = self._batched[request_id]
+            record.put(record.passes - 1, moe_layer, top_k_index.detach()[tokens.to(top_k_index.device)].to("cpu"),
+                       self._kept(hidden[tokens.to(hidden.device)]))
+
+    def _kept(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The rows of a layer's input as the file keeps them (float16 on the CPU), if hidden states are recorded."""
+        return hidden.detach().to("cpu", torch.float16) if self.record_hidden else None
 
     def end_request(self, prompt_ids: list[int], new_ids: list[int]) -> None:
         """Append the request's whole steps (every MoE layer routed) and rewrite the file."""
+        self._append(self._current, prompt_ids, new_ids)
+        self._current = Routed(self.n_moe_layers)
+
+    def end_sequence(self, request_id: int, prompt_ids: list[int], new_ids: list[int]) -> None:
+        """A request of a batch ended: append its whole passes, as ``end_request`` does."""
+        self._append(self._batched.pop(request_id, Routed(self.n_moe_layers)), prompt_ids, new_ids)
+
+    def drop(self, request_id: int) -> None:
+        """A request of a batch failed: nothing of it is recorded."""
+        self._batched.pop(request_id, None)
+
+    def _append(self, routed: Routed, prompt_ids: list[int], new_ids: list[int]) -> None:
         positions = [*prompt_ids, *new_ids]
         rows: list[torch.Tensor] = []  # per whole step [T, L, k]
         hidden_rows: list[torch.Tensor] = []
-        for step in sorted(self._steps):
-            layers = self._steps[step]
+        for step in sorted(routed.steps):
+            layers = routed.steps[step]
             if step != len(rows) or any(x is None for x in layers):
                 break  # a request cut short mid-step keeps its whole steps only
             rows.append(torch.stack([x for x in layers if x is not None], dim=1))
             if self.record_hidden:
-                hidden_rows.append(torch.stack([h for h in self._hidden[step] if h is not None], dim=1))
-        self._steps.clear()
-        self._hidden.clear()
+                hidden_rows.append(torch.stack([h for h in routed.hidden[step] if h is not None], dim=1))
         if not rows:
             return
         experts = torch.cat(rows).numpy()  # [n, L, k]
@@ -108,22 +132,6 @@ class TraceRecorder:
         self._offsets.append(self._offsets[-1] + n)
         if len(self._token_ids) - self._written >= REWRITE_GROWTH * self._written:
             self.write()
-
-    def end_sequence(self, request_id: int, prompt_ids: list[int], new_ids: list[int]) -> None:
-        """A request of a batch ended: append its whole passes (every MoE layer routed), as ``end_request`` does."""
-        self._steps.clear()
-        self._hidden.clear()
-        for step, layers in enumerate(self._passes.pop(request_id, [])):
-            if any(x is None for x in layers):
-                break
-            self._steps[step] = [x[0] for x in layers if x is not None]
-            if self.record_hidden:
-                self._hidden[step] = [x[1] for x in layers if x is not None]
-        self.end_request(prompt_ids, new_ids)
-
-    def drop(self, request_id: int) -> None:
-        """A request of a batch failed: nothing of it is recorded."""
-        self._passes.pop(request_id, None)
 
     def flush(self) -> None:
         """Write what the file does not hold yet (at the worker's exit)."""
