@@ -52,10 +52,6 @@ class ClientResult:
     """Requests without a final reply within the timeout."""
 
 
-TRAINING_TEXT_BYTES = 400_000
-"""What the trained copy's training read of the standard library's sources (``--text-prompts`` starts after it)."""
-
-
 def prompt(rng: random.Random, args: argparse.Namespace) -> list[int]:
     """``--prompt-tokens`` ids: random printable bytes, or (``--text-prompts``) a random window of held-out text."""
     if not args.text_prompts:
@@ -67,10 +63,13 @@ def prompt(rng: random.Random, args: argparse.Namespace) -> list[int]:
 
 @functools.cache
 def held_out_text() -> bytes:
-    """UTF-8 bytes of the standard library's sources after the trained copy's training text (byte-level models)."""
+    """UTF-8 bytes of the standard library's sources after the trained copy's training text (byte-level models: its
+    ``corpus_tokens`` are bytes, as ``bench/quality.py`` skips them)."""
+    from training.model_training import ModelTrainingConfig
     from training.predictor_training import default_corpus_text
 
-    return default_corpus_text(TRAINING_TEXT_BYTES + 200_000).encode()[TRAINING_TEXT_BYTES:]
+    skip = ModelTrainingConfig().corpus_tokens
+    return default_corpus_text(skip + 200_000).encode()[skip:]
 
 
 def run_client(address: str, index: int, args: argparse.Namespace, result: ClientResult) -> None:
