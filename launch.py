@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting behind the running ones; past it, new ones get a 'busy' error (default 64)")
     p.add_argument("--max-batch", type=int, default=None,
                    help="requests decoded together, a token each per step (continuous batching), as many as their "
-                        f"keys and values fit in memory up to this (default {DEFAULT_MAX_BATCH}; 1 with "
-                        "--routing-predictor); 1: one at a time with generate()")
+                        f"keys and values fit in memory up to this (default {DEFAULT_MAX_BATCH}); 1: one at a time "
+                        "with generate()")
     p.add_argument("--prefill-chunk", type=int, default=128,
                    help="with --max-batch > 1: prompt tokens prefilled per step between the batch's decode steps "
                         "(default 128)")
@@ -264,13 +264,8 @@ def check_routing_predictor(args: argparse.Namespace, layout) -> None:  # layout
 
 
 def max_batch(args: argparse.Namespace) -> int:
-    """``--max-batch``, or its default: ``DEFAULT_MAX_BATCH``, or 1 with ``--routing-predictor``, which follows one
-    request at a time."""
-    if args.max_batch is not None:
-        return int(args.max_batch)
-    if args.routing_predictor is not None:
-        return 1
-    return DEFAULT_MAX_BATCH
+    """``--max-batch``, or its default ``DEFAULT_MAX_BATCH``."""
+    return DEFAULT_MAX_BATCH if args.max_batch is None else int(args.max_batch)
 
 
 def check_serving_flags(args: argparse.Namespace, bind: str) -> str | None:
@@ -289,8 +284,6 @@ def check_serving_flags(args: argparse.Namespace, bind: str) -> str | None:
         return "give --compute-threads or --stand-in-cores, not both (--stand-in-cores computes with one thread)"
     if args.prefill_chunk < 1:
         return f"--prefill-chunk must be >= 1, got {args.prefill_chunk}"
-    if (args.max_batch or 1) > 1 and args.routing_predictor is not None:
-        return "--max-batch > 1 does not work with --routing-predictor yet (it follows one request)"
     if args.request_timeout_s is not None and not args.request_timeout_s > 0:
         return f"--request-timeout-s must be > 0, got {args.request_timeout_s}"
     if args.http_max_inflight is not None and args.http_max_inflight < 1:

@@ -292,6 +292,27 @@ class GateRouted(Message):
     """``[len(token_ids)][top_k]`` the experts (local to the layer) the gate chose for each of them."""
 
 
+class BatchRouted(Message):
+    """Inference -> predictor (``--routing-predictor`` with the step loop), one-way at every gate of a forward pass
+    of several requests: per row, the row's last tokens of the pass (at most ``workers.routing_live.KEEP_TOKENS``)
+    and what the gate chose for them. Predictions for the pass go out under ``request_id`` (the batch's key) and
+    ``step`` (the pass), as the gate reports do."""
+
+    request_id: RequestId
+    step: int
+    layer: int
+    requests: list[RequestId]
+    """The request of each row."""
+    positions: list[int]
+    """Per row, the position in its request (prompt and generated tokens) of its first token reported here."""
+    n_tokens: list[int]
+    """Per row, its tokens in the pass (a prefill chunk's length, or 1 when decoding)."""
+    token_ids: list[list[int]]
+    """Per row, the model's ids of its reported tokens, oldest first."""
+    experts: list[list[list[int]]]
+    """Per row, ``[len(token_ids[row])][top_k]`` the experts (local to the layer) the gate chose for each token."""
+
+
 class ExpertsPredicted(Message):
     """The predictor expects the gate of MoE layer ``layer`` at step ``step`` to choose ``experts``."""
 
@@ -359,6 +380,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     GenerationFailed,
     HiddenStateWritten,
     GateRouted,
+    BatchRouted,
     ExpertsPredicted,
     OutlookPredicted,
     ConfigureInference,

@@ -247,9 +247,8 @@ def test_max_batch_must_be_positive(checkpoint):
     assert done.returncode == 2 and "--max-batch must be >= 1" in done.stderr
 
 
-def test_the_default_batch_and_where_it_is_one():
-    """Batching is the default; with the routing predictor, which follows one request at a time, it defaults to one,
-    and asking for more with it is refused."""
+def test_the_default_batch():
+    """Batching is the default, with every predictor; ``--max-batch`` sets it."""
     from launch import DEFAULT_MAX_BATCH, build_parser, check_serving_flags, max_batch
 
     def parsed(*flags: str):
@@ -257,8 +256,6 @@ def test_the_default_batch_and_where_it_is_one():
 
     assert max_batch(parsed()) == DEFAULT_MAX_BATCH > 1
     assert max_batch(parsed("--max-batch", "3")) == 3
-    assert max_batch(parsed("--routing-predictor", "r.npz")) == 1
+    assert max_batch(parsed("--routing-predictor", "r.npz")) == DEFAULT_MAX_BATCH
     assert max_batch(parsed("--record-trace", "t.npz")) == DEFAULT_MAX_BATCH  # recording follows each request
-    assert check_serving_flags(parsed("--routing-predictor", "r.npz"), "ipc:///x") is None
-    assert "does not work with --routing-predictor" in (
-        check_serving_flags(parsed("--routing-predictor", "r.npz", "--max-batch", "2"), "ipc:///x") or "")
+    assert check_serving_flags(parsed("--routing-predictor", "r.npz", "--max-batch", "2"), "ipc:///x") is None

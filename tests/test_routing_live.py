@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (``model`` and ``references`` are tests/test_batch.py's fixtures, imported by name for pytest)
 """The routing predictor in the live runtime (``--routing-predictor``): ``predict_at`` is ``probabilities`` for one
 position, the predictor worker's handler (history, wrap into the next token, the prefill, stale requests), the
 inference worker's feed, and one runtime that serves exactly transformers' tokens while predictions and outlooks
@@ -12,14 +13,23 @@ import numpy as np
 import pytest
 import torch
 
+from protocol.client_messages import GenerationDone
 from protocol.ids import RequestId
-from protocol.messages import ExpertsPredicted, GateRouted, Message, OutlookPredicted
+from protocol.messages import BatchRouted, ExpertsPredicted, GateRouted, Message, OutlookPredicted
 from shm.layout import ExpertLayout
 from tests.conftest import NEW_TOKENS, PROMPT_IDS
+from tests.test_batch import REQUESTS, Staggered, model, references  # noqa: F401
 from tests.test_routing_predictor import chained_trace
 from training.routing_predictor import RoutingPredictor
 from workers.predictor import target_of
-from workers.routing_live import KEEP_TOKENS, PREFILL_TOKENS, LiveRoutingPredictor, RoutingFeed
+from workers.routing_live import (
+    FORGET_PASSES,
+    KEEP_TOKENS,
+    PREFILL_TOKENS,
+    LiveRoutingPredictor,
+    PassRow,
+    RoutingFeed,
+)
 
 L, E, K = 4, 8, 2
 
@@ -148,6 +158,110 @@ def test_a_predictor_behind_its_inbox_records_and_predicts_from_the_newest(predi
     np.testing.assert_allclose(outlook.probabilities, expected, rtol=1e-6)
 
 
+def batch_gate(step: int, layer: int, rows: list[tuple[int, int, list[int], np.ndarray]],
+               key: int = 1) -> BatchRouted:
+    """A pass's gate report as the step loop's feed sends it; rows: (request, position of the first token, the
+    row's token ids in the pass, their routing ``[T, L, K]``)."""
+    sent = [min(len(ids), KEEP_TOKENS) for _, _, ids, _ in rows]
+    return BatchRouted(request_id=RequestId(key), step=step, layer=layer,
+                       requests=[RequestId(r) for r, _, _, _ in rows],
+                       positions=[pos + len(ids) - n for (_, pos, ids, _), n in zip(rows, sent, strict=True)],
+                       n_tokens=[len(ids) for _, _, ids, _ in rows],
+                       token_ids=[ids[-n:] for (_, _, ids, _), n in zip(rows, sent, strict=True)],
+                       experts=[x[-n:, layer].tolist() for (_, _, _, x), n in zip(rows, sent, strict=True)])
+
+
+def union_of(predictor: RoutingPredictor, windows: list[tuple[np.ndarray, np.ndarray]], layer: int,
+             d: int) -> tuple[list[int], np.ndarray]:
+    """The rows' top-K union (most likely first) and each expert's probability that some row chooses it."""
+    none = np.ones(E)
+    named: set[int] = set()
+    for experts, ids in windows:
+        q = predictor.predict_at(experts, ids, layer, (d,))[d]
+        none *= 1 - q
+        named.update(np.argsort(-q, kind="stable")[:K].tolist())
+    any_p = 1 - none
+    return sorted(named, key=lambda e: (-any_p[e], e)), any_p
+
+
+def test_a_batched_pass_predicts_what_any_of_its_rows_will_choose(predictor: RoutingPredictor) -> None:
+    """Two requests prefilled together in one pass (chunks of 5), then decoded together: each keeps its own
+    history; the pass's prediction is the union of the rows' top-k with the probability that some row chooses each
+    expert, and so is the outlook; a prefill row's target inside its pass is predicted from its last token alone."""
+    sent: list[Message] = []
+    live = LiveRoutingPredictor(layout(), predictor, 2, sent.append)
+    trace = chained_trace(n_prompts=2, tokens=8, seed=9)
+    a, b = trace.experts[:8].astype(np.int64), trace.experts[8:].astype(np.int64)
+    ia, ib = trace.token_ids[:8], trace.token_ids[8:]
+    for layer in range(L):  # step 0: both prompts' first five tokens
+        live.on_batch_routed(batch_gate(0, layer, [(5, 0, ia[:5].tolist(), a[:5]), (6, 0, ib[:5].tolist(), b[:5])]))
+    first = next(m for m in sent if isinstance(m, ExpertsPredicted))  # layer 0 -> layer 2 of the same pass
+    experts, any_p = union_of(predictor, [(a[4:5], ia[4:5]), (b[4:5], ib[4:5])], 0, 2)
+    assert (first.request_id, first.step, first.layer) == (1, 0, 2)
+    assert [e - 2 * E for e in first.experts] == experts
+    np.testing.assert_allclose(first.probabilities, any_p[experts], rtol=1e-6)
+    for step, t in ((1, 5), (2, 6)):  # decoded together, a token each
+        sent.clear()
+        for layer in range(L):
+            live.on_batch_routed(batch_gate(step, layer, [(5, t, [int(ia[t])], a[t: t + 1]),
+                                                          (6, t, [int(ib[t])], b[t: t + 1])]))
+        predicted = [m for m in sent if isinstance(m, ExpertsPredicted)]
+        outlooks = [m for m in sent if isinstance(m, OutlookPredicted)]
+        assert len(predicted) == len(outlooks) == L
+        windows = [(a[t - 2: t + 1], ia[t - 2: t + 1]), (b[t - 2: t + 1], ib[t - 2: t + 1])]
+        for layer in range(L):
+            target = target_of(step, layer, 2, L)
+            m = predicted[layer]
+            assert (m.request_id, m.step, m.layer) == (1, *target)
+            experts, any_p = union_of(predictor, windows, layer, 2)
+            assert [e - target[1] * E for e in m.experts] == experts
+            np.testing.assert_allclose(m.probabilities, any_p[experts], rtol=1e-6)
+            _, outlook = union_of(predictor, windows, layer, L)
+            assert (outlooks[layer].step, outlooks[layer].layer) == (step + 1, layer)
+            np.testing.assert_allclose(outlooks[layer].probabilities, outlook, rtol=1e-6)
+    assert live.calls == 3 * L
+
+
+def test_a_batched_pass_with_a_gap_predicts_again_from_the_next_pass(predictor: RoutingPredictor) -> None:
+    """A lost report breaks the pass for its rows until their next pass; a row whose positions do not follow (a
+    chunk longer than reported) starts its history again; a request in no pass for long is forgotten."""
+    sent: list[Message] = []
+    live = LiveRoutingPredictor(layout(), predictor, 1, sent.append)
+    trace = chained_trace(n_prompts=1, tokens=8, seed=10)
+    x, ids = trace.experts.astype(np.int64), trace.token_ids
+    for layer in (0, 2, 3):  # layer 1 never came
+        live.on_batch_routed(batch_gate(0, layer, [(5, 0, ids[:3].tolist(), x[:3])]))
+    assert len(sent) == 2  # layer 0's prediction and outlook, nothing after the gap
+    sent.clear()
+    live.on_batch_routed(batch_gate(1, 0, [(5, 3, [int(ids[3])], x[3:4])]))  # whole again, from its own token
+    (m,) = [m for m in sent if isinstance(m, ExpertsPredicted)]
+    experts, _ = union_of(predictor, [(x[3:4], ids[3:4])], 0, 1)
+    assert [e - E for e in m.experts] == experts
+    assert live.rows[RequestId(5)].next_position == 4
+    live.on_batch_routed(batch_gate(2, 0, [(5, 6, [int(ids[6])], x[6:7])]))  # positions 4 and 5 never reported
+    assert len(live.rows[RequestId(5)].token_ids) == 1
+    live.on_batch_routed(batch_gate(3 + FORGET_PASSES, 0, [(7, 0, [1], x[:1])], key=7))
+    assert set(live.rows) == {RequestId(7)}
+    live.on_batch_routed(batch_gate(0, 0, [(5, 0, [1], x[:1])], key=1))  # a batch older than the one in hand
+    assert live.dropped == 1
+
+
+def test_the_feed_reports_each_rows_last_tokens_of_a_pass() -> None:
+    sent: list[Message] = []
+    feed = RoutingFeed(sent.append, enabled=True)
+    rows = [PassRow(RequestId(5), 0, [10, 11, 12, 13, 14, 15], [0, 1, 2, 3, 4, 5]),  # a prefill chunk of 6
+            PassRow(RequestId(6), 4, [20, 21], [6, 7])]  # the next chunk of a longer prompt, padded to 6
+    feed.begin_pass(RequestId(5), rows)
+    feed.on_routing(2, 7, torch.arange(24).view(12, 2), torch.zeros(12, 1))
+    assert sent == [BatchRouted(request_id=RequestId(5), step=7, layer=2, requests=[RequestId(5), RequestId(6)],
+                                positions=[2, 4], n_tokens=[6, 2], token_ids=[[12, 13, 14, 15], [20, 21]],
+                                experts=[[[4, 5], [6, 7], [8, 9], [10, 11]], [[12, 13], [14, 15]]])]
+    feed.begin_pass(RequestId(5), None)  # the pass is over: generate()'s reports again
+    feed.begin_request(RequestId(8), [1, 2])
+    feed.on_routing(0, 0, torch.tensor([[3, 4], [5, 6]]), torch.zeros(2, 1))
+    assert isinstance(sent[-1], GateRouted) and sent[-1].request_id == 8
+
+
 def test_a_predictor_of_another_shape_is_refused(predictor: RoutingPredictor) -> None:
     with pytest.raises(ValueError, match="MoE layers"):
         LiveRoutingPredictor(layout(n_layers=L + 1), predictor, 2, lambda m: None)
@@ -183,26 +297,41 @@ def test_the_feed_reports_each_steps_last_tokens_and_their_ids() -> None:
     assert len(sent) == 2
 
 
-def test_serving_with_the_routing_predictor_gives_transformers_tokens(runtime_factory, reference,
+def test_serving_with_the_routing_predictor_gives_transformers_tokens(runtime_factory, reference, references,
                                                                       tmp_path: Path) -> None:
     """A predictor for the default model's shape (6 MoE layers x 32 experts, top-4), fitted on random routing:
-    what it predicts changes loads only, never a token."""
+    what it predicts changes loads only, never a token, one request alone or several batched together."""
     rng = np.random.default_rng(0)
     experts = np.stack([rng.permutation(32)[:4] for _ in range(6 * 120)]).reshape(120, 6, 4)
     fitted = RoutingPredictor.fit(experts, rng.integers(0, 256, 120), np.array([0, 60, 120]), 32, distances=(2, 6),
                                   epochs=1, hidden=16, min_steps=5, threads=1)
     fitted.save(tmp_path / "routing.npz")
     rt = runtime_factory("--policy", "promoe", "--cache-experts", "48", "--link-gbps", "5", "--routing-predictor",
-                         str(tmp_path / "routing.npz"), "--record-trace", str(tmp_path / "rec.npz"))
+                         str(tmp_path / "routing.npz"), "--record-trace", str(tmp_path / "rec.npz"),
+                         "--max-batch", "4", "--prefill-chunk", "5")
     with rt.client() as client:
         done = client.generate(prompt_ids=PROMPT_IDS, max_new_tokens=NEW_TOKENS)
         totals = client.stats()
     assert done.token_ids == reference["ids"]
     assert done.metrics["prefetch_precision"] is not None
     assert totals["predictions_received"] > 0 and totals["outlooks_received"] > 0
+    # several requests batched: each gets the tokens of transformers alone while the pass's predictions arrive
+    run = Staggered(rt, 3)
+    results = run.run([lambda client, on_token, ids=ids, n=n: client.generate(prompt_ids=ids, max_new_tokens=n,
+                                                                              on_token=on_token)
+                       for ids, n in REQUESTS[:3]])
+    for i, result in enumerate(results):
+        assert isinstance(result, GenerationDone), f"request {i}: {result!r}"
+        assert result.token_ids == references[i], f"request {i}"
+    assert run.overlapped(0, 1) and run.overlapped(0, 2), "the requests did not run in one batch"
+    with rt.client() as client:
+        after = client.stats()
+    assert after["predictions_received"] > totals["predictions_received"]
+    assert after["outlooks_received"] > totals["outlooks_received"]
     # the trace recorder shares the gate hook with the feed: both are served
     recorded = np.load(tmp_path / "rec.npz")
-    assert recorded["model_token_ids"].tolist() == [*PROMPT_IDS, *reference["ids"][:-1]]
+    assert recorded["model_token_ids"][: len(PROMPT_IDS) + NEW_TOKENS - 1].tolist() == [*PROMPT_IDS,
+                                                                                        *reference["ids"][:-1]]
 
 
 def test_rows_at_one_position_are_the_rows_of_the_whole_prompt(predictor: RoutingPredictor) -> None:
@@ -220,3 +349,31 @@ def test_rows_at_one_position_are_the_rows_of_the_whole_prompt(predictor: Routin
                     at, target = _rows_at(shape, features, trace.experts[first: t + 1], trace.token_ids[first: t + 1],
                                           layer, d)
                     assert at == rows[t, layer].tolist() and target == target_layer[t, layer], (d, t, layer)
+
+
+def test_rows_of_a_batch_of_windows_are_each_windows_rows(predictor: RoutingPredictor) -> None:
+    """The batched live path's features (left-padded windows of 1 to 3 real tokens) are row for row ``_rows_at``'s
+    of each window alone, and its probabilities ``predict_at``'s."""
+    from training.routing_predictor import _Features, _rows_at, _rows_batch
+
+    trace = chained_trace(n_prompts=1, tokens=40, seed=11)
+    shape, features = predictor.shape, _Features(predictor.shape)
+    rng = np.random.default_rng(0)
+    ends = rng.integers(1, 40, size=12)
+    known = np.minimum(rng.integers(1, 4, size=12), ends)  # real tokens of each window
+    experts = np.zeros((12, 3, L, K), dtype=np.int64)
+    ids = np.zeros((12, 3), dtype=np.int64)
+    for i, (end, n) in enumerate(zip(ends, known, strict=True)):
+        experts[i, 3 - n:] = trace.experts[end - n: end]
+        ids[i, 3 - n:] = trace.token_ids[end - n: end]
+    for d in (1, 2, L, L + 1):
+        for layer in range(L):
+            rows, target = _rows_batch(shape, features, experts, ids, known, layer, d)
+            for i, (end, n) in enumerate(zip(ends, known, strict=True)):
+                alone, alone_target = _rows_at(shape, features, trace.experts[end - n: end],
+                                               trace.token_ids[end - n: end], layer, d)
+                assert rows[i].tolist() == alone and target == alone_target, (d, layer, i)
+            probs = predictor.predict_windows(experts, ids, known, layer, d)
+            for i, (end, n) in enumerate(zip(ends, known, strict=True)):
+                at = predictor.predict_at(trace.experts[end - n: end], trace.token_ids[end - n: end], layer, (d,))
+                np.testing.assert_allclose(probs[i], at[d], rtol=0, atol=1e-6)

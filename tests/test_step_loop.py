@@ -32,7 +32,7 @@ def test_a_failed_decode_fails_every_row_and_leaves_no_batch():
         pins_cleared: list[bool] = []
         table = SimpleNamespace(clear_pins=lambda: pins_cleared.append(True))
         worker = SimpleNamespace(backend=SimpleNamespace(table=table), send_to_coordinator=sender, recorder=None,
-                                 sockets=SimpleNamespace(answer_ping=lambda msg: None))
+                                 feed=None, sockets=SimpleNamespace(answer_ping=lambda msg: None))
         loop = StepLoop(worker, 4, 8, on_configure=lambda msg: None)  # type: ignore[arg-type]
         rows = [Sequence(RequestId(i), [1, 2], 4, set(), LogitsProcessorList(), None, None, 0)  # type: ignore[arg-type]
                 for i in range(3)]
@@ -66,7 +66,7 @@ def test_each_row_is_charged_its_share_of_a_passs_uses_hits_and_host_experts():
         return SimpleNamespace(logits=torch.zeros(2, 1, 8))
 
     ended: list[tuple] = []
-    worker = SimpleNamespace(backend=backend, model=model, recorder=None,
+    worker = SimpleNamespace(backend=backend, model=model, recorder=None, feed=None,
                              sockets=SimpleNamespace(answer_ping=lambda msg: None),
                              finished=lambda *args: ended.append(args))
     loop = StepLoop(worker, 4, 8, on_configure=lambda msg: None)  # type: ignore[arg-type]

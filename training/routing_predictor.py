@@ -91,7 +91,11 @@ class _Net(nn.Module):
         """``bag [B, H]``, row ``i`` aimed at ``target_layers[i]`` -> logits ``[B, E]``: ``logits`` row by row, in
         one call (the live path predicts several distances per gate)."""
         x = F.relu(self.mid(F.relu(bag + self.bias)))  # [B, H]
-        return torch.bmm(x.unsqueeze(1), self.head[target_layers]).squeeze(1) + self.head_bias[target_layers]
+        out = torch.empty(len(x), self.head.shape[2])  # [B, E]
+        for j in target_layers.unique().tolist():  # one product per target layer (a live gate asks for two)
+            rows = (target_layers == j).nonzero().flatten()
+            out[rows] = x[rows] @ self.head[j] + self.head_bias[j]
+        return out
 
 
 class _RowAdam:
@@ -194,10 +198,12 @@ def _rows_at(shape: PredictorShape, f: _Features, experts: np.ndarray, token_ids
     before2 = t - 2 if t >= 2 else -1
     prev1, prev2 = (t, before1) if wrap else (before1, before2)
     rows: list[int] = []
+    chosen = experts.tolist()  # [T][L][k] plain ints: indexing numpy element by element cost most of the time
 
     def add(token: int, at: int, known: bool, base: int) -> None:
         if known and token >= 0 and 0 <= at < n_layers:
-            rows.extend(base + at * e_per + int(e) for e in experts[token, at])
+            first = base + at * e_per
+            rows.extend(first + e for e in chosen[token][at])
         else:
             rows.extend([pad] * shape.top_k)
 
@@ -211,6 +217,42 @@ def _rows_at(shape: PredictorShape, f: _Features, experts: np.ndarray, token_ids
     rows.append(f.previous_token + int(token_ids[before1]) % TOKEN_BUCKETS if before1 >= 0 else pad)
     rows.append(f.target + (min(distance, MAX_DISTANCE) - 1) * n_layers + target)
     return rows, target
+
+
+def _rows_batch(shape: PredictorShape, f: _Features, experts: np.ndarray, token_ids: np.ndarray,
+                known_tokens: np.ndarray, layer: int, distance: int) -> tuple[np.ndarray, int]:
+    """``_rows_at`` for many windows at once (the live path with a batch of requests): ``experts [R, T, L, k]`` and
+    ``token_ids [R, T]`` left-padded windows whose last ``known_tokens [R]`` (1..T) tokens are real, each taken as a
+    prompt from its first real token. Returns rows ``[R, S]`` (row for row ``_rows_at``'s, tested) and the target
+    layer."""
+    n_layers, e_per, pad = shape.n_layers, shape.experts_per_layer, f.padding
+    n, t = len(experts), experts.shape[1] - 1
+    ahead = layer + distance
+    target = ahead % n_layers
+    wrap = ahead // n_layers != 0
+    every, before1, before2 = np.ones(n, dtype=bool), known_tokens >= 2, known_tokens >= 3
+    blocks: list[np.ndarray] = []
+
+    def add(token: int, at: int, known: np.ndarray, base: int) -> None:
+        if token < 0 or not 0 <= at < n_layers:
+            blocks.append(np.full((n, shape.top_k), pad, dtype=np.int64))
+        else:
+            blocks.append(np.where(known[:, None], base + at * e_per + experts[:, token, at], pad))
+
+    for r in range(CURRENT_LAYERS):
+        add(t, layer - r, every, f.current + r * n_layers * e_per)
+    for o, offset in enumerate((-1, 0, 1)):
+        at = target + offset
+        if wrap:  # the token's own layers, known up to this one
+            add(t, at, every if at <= layer else ~every, f.previous + o * n_layers * e_per)
+        else:
+            add(t - 1, at, before1, f.previous + o * n_layers * e_per)
+    add(t - 1 if wrap else t - 2, target, before1 if wrap else before2, f.before_previous)
+    blocks.append((f.token + token_ids[:, t] % TOKEN_BUCKETS)[:, None])
+    previous = f.previous_token + token_ids[:, t - 1] % TOKEN_BUCKETS if t >= 1 else np.zeros(n, dtype=np.int64)
+    blocks.append(np.where(before1, previous, pad)[:, None])
+    blocks.append(np.full((n, 1), f.target + (min(distance, MAX_DISTANCE) - 1) * n_layers + target))
+    return np.concatenate(blocks, axis=1).astype(np.int64), target
 
 
 def _samples(shape: PredictorShape, experts: np.ndarray, token_ids: np.ndarray, prompt_offsets: np.ndarray,
@@ -333,7 +375,6 @@ class RoutingPredictor:
                 out[i: i + batch, layer] = torch.sigmoid(logits / self.net.temperature).numpy()
         return out
 
-    @torch.no_grad()
     def predict_at(self, experts: np.ndarray, token_ids: np.ndarray, layer: int,
                    distances: tuple[int, ...]) -> dict[int, np.ndarray]:
         """At MoE ``layer`` of the last token of a window of one prompt (``experts [T, L, k]``, ``token_ids [T]``,
@@ -341,12 +382,30 @@ class RoutingPredictor:
         the probability of every expert ``d`` layers ahead. The features of ``probabilities`` (``_rows``), for one
         position: the last token's layers after ``layer`` are never read, and a window of the last three tokens
         gives what the whole prompt would."""
-        per_distance = [_rows_at(self.shape, self._features, experts, token_ids, layer, d) for d in distances]
-        bags = F.embedding_bag(torch.tensor([rows for rows, _ in per_distance]), self.net.table, mode="sum",
-                               padding_idx=self.net.padding)  # [D, H]: one bag per distance
-        logits = self.net.logits_each(bags, torch.tensor([target for _, target in per_distance]))  # [D, E]
-        probs = torch.sigmoid(logits / self.net.temperature).numpy()
+        probs = self.predict_many([(experts, token_ids, layer, d) for d in distances])
         return {d: probs[i] for i, d in enumerate(distances)}
+
+    @torch.no_grad()
+    def predict_many(self, queries: list[tuple[np.ndarray, np.ndarray, int, int]]) -> np.ndarray:
+        """``predict_at`` for many positions in one call: each query is ``(experts [T, L, k], token_ids [T], layer,
+        distance)``; returns ``[Q, E]`` float32 (the live path's per-gate cost with a batch of requests is one
+        embedding bag and one MLP for all of them)."""
+        per_query = [_rows_at(self.shape, self._features, experts, token_ids, layer, d)
+                     for experts, token_ids, layer, d in queries]
+        bags = F.embedding_bag(torch.tensor([rows for rows, _ in per_query]), self.net.table, mode="sum",
+                               padding_idx=self.net.padding)  # [Q, H]: one bag per query
+        logits = self.net.logits_each(bags, torch.tensor([target for _, target in per_query]))  # [Q, E]
+        return torch.sigmoid(logits / self.net.temperature).numpy()
+
+    @torch.no_grad()
+    def predict_windows(self, experts: np.ndarray, token_ids: np.ndarray, known_tokens: np.ndarray, layer: int,
+                        distance: int) -> np.ndarray:
+        """``predict_at`` for many windows at once (left-padded ``experts [R, T, L, k]``, ``token_ids [R, T]``, the
+        last ``known_tokens [R]`` of each real) at one layer and distance: ``[R, E]`` float32. The live path's cost
+        per gate with a batch of requests: one numpy pass for the features, one embedding bag, one MLP."""
+        rows, target = _rows_batch(self.shape, self._features, experts, token_ids, known_tokens, layer, distance)
+        logits = self.net(torch.from_numpy(rows), target)  # [R, E]
+        return torch.sigmoid(logits / self.net.temperature).numpy()
 
     def save(self, path: Path) -> None:
         state = {name: t.detach().numpy() for name, t in self.net.state_dict().items()}

@@ -21,7 +21,7 @@ import torch
 from models.checkpoint import load_router_weights, open_checkpoint
 from protocol.config import RuntimeConfig
 from protocol.ids import ExpertId, RequestId
-from protocol.messages import ExpertsPredicted, GateRouted, HiddenStateWritten, Message, Ping
+from protocol.messages import BatchRouted, ExpertsPredicted, GateRouted, HiddenStateWritten, Message, Ping
 from shm.hidden_exchange import HiddenExchange
 from shm.layout import ExpertLayout
 from shm.segment import Segment
@@ -86,7 +86,8 @@ def serve_routing(cfg: RuntimeConfig, sockets: WorkerSockets, path: str) -> None
              path, cfg.lookahead)
     sockets.announce_ready()
     try:
-        sockets.serve({Ping: sockets.answer_ping, GateRouted: live.on_gate_routed})
+        sockets.serve({Ping: sockets.answer_ping, GateRouted: live.on_gate_routed,
+                       BatchRouted: live.on_batch_routed})
     finally:
         live.log_cost()
 

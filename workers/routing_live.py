@@ -17,6 +17,13 @@ only) and the union of their top-k is sent, each with the probability that at le
 of a long prefill chooses the union over every token, and a few tokens' worth of guesses is what a speculative load
 can usefully add before the precise loads of that layer take the link.
 
+With the step loop (``--max-batch`` > 1) a forward pass serves several requests: one ``BatchRouted`` per gate
+carries each row's tokens. Each request keeps its own history (``RowHistory``, by position in the request, so a
+prompt prefilled in chunks continues where its last chunk ended); each row whose history is whole is predicted
+(in one call for all rows), a prefill row's targets inside its pass from its last token alone, as if it began a
+prompt. The batch's prediction is what the gate of the whole pass will choose: the union of the rows' top-k, each
+expert with the probability that at least one row chooses it; the outlook likewise.
+
 Messages of a request older than the one in hand are dropped (requests run one at a time and their ids grow); a
 gap in a request's reports (a restarted predictor joining mid-request) clears its history until the next step. A
 predictor that falls behind sheds: while newer reports wait in its inbox it only records routing, and predicts from
@@ -28,12 +35,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from protocol.ids import ExpertId, RequestId
-from protocol.messages import ExpertsPredicted, GateRouted, Message, OutlookPredicted
+from protocol.messages import BatchRouted, ExpertsPredicted, GateRouted, Message, OutlookPredicted
 from shm.layout import ExpertLayout
 from training.routing_predictor import RoutingPredictor
 
@@ -45,6 +53,8 @@ PREFILL_TOKENS = 4
 """Prompt tokens whose predictions are unioned for a target inside the prefill step."""
 KEEP_TOKENS = max(HISTORY_TOKENS, PREFILL_TOKENS)
 """Tokens of routing kept per request, and the most a ``GateRouted`` carries."""
+FORGET_PASSES = 64
+"""A request not a row of any pass for this many passes is forgotten (under the step loop)."""
 
 
 class RoutingHistory:
@@ -87,6 +97,44 @@ class RoutingHistory:
         self.token_ids = self.token_ids[:0]
 
 
+class RowHistory:
+    """One request's last ``KEEP_TOKENS`` tokens of routing under the step loop, filled gate by gate of each pass
+    the request is a row of."""
+
+    def __init__(self, n_layers: int, top_k: int) -> None:
+        self.n_layers = n_layers
+        self.step = -1
+        """The last pass the request was a row of."""
+        self.next_position = 0
+        """Position in the request of the token after the last one recorded."""
+        self.next_layer = -1
+        """The layer whose report comes next in this pass (-1: broken until the request's next pass)."""
+        self.step_tokens = 0
+        """The request's tokens in this pass."""
+        self.experts = np.zeros((0, n_layers, top_k), dtype=np.int64)  # [T, L, k] local ids, oldest first
+        self.token_ids = np.zeros(0, dtype=np.int64)  # [T]
+
+    def record(self, step: int, layer: int, position: int, n_tokens: int, token_ids: list[int],
+               experts: list[list[int]]) -> bool:
+        """Add this row's report; True if the history is whole up to it."""
+        n = len(token_ids)
+        if step != self.step and layer == 0:  # the request's next pass begins
+            follows = position == self.next_position and self.next_layer == self.n_layers
+            if not follows:  # its first pass, or a gap (reports lost, or a chunk longer than reported)
+                self.experts, self.token_ids = self.experts[:0], self.token_ids[:0]
+            new = np.zeros((n, self.n_layers, self.experts.shape[2]), dtype=np.int64)
+            self.experts = np.concatenate([self.experts, new])[-KEEP_TOKENS:]
+            self.token_ids = np.concatenate([self.token_ids, np.asarray(token_ids, dtype=np.int64)])[-KEEP_TOKENS:]
+            self.step, self.step_tokens, self.next_layer = step, n_tokens, 0
+            self.next_position = position + n
+        if step != self.step or layer != self.next_layer or len(experts) != n or n == 0:
+            self.step, self.next_layer = step, -1
+            return False
+        self.experts[-n:, layer] = np.asarray(experts, dtype=np.int64).reshape(n, -1)
+        self.next_layer = layer + 1
+        return True
+
+
 class LiveRoutingPredictor:
     """``GateRouted`` in, ``ExpertsPredicted`` and ``OutlookPredicted`` out (through ``send``)."""
 
@@ -109,6 +157,9 @@ class LiveRoutingPredictor:
         """True while more messages wait in the inbox: this report's predictions are skipped."""
         self.clock_ns = clock_ns
         self.history = RoutingHistory(n_layers, layout.top_k)
+        self.rows: dict[RequestId, RowHistory] = {}
+        """Per request of the step loop's passes, its history."""
+        self.batch_key = RequestId(-1)
         self.calls = 0
         """Gates predicted from, this request."""
         self.total_ns = 0
@@ -136,12 +187,71 @@ class LiveRoutingPredictor:
         self.total_ns += spent
         self.max_ns = max(self.max_ns, spent)
 
+    def on_batch_routed(self, msg: BatchRouted) -> None:
+        if msg.request_id < self.batch_key:
+            self.dropped += 1
+            return
+        if msg.request_id != self.batch_key:
+            self.log_cost()
+            self.batch_key = msg.request_id
+        whole: list[tuple[RowHistory, int]] = []
+        for i, request in enumerate(msg.requests):
+            row = self.rows.get(request)
+            if row is None:
+                row = self.rows[request] = RowHistory(self.n_layers, self.layout.top_k)
+            if row.record(msg.step, msg.layer, msg.positions[i], msg.n_tokens[i], msg.token_ids[i], msg.experts[i]):
+                whole.append((row, i))
+        if msg.layer == 0:  # requests that left the batch long ago (finished or cancelled) are forgotten
+            for request in [r for r, row in self.rows.items() if row.step < msg.step - FORGET_PASSES]:
+                del self.rows[request]
+        if not whole:
+            return
+        if self.behind():
+            self.shed += 1
+            return
+        started = self.clock_ns()
+        self._predict_batch(msg.request_id, msg.step, msg.layer, [row for row, _ in whole])
+        spent = self.clock_ns() - started
+        self.calls += 1
+        self.total_ns += spent
+        self.max_ns = max(self.max_ns, spent)
+
+    def _predict_batch(self, batch_key: RequestId, step: int, layer: int, rows: list[RowHistory]) -> None:
+        """One prediction and one outlook for the pass, from every row whose history is whole."""
+        ahead = layer + self.lookahead
+        target = (step + ahead // self.n_layers, ahead % self.n_layers)
+        experts = np.zeros((len(rows), HISTORY_TOKENS, self.n_layers, self.layout.top_k), dtype=np.int64)
+        token_ids = np.zeros((len(rows), HISTORY_TOKENS), dtype=np.int64)
+        known = np.zeros(len(rows), dtype=np.int64)  # [R] real tokens of each left-padded window
+        for i, row in enumerate(rows):
+            n = min(len(row.token_ids), HISTORY_TOKENS)
+            experts[i, HISTORY_TOKENS - n:] = row.experts[-n:]
+            token_ids[i, HISTORY_TOKENS - n:] = row.token_ids[-n:]
+            known[i] = n
+        # a prefill row's target inside its pass: its earlier tokens' later layers are not known yet
+        inside = np.array([row.step_tokens > 1 and target[0] == step for row in rows])
+        near_p = self.predictor.predict_windows(experts, token_ids, np.where(inside, 1, known), layer,
+                                                self.lookahead)  # [R, E]
+        outlook_p = self.predictor.predict_windows(experts, token_ids, known, layer, self.n_layers)  # [R, E]
+        named = np.unique(np.argsort(-near_p, axis=1, kind="stable")[:, : self.layout.top_k])
+        any_p = 1.0 - np.prod(1.0 - near_p, axis=0)  # [E] at least one row chooses it
+        experts = np.array(sorted(named.tolist(), key=lambda e: (-any_p[e], e)), dtype=np.int64)
+        self.send(ExpertsPredicted(
+            request_id=batch_key, step=target[0], layer=target[1],
+            experts=[ExpertId(self.layout.expert_id(target[1], int(e))) for e in experts],
+            probabilities=[float(x) for x in any_p[experts]]))
+        outlook = 1.0 - np.prod(1.0 - outlook_p, axis=0)
+        self.send(OutlookPredicted(request_id=batch_key, step=step + 1, layer=layer,
+                                   probabilities=[float(x) for x in outlook]))
+
     def log_cost(self) -> None:
-        """Log the last request's prediction cost (called when the next begins, and at shutdown)."""
+        """Log the last request's (or batch's, keyed by its first request) prediction cost (called when the next
+        begins, and at shutdown)."""
         if self.calls:
+            key = max(self.history.request_id, self.batch_key)
             log.info("request %d: %d routing predictions, %.0f us each on average, %.0f us at most; %d gate(s) "
-                     "skipped while behind", self.history.request_id, self.calls, self.total_ns / self.calls / 1e3,
-                     self.max_ns / 1e3, self.shed)
+                     "skipped while behind", key, self.calls, self.total_ns / self.calls / 1e3, self.max_ns / 1e3,
+                     self.shed)
         self.calls = self.total_ns = self.max_ns = self.shed = 0
 
     def _predict(self, request_id: RequestId, step: int, layer: int) -> None:
@@ -181,6 +291,19 @@ class LiveRoutingPredictor:
         return experts, any_p[experts]
 
 
+@dataclass(frozen=True)
+class PassRow:
+    """One request's part of a forward pass of the step loop."""
+
+    request_id: RequestId
+    first_position: int
+    """Position in the request (prompt, then generated tokens) of the row's first token in the pass."""
+    token_ids: list[int]
+    """The model's ids of the row's tokens in the pass."""
+    token_index: list[int]
+    """Where each of them is in the pass's flattened ``[T]`` tokens."""
+
+
 class RoutingFeed:
     """Inference side: at every gate, one ``GateRouted`` with the routing and ids of the step's last tokens."""
 
@@ -192,6 +315,14 @@ class RoutingFeed:
         self.token_ids: list[int] = []
         """The request's prompt, then each generated token as it is generated (step ``s`` feeds the one of ``s-1``)."""
         self.prompt_tokens = 0
+        self.rows: list[PassRow] | None = None
+        self.batch_key = RequestId(0)
+        """The rows of the step loop's current forward pass (None: ``generate()`` serves one request)."""
+
+    def begin_pass(self, batch_key: RequestId, rows: list[PassRow] | None) -> None:
+        """The step loop's next forward pass serves ``rows`` and reports its gates under ``batch_key`` (rows None:
+        the pass is over)."""
+        self.batch_key, self.rows = batch_key, rows
 
     def begin_request(self, request_id: RequestId, prompt_ids: list[int]) -> None:
         self.request_id = request_id
@@ -205,6 +336,9 @@ class RoutingFeed:
         """The backend's hook: the gate of ``moe_layer`` at ``step`` routed ``top_k_index [T, k]``."""
         if not self.enabled:
             return
+        if self.rows is not None:
+            self._send_pass(moe_layer, step, top_k_index)
+            return
         first = 0 if step == 0 else self.prompt_tokens + step - 1
         ids = self.token_ids[first: self.prompt_tokens if step == 0 else first + 1]
         n = int(top_k_index.shape[0])
@@ -214,3 +348,16 @@ class RoutingFeed:
         keep = min(n, KEEP_TOKENS)
         self.send(GateRouted(request_id=self.request_id, step=step, layer=moe_layer, n_tokens=n,
                              token_ids=ids[-keep:], experts=top_k_index[-keep:].tolist()))
+
+    def _send_pass(self, moe_layer: int, step: int, top_k_index: torch.Tensor) -> None:
+        """One ``BatchRouted``: each row's last ``KEEP_TOKENS`` tokens of the pass."""
+        rows = self.rows
+        assert rows is not None
+        chosen = top_k_index.tolist()  # [T][k] of the flattened pass
+        n_sent = [min(len(row.token_ids), KEEP_TOKENS) for row in rows]
+        self.send(BatchRouted(
+            request_id=self.batch_key, step=step, layer=moe_layer, requests=[row.request_id for row in rows],
+            positions=[row.first_position + len(row.token_ids) - n for row, n in zip(rows, n_sent, strict=True)],
+            n_tokens=[len(row.token_ids) for row in rows],
+            token_ids=[row.token_ids[-n:] for row, n in zip(rows, n_sent, strict=True)],
+            experts=[[chosen[i] for i in row.token_index[-n:]] for row, n in zip(rows, n_sent, strict=True)]))

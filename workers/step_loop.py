@@ -48,6 +48,7 @@ from workers.batch_cache import assemble, cut, prefill_inputs
 from workers.bootstrap import IDLE_POLL_S, send
 from workers.kv_memory import KvBudget
 from workers.offloaded_experts import LayerStats
+from workers.routing_live import PassRow
 from workers.sequence import Sequence, logits_processors
 
 if TYPE_CHECKING:
@@ -264,14 +265,21 @@ class StepLoop:
         backend = self.worker.backend
         backend.request_ids = [seq.request_id for seq in rows]
         backend.real_tokens = real_tokens
-        if self.worker.recorder is not None:  # which of the pass's tokens are whose
+        recorder, feed = self.worker.recorder, self.worker.feed
+        if recorder is not None or feed is not None:  # which of the pass's tokens are whose
             if real_tokens is None:  # a decode step: one token a row
                 tokens = [torch.tensor([i]) for i in range(len(rows))]
             else:  # a prefill: each row's real tokens of its padded chunk
                 width = real_tokens.numel() // len(rows)
                 tokens = [torch.nonzero(real).flatten().cpu() + i * width
                           for i, real in enumerate(real_tokens.view(len(rows), width))]
-            self.worker.recorder.begin_pass([(seq.request_id, t) for seq, t in zip(rows, tokens, strict=True)])
+            if recorder is not None:
+                recorder.begin_pass([(seq.request_id, t) for seq, t in zip(rows, tokens, strict=True)])
+            if feed is not None:
+                ids = inputs["input_ids"].reshape(-1).tolist()
+                feed.begin_pass(RequestId(backend.request_id), [
+                    PassRow(seq.request_id, seq.length, [ids[i] for i in t.tolist()], t.tolist())
+                    for seq, t in zip(rows, tokens, strict=True)])
         base_stall_ns = max(seq.stall_ns for seq in rows)  # the load deadline is each request's own waiting
         backend.stats = LayerStats(stall_ns=base_stall_ns)
         try:
@@ -282,6 +290,8 @@ class StepLoop:
             return None
         finally:
             backend.real_tokens = None
+            if feed is not None:
+                feed.begin_pass(RequestId(backend.request_id), None)
         stats = backend.stats
         for seq in rows:
             seq.uses += stats.uses / len(rows)
