@@ -6,7 +6,8 @@
 One runtime per ``--max-batch`` value and ``--policy`` (the embedded default model or ``--model-path``,
 ``--cache-experts``; ``--repeat N``: every combination N times, in turn), the load of ``bench/load.py`` (closed-loop
 clients, each with its own connection) at each client count on it, and per run: requests/s, tokens/s, latency
-p50/p99, and bytes loaded per generated token (the coordinator's totals before and after the run). The machine's load
+p50/p99, bytes loaded per generated token, the hit rate and the predictions received (the coordinator's totals
+before and after the run). The machine's load
 average (``os.getloadavg``) is recorded beside each run.
 """
 
@@ -35,6 +36,8 @@ def sweep(max_batch: int, policy: str, args: argparse.Namespace) -> list[dict[st
     root = Path(tempfile.mkdtemp(prefix="promoe-load-batch-"))
     checkpoint = args.model_path if args.model_path is not None else ensure_default_checkpoint()
     predictor = ["--predictor", str(args.predictor)] if args.predictor is not None else []
+    if args.routing_predictor is not None:
+        predictor = ["--routing-predictor", str(args.routing_predictor)]
     runtime = RuntimeProcess(root, checkpoint, "--policy", policy, *predictor, "--cache-experts",
                              str(args.cache_experts), "--max-queue", "256", "--max-batch", str(max_batch),
                              *(["--stand-in-cores"] if args.stand_in_cores else []),
@@ -50,16 +53,24 @@ def sweep(max_batch: int, policy: str, args: argparse.Namespace) -> list[dict[st
                 after = client.stats()
             loaded = float(after["bytes_loaded"] or 0) - float(before["bytes_loaded"] or 0)
             tokens = int(after["tokens_generated"] or 0) - int(before["tokens_generated"] or 0)
+            uses = int(after["expert_uses"] or 0) - int(before["expert_uses"] or 0)
+            hits = (float(after["hit_rate"] or 0) * int(after["expert_uses"] or 0)
+                    - float(before["hit_rate"] or 0) * int(before["expert_uses"] or 0))
             result.update(max_batch=max_batch, policy=policy, cache_experts=args.cache_experts,
                           stand_in_cores=args.stand_in_cores, model_path=str(checkpoint),
                           predictor=str(args.predictor) if args.predictor else None,
+                          routing_predictor=str(args.routing_predictor) if args.routing_predictor else None,
                           bytes_loaded=loaded, bytes_loaded_per_token=loaded / tokens if tokens else None,
+                          hit_rate=hits / uses if uses else None,
+                          predictions_received=int(after["predictions_received"] or 0)
+                          - int(before["predictions_received"] or 0),
                           load_average_1m=[load_before, os.getloadavg()[0]])
             rows.append(result)
             print(f"{policy}, max-batch {max_batch:>2}, {clients:>2} clients: "
                   f"{result['requests_per_s']:.2f} requests/s, "
                   f"{result['tokens_per_s']:.1f} tokens/s, p50 {result['latency_p50_s']:.2f} s, "
                   f"p99 {result['latency_p99_s']:.2f} s, {result['bytes_loaded_per_token'] or 0:.0f} B loaded/token, "
+                  f"hit rate {result['hit_rate'] or 0:.3f}, {result['predictions_received']} predictions, "
                   f"errors {result['errors'] or 'none'}, dropped {result['dropped']} "
                   f"(load average {load_before:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
     finally:
@@ -87,6 +98,8 @@ def main() -> int:
                    help="prompts from held-out text (bench/load.py --text-prompts), for a trained copy")
     p.add_argument("--model-path", type=Path, default=None, help="a checkpoint (default: the embedded default model)")
     p.add_argument("--predictor", type=Path, default=None, help="a trained predictor (launch.py --predictor)")
+    p.add_argument("--routing-predictor", type=Path, default=None,
+                   help="a routing predictor (launch.py --routing-predictor; instead of --predictor)")
     p.add_argument("--stand-in-cores", action="store_true",
                    help="the runtime with --stand-in-cores (the inference worker alone on one core)")
     p.add_argument("--json", type=Path)

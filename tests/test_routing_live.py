@@ -240,9 +240,11 @@ def test_a_batched_pass_with_a_gap_predicts_again_from_the_next_pass(predictor: 
     assert live.rows[RequestId(5)].next_position == 4
     live.on_batch_routed(batch_gate(2, 0, [(5, 6, [int(ids[6])], x[6:7])]))  # positions 4 and 5 never reported
     assert len(live.rows[RequestId(5)].token_ids) == 1
-    live.on_batch_routed(batch_gate(3 + FORGET_PASSES, 0, [(7, 0, [1], x[:1])], key=7))
+    live.on_batch_routed(batch_gate(3 + FORGET_PASSES, 0, [(7, 0, [1], x[:1])]))
     assert set(live.rows) == {RequestId(7)}
-    live.on_batch_routed(batch_gate(0, 0, [(5, 0, [1], x[:1])], key=1))  # a batch older than the one in hand
+    live.on_batch_routed(batch_gate(0, 0, [(8, 0, [1], x[:1])], key=8))  # a new batch: its passes count from 0
+    assert set(live.rows) == {RequestId(8)}
+    live.on_batch_routed(batch_gate(9, 0, [(5, 0, [1], x[:1])], key=1))  # a batch older than the one in hand
     assert live.dropped == 1
 
 

@@ -191,16 +191,17 @@ class LiveRoutingPredictor:
         if msg.request_id < self.batch_key:
             self.dropped += 1
             return
-        if msg.request_id != self.batch_key:
+        if msg.request_id != self.batch_key:  # a new batch (the last one emptied): its passes count from 0 again
             self.log_cost()
             self.batch_key = msg.request_id
-        whole: list[tuple[RowHistory, int]] = []
+            self.rows.clear()
+        whole: list[RowHistory] = []
         for i, request in enumerate(msg.requests):
             row = self.rows.get(request)
             if row is None:
                 row = self.rows[request] = RowHistory(self.n_layers, self.layout.top_k)
             if row.record(msg.step, msg.layer, msg.positions[i], msg.n_tokens[i], msg.token_ids[i], msg.experts[i]):
-                whole.append((row, i))
+                whole.append(row)
         if msg.layer == 0:  # requests that left the batch long ago (finished or cancelled) are forgotten
             for request in [r for r, row in self.rows.items() if row.step < msg.step - FORGET_PASSES]:
                 del self.rows[request]
@@ -210,7 +211,7 @@ class LiveRoutingPredictor:
             self.shed += 1
             return
         started = self.clock_ns()
-        self._predict_batch(msg.request_id, msg.step, msg.layer, [row for row, _ in whole])
+        self._predict_batch(msg.request_id, msg.step, msg.layer, whole)
         spent = self.clock_ns() - started
         self.calls += 1
         self.total_ns += spent
@@ -235,11 +236,11 @@ class LiveRoutingPredictor:
         outlook_p = self.predictor.predict_windows(experts, token_ids, known, layer, self.n_layers)  # [R, E]
         named = np.unique(np.argsort(-near_p, axis=1, kind="stable")[:, : self.layout.top_k])
         any_p = 1.0 - np.prod(1.0 - near_p, axis=0)  # [E] at least one row chooses it
-        experts = np.array(sorted(named.tolist(), key=lambda e: (-any_p[e], e)), dtype=np.int64)
+        chosen = sorted(named.tolist(), key=lambda e: (-any_p[e], e))
         self.send(ExpertsPredicted(
             request_id=batch_key, step=target[0], layer=target[1],
-            experts=[ExpertId(self.layout.expert_id(target[1], int(e))) for e in experts],
-            probabilities=[float(x) for x in any_p[experts]]))
+            experts=[ExpertId(self.layout.expert_id(target[1], e)) for e in chosen],
+            probabilities=[float(any_p[e]) for e in chosen]))
         outlook = 1.0 - np.prod(1.0 - outlook_p, axis=0)
         self.send(OutlookPredicted(request_id=batch_key, step=step + 1, layer=layer,
                                    probabilities=[float(x) for x in outlook]))
