@@ -1,5 +1,6 @@
 """The predictor worker's routing mode (``--routing-predictor FILE.npz``): predictions from the gate decisions and
-token ids the inference worker reports at every gate (``GateRouted``), through ``RoutingPredictor.predict_at``.
+token ids the inference worker reports at every gate (``GateRouted`` from ``generate()``, one request at a time,
+through ``RoutingPredictor.predict_at``; ``BatchRouted`` from the step loop, through ``predict_windows``).
 
 Per request it keeps the routing of the last few tokens (``KEEP_TOKENS``: today's features read this token and the
 two before it). At the gate of MoE layer ``l`` of step ``s`` it sends, one-way:
@@ -24,10 +25,11 @@ prompt prefilled in chunks continues where its last chunk ended); each row whose
 prompt. The batch's prediction is what the gate of the whole pass will choose: the union of the rows' top-k, each
 expert with the probability that at least one row chooses it; the outlook likewise.
 
-Messages of a request older than the one in hand are dropped (requests run one at a time and their ids grow); a
-gap in a request's reports (a restarted predictor joining mid-request) clears its history until the next step. A
-predictor that falls behind sheds: while newer reports wait in its inbox it only records routing, and predicts from
-the newest (a prediction made after its gate has passed is worth nothing, and the newer one aims further).
+Messages of a request (or a batch, keyed by its first request) older than the one in hand are dropped (ids grow,
+and a batch's key changes only when the last batch has emptied); a gap in a request's reports (a restarted predictor
+joining mid-request) clears its history until the next step. A predictor that falls behind sheds: while newer
+reports wait in its inbox it only records routing, and predicts from the newest (a prediction made after its gate
+has passed is worth nothing, and the newer one aims further).
 """
 
 from __future__ import annotations
