@@ -72,7 +72,7 @@ def test_each_row_is_charged_its_share_of_a_passs_uses_hits_and_host_experts():
     loop = StepLoop(worker, 4, 8, on_configure=lambda msg: None)  # type: ignore[arg-type]
     rows = [Sequence(RequestId(i), [1, 2], 4, set(), LogitsProcessorList(), None, None, 0)  # type: ignore[arg-type]
             for i in range(2)]
-    assert loop.forward(rows, None) is not None
+    assert loop.forward(rows, None, [[2], [2]]) is not None
     assert [(seq.uses, seq.hits, seq.host_experts) for seq in rows] == [(6.0, 3.0, 2.0)] * 2
     loop.finished(rows[0], "length")
     assert ended[0][-3:] == (6, 3, 2)  # uses, hits, host experts of GenerationFinished

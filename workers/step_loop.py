@@ -213,7 +213,7 @@ class StepLoop:
         rows = [seq for seq, _ in taken]
         inputs = prefill_inputs([seq.kv for seq in rows], [seq.length for seq in rows], [c for _, c in taken],
                                 self.worker.model.config, self.worker.device)
-        logits = self.forward(rows, inputs.real_tokens, input_ids=inputs.input_ids,
+        logits = self.forward(rows, inputs.real_tokens, [chunk for _, chunk in taken], input_ids=inputs.input_ids,
                               attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
                               cache=inputs.cache, logits_to_keep=inputs.last_positions)
         if logits is None:
@@ -235,7 +235,8 @@ class StepLoop:
         self.mask = torch.cat([self.mask, torch.ones((len(rows), 1), dtype=self.mask.dtype, device=device)], dim=1)
         input_ids = torch.tensor([[seq.generated[-1]] for seq in rows], dtype=torch.long, device=device)
         positions = torch.tensor([[seq.length] for seq in rows], dtype=torch.long, device=device)
-        logits = self.forward(rows, None, input_ids=input_ids, attention_mask=self.mask, position_ids=positions,
+        logits = self.forward(rows, None, [[seq.generated[-1]] for seq in rows], input_ids=input_ids,
+                              attention_mask=self.mask, position_ids=positions,
                               cache=self.cache)
         if logits is None:
             return
@@ -259,27 +260,24 @@ class StepLoop:
             seq.kv = None
         self.cache_rows = [seq.request_id for seq in self.running]
 
-    def forward(self, rows: list[Sequence], real_tokens: torch.Tensor | None, **inputs: Any) -> torch.Tensor | None:
-        """One forward pass for ``rows`` (``real_tokens``: which of its tokens are not padding; None: all are):
-        their logits ``[rows, T, V]``, or None when it failed (every row in it failed and was reported)."""
+    def forward(self, rows: list[Sequence], real_tokens: torch.Tensor | None, row_ids: list[list[int]],
+                **inputs: Any) -> torch.Tensor | None:
+        """One forward pass for ``rows`` (``real_tokens``: which of its tokens are not padding, None: all are;
+        ``row_ids``: each row's real tokens, each row's chunk first in its padded row): their logits ``[rows, T, V]``,
+        or None when it failed (every row in it failed and was reported)."""
         backend = self.worker.backend
         backend.request_ids = [seq.request_id for seq in rows]
         backend.real_tokens = real_tokens
         recorder, feed = self.worker.recorder, self.worker.feed
-        if recorder is not None or feed is not None:  # which of the pass's tokens are whose
-            if real_tokens is None:  # a decode step: one token a row
-                tokens = [torch.tensor([i]) for i in range(len(rows))]
-            else:  # a prefill: each row's real tokens of its padded chunk
-                width = real_tokens.numel() // len(rows)
-                tokens = [torch.nonzero(real).flatten().cpu() + i * width
-                          for i, real in enumerate(real_tokens.view(len(rows), width))]
+        if recorder is not None or feed is not None:  # which of the pass's tokens are whose (host arithmetic only)
+            width = inputs["input_ids"].shape[1]  # [rows, width]
+            tokens = [list(range(i * width, i * width + len(ids))) for i, ids in enumerate(row_ids)]
             if recorder is not None:
-                recorder.begin_pass([(seq.request_id, t) for seq, t in zip(rows, tokens, strict=True)])
+                recorder.begin_pass([(seq.request_id, torch.tensor(t)) for seq, t in zip(rows, tokens, strict=True)])
             if feed is not None:
-                ids = inputs["input_ids"].reshape(-1).tolist()
                 feed.begin_pass(RequestId(backend.request_id), [
-                    PassRow(seq.request_id, seq.length, [ids[i] for i in t.tolist()], t.tolist())
-                    for seq, t in zip(rows, tokens, strict=True)])
+                    PassRow(seq.request_id, seq.length, ids, t)
+                    for seq, ids, t in zip(rows, row_ids, tokens, strict=True)])
         base_stall_ns = max(seq.stall_ns for seq in rows)  # the load deadline is each request's own waiting
         backend.stats = LayerStats(stall_ns=base_stall_ns)
         try:
