@@ -258,7 +258,7 @@ def test_the_feed_reports_each_rows_last_tokens_of_a_pass() -> None:
     assert sent == [BatchRouted(request_id=RequestId(5), step=7, layer=2, requests=[RequestId(5), RequestId(6)],
                                 positions=[2, 4], n_tokens=[6, 2], token_ids=[[12, 13, 14, 15], [20, 21]],
                                 experts=[[[4, 5], [6, 7], [8, 9], [10, 11]], [[12, 13], [14, 15]]])]
-    feed.begin_pass(RequestId(5), None)  # the pass is over: generate()'s reports again
+    feed.end_pass()  # the pass is over: generate()'s reports again
     feed.begin_request(RequestId(8), [1, 2])
     feed.on_routing(0, 0, torch.tensor([[3, 4], [5, 6]]), torch.zeros(2, 1))
     assert isinstance(sent[-1], GateRouted) and sent[-1].request_id == 8

@@ -91,11 +91,7 @@ class _Net(nn.Module):
         """``bag [B, H]``, row ``i`` aimed at ``target_layers[i]`` -> logits ``[B, E]``: ``logits`` row by row, in
         one call (the live path predicts several distances per gate)."""
         x = F.relu(self.mid(F.relu(bag + self.bias)))  # [B, H]
-        out = torch.empty(len(x), self.head.shape[2])  # [B, E]
-        for j in target_layers.unique().tolist():  # one product per target layer (a live gate asks for two)
-            rows = (target_layers == j).nonzero().flatten()
-            out[rows] = x[rows] @ self.head[j] + self.head_bias[j]
-        return out
+        return torch.bmm(x.unsqueeze(1), self.head[target_layers]).squeeze(1) + self.head_bias[target_layers]
 
 
 class _RowAdam:
@@ -375,6 +371,7 @@ class RoutingPredictor:
                 out[i: i + batch, layer] = torch.sigmoid(logits / self.net.temperature).numpy()
         return out
 
+    @torch.no_grad()
     def predict_at(self, experts: np.ndarray, token_ids: np.ndarray, layer: int,
                    distances: tuple[int, ...]) -> dict[int, np.ndarray]:
         """At MoE ``layer`` of the last token of a window of one prompt (``experts [T, L, k]``, ``token_ids [T]``,
@@ -382,20 +379,12 @@ class RoutingPredictor:
         the probability of every expert ``d`` layers ahead. The features of ``probabilities`` (``_rows``), for one
         position: the last token's layers after ``layer`` are never read, and a window of the last three tokens
         gives what the whole prompt would."""
-        probs = self.predict_many([(experts, token_ids, layer, d) for d in distances])
+        per_distance = [_rows_at(self.shape, self._features, experts, token_ids, layer, d) for d in distances]
+        bags = F.embedding_bag(torch.tensor([rows for rows, _ in per_distance]), self.net.table, mode="sum",
+                               padding_idx=self.net.padding)  # [D, H]: one bag per distance
+        logits = self.net.logits_each(bags, torch.tensor([target for _, target in per_distance]))  # [D, E]
+        probs = torch.sigmoid(logits / self.net.temperature).numpy()
         return {d: probs[i] for i, d in enumerate(distances)}
-
-    @torch.no_grad()
-    def predict_many(self, queries: list[tuple[np.ndarray, np.ndarray, int, int]]) -> np.ndarray:
-        """``predict_at`` for many positions in one call: each query is ``(experts [T, L, k], token_ids [T], layer,
-        distance)``; returns ``[Q, E]`` float32 (the live path's per-gate cost with a batch of requests is one
-        embedding bag and one MLP for all of them)."""
-        per_query = [_rows_at(self.shape, self._features, experts, token_ids, layer, d)
-                     for experts, token_ids, layer, d in queries]
-        bags = F.embedding_bag(torch.tensor([rows for rows, _ in per_query]), self.net.table, mode="sum",
-                               padding_idx=self.net.padding)  # [Q, H]: one bag per query
-        logits = self.net.logits_each(bags, torch.tensor([target for _, target in per_query]))  # [Q, E]
-        return torch.sigmoid(logits / self.net.temperature).numpy()
 
     @torch.no_grad()
     def predict_windows(self, experts: np.ndarray, token_ids: np.ndarray, known_tokens: np.ndarray, layer: int,

@@ -319,13 +319,17 @@ class RoutingFeed:
         """The request's prompt, then each generated token as it is generated (step ``s`` feeds the one of ``s-1``)."""
         self.prompt_tokens = 0
         self.rows: list[PassRow] | None = None
-        self.batch_key = RequestId(0)
         """The rows of the step loop's current forward pass (None: ``generate()`` serves one request)."""
+        self.batch_key = RequestId(0)
+        """The key the current pass's gates are reported under (the batch's first request)."""
 
-    def begin_pass(self, batch_key: RequestId, rows: list[PassRow] | None) -> None:
-        """The step loop's next forward pass serves ``rows`` and reports its gates under ``batch_key`` (rows None:
-        the pass is over)."""
+    def begin_pass(self, batch_key: RequestId, rows: list[PassRow]) -> None:
+        """The step loop's next forward pass serves ``rows`` and reports its gates under ``batch_key``."""
         self.batch_key, self.rows = batch_key, rows
+
+    def end_pass(self) -> None:
+        """The pass is over (until the next ``begin_pass``, reports are ``generate()``'s)."""
+        self.rows = None
 
     def begin_request(self, request_id: RequestId, prompt_ids: list[int]) -> None:
         self.request_id = request_id

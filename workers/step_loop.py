@@ -289,7 +289,7 @@ class StepLoop:
         finally:
             backend.real_tokens = None
             if feed is not None:
-                feed.begin_pass(RequestId(backend.request_id), None)
+                feed.end_pass()
         stats = backend.stats
         for seq in rows:
             seq.uses += stats.uses / len(rows)
